@@ -1,0 +1,3 @@
+"""Matryoshka Diffusion Models: one diffusion process over a multi-resolution pyramid."""
+
+__version__ = "0.1.0"

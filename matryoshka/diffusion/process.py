@@ -1,0 +1,335 @@
+"""The multi-resolution forward process and training loss of MDM (paper §3.1, §3.3).
+
+Levels are ordered HIGHEST RESOLUTION FIRST everywhere (ml-mdm's order): level 0
+is the output resolution, level R-1 the base (innermost) one.
+
+Timestep convention (ml-mdm, needed to load its checkpoints): training draws an
+integer t uniformly from {1, ..., T}, noises with ``gammas[t]`` of each level's
+(shifted) schedule, and feeds the network the time value ``t - 1``; samplers do the
+same, so the network only ever sees times in [0, T-1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .schedules import NoiseSchedule
+
+Prediction = Literal["eps", "x0", "v"]
+PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
+
+
+class PyramidModel(Protocol):
+    """The network's calling convention.
+
+    ``z_list``: noisy levels, highest resolution first (with a mixed-resolution batch
+    the first level may hold fewer samples than the others); ``t_model``: float
+    tensor (B,); ``cond``: opaque conditioning passed through. Returns one
+    prediction per level, same order and shapes as ``z_list``.
+    """
+
+    def __call__(self, z_list: list[Tensor], t_model: Tensor, cond: Any) -> list[Tensor]: ...
+
+
+# ----- parameterisations ------------------------------------------------------
+# With z = alpha*x0 + sigma*eps and alpha^2 + sigma^2 = 1 (VP), v = alpha*eps - sigma*x0
+# (Salimans & Ho 2022). Each conversion below is written in the form that avoids
+# dividing by a coefficient that can be near zero where that is possible.
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha * eps - sigma * x0
+
+
+def x0_from_v(z: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha * z - sigma * v
+
+
+def eps_from_v(z: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return sigma * z + alpha * v
+
+
+def x0_from_eps(z: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (z - sigma * eps) / alpha
+
+
+def eps_from_x0(z: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (z - alpha * x0) / sigma
+
+
+def convert_prediction(
+    pred: Tensor, source: str, target: str, z: Tensor, alpha: Tensor, sigma: Tensor
+) -> Tensor:
+    """Convert a prediction of type ``source`` into type ``target`` at noisy input z."""
+    _check_prediction(source)
+    _check_prediction(target)
+    if source == target:
+        return pred
+    if source == "v":
+        return x0_from_v(z, pred, alpha, sigma) if target == "x0" else eps_from_v(z, pred, alpha, sigma)
+    if source == "eps":
+        if target == "x0":
+            return x0_from_eps(z, pred, alpha, sigma)
+        return (pred - sigma * z) / alpha  # v, using x0 = (z - sigma*eps)/alpha
+    if target == "eps":
+        return eps_from_x0(z, pred, alpha, sigma)
+    return (alpha * z - pred) / sigma  # v from x0, using eps = (z - alpha*x0)/sigma
+
+
+def prediction_target(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """The regression target of type ``kind`` for clean data x0 and noise eps."""
+    _check_prediction(kind)
+    if kind == "x0":
+        return x0
+    if kind == "eps":
+        return eps
+    return v_from_x0_eps(x0, eps, alpha, sigma)
+
+
+def _check_prediction(kind: str) -> None:
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction type {kind!r}; valid types: {', '.join(PREDICTION_TYPES)}"
+        )
+
+
+# ----- the process ------------------------------------------------------------
+
+
+class MatryoshkaDiffusion:
+    """Joint diffusion over an R-level image pyramid (paper §3.1).
+
+    Level i (0 = highest resolution) has side ``factor ** (R-1-i)`` times the base
+    level's side and uses ``schedule.shifted(that ratio, shift_power)``. With
+    ``num_levels=1`` this is an ordinary pixel-space diffusion model.
+
+    Args:
+        schedule: the base (innermost level) schedule.
+        num_levels: R.
+        factor: side ratio between adjacent levels (avg-pool kernel).
+        shift_power: p in SNR_r = SNR / ratio**p. ml-mdm's released 64->256 model
+            uses p = 1 (the default); its 1024 config uses p = 2.
+        prediction: what the network outputs ("eps", "x0" or "v").
+        loss_target: the parameterisation the MSE is taken in. ml-mdm predicts v and
+            takes the MSE on eps recovered from v (an SNR-weighted x0 loss).
+        level_weights: per-level loss weights, highest level first (default all 1).
+        loss_on_all_levels: False = only the top level enters the loss.
+        mixed_ratio: None, or the fraction m in (0, 1] of the batch for which the top
+            level is computed (paper §3.3 mixed-resolution batches).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        num_levels: int = 1,
+        factor: int = 4,
+        shift_power: float = 1.0,
+        prediction: Prediction = "v",
+        loss_target: Prediction = "eps",
+        level_weights: Sequence[float] | None = None,
+        loss_on_all_levels: bool = True,
+        mixed_ratio: float | None = None,
+    ) -> None:
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        if int(factor) != factor or factor < 2:
+            raise ValueError(f"factor must be an integer >= 2, got {factor}")
+        _check_prediction(prediction)
+        _check_prediction(loss_target)
+        if level_weights is None:
+            level_weights = [1.0] * num_levels
+        if len(level_weights) != num_levels:
+            raise ValueError(f"need {num_levels} level weights, got {len(level_weights)}")
+        if mixed_ratio is not None and not 0 < mixed_ratio <= 1:
+            raise ValueError(f"mixed_ratio must be None or in (0, 1], got {mixed_ratio}")
+        self.schedule = schedule
+        self.num_levels = num_levels
+        self.factor = int(factor)
+        self.shift_power = float(shift_power)
+        self.prediction: Prediction = prediction
+        self.loss_target: Prediction = loss_target
+        self.level_weights = [float(w) for w in level_weights]
+        self.loss_on_all_levels = loss_on_all_levels
+        self.mixed_ratio = mixed_ratio
+        self._level_schedules = tuple(
+            schedule.shifted(self.level_ratio(i), self.shift_power) for i in range(num_levels)
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def level_ratio(self, level: int) -> int:
+        """Side of ``level`` divided by the base level's side."""
+        return self.factor ** (self.num_levels - 1 - level)
+
+    def schedule_for_level(self, level: int) -> NoiseSchedule:
+        return self._level_schedules[level]
+
+    def coefficients(self, level: int, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha, sigma) of ``level`` at integer times t (B,), shaped (B, 1, ..., 1)
+        to broadcast against ``like`` and cast to its dtype."""
+        sched = self._level_schedules[level]
+        t = t.to(like.device)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        alpha = sched.alpha(t).to(like.dtype).view(shape)
+        sigma = sched.sigma(t).to(like.dtype).view(shape)
+        return alpha, sigma
+
+    def pyramid(self, x: Tensor) -> list[Tensor]:
+        """Data pyramid (x^1, ..., x^R), x^{r+1} = avg_pool(x^r, factor), highest first."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        total = self.factor ** (self.num_levels - 1)
+        if x.shape[-2] % total or x.shape[-1] % total:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not divisible by {total} "
+                f"({self.num_levels} levels, factor {self.factor})"
+            )
+        levels = [x]
+        for _ in range(self.num_levels - 1):
+            levels.append(F.avg_pool2d(levels[-1], self.factor))
+        return levels
+
+    def initial_noise(
+        self,
+        batch_size: int,
+        channels: int,
+        height: int,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[Tensor]:
+        """Independent N(0, I) noise for every level; (height, width) is the top level's size."""
+        width = height if width is None else width
+        total = self.factor ** (self.num_levels - 1)
+        if height % total or width % total:
+            raise ValueError(f"size {(height, width)} is not divisible by {total}")
+        return [
+            torch.randn(
+                (batch_size, channels, height // f, width // f),
+                generator=generator,
+                device=device,
+                dtype=dtype,
+            )
+            for f in (self.factor**i for i in range(self.num_levels))
+        ]
+
+    def sample_timesteps(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Integer t ~ U{1, ..., T}, one per sample."""
+        return torch.randint(
+            1, self.num_steps + 1, (batch_size,), generator=generator, device=device
+        )
+
+    @staticmethod
+    def model_time(t: Tensor) -> Tensor:
+        """The network's time input for integer t: ``t - 1`` as float (ml-mdm convention)."""
+        return (t - 1).to(torch.float32)
+
+    def add_noise(self, pyramid: Sequence[Tensor], t: Tensor, noise: Sequence[Tensor]) -> list[Tensor]:
+        """z^r = alpha_t^r x^r + sigma_t^r eps^r per level, one t per sample for all levels."""
+        self._check_levels(pyramid)
+        self._check_levels(noise)
+        out = []
+        for level, (x, eps) in enumerate(zip(pyramid, noise)):
+            alpha, sigma = self.coefficients(level, t, x)
+            out.append(alpha * x + sigma * eps)
+        return out
+
+    def top_batch(self, batch_size: int) -> int:
+        """Samples whose top level is computed: floor(m * B) for mixed ratio m, else B.
+
+        A relative tolerance of 1e-9 absorbs float error (0.29 * 100 = 28.999...),
+        and at least one sample is always kept.
+        """
+        if self.mixed_ratio is None:
+            return batch_size
+        return max(1, math.floor(self.mixed_ratio * batch_size * (1 + 1e-9)))
+
+    def loss(
+        self,
+        model: PyramidModel,
+        x: Tensor | Sequence[Tensor],
+        cond: Any = None,
+        generator: torch.Generator | None = None,
+        t: Tensor | int | None = None,
+        noise: Sequence[Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss (paper §3.1) for a batch of images x (B, C, H, W) or a ready pyramid.
+
+        Per level r: the network output is converted to ``loss_target`` and
+        l_r(b) = mean over (C, H, W) of (pred - target)^2 for sample b. The loss is
+        sum_r w_r * mean_b l_r(b) over the levels in the loss (all, or only the top).
+
+        Mixed-resolution batches (``mixed_ratio`` m): only the first k = top_batch(B)
+        samples of the top level go through the network, and the top level's term is
+        the mean of l_0 over those k samples, i.e. (1/k) sum_{b<k} l_0(b). ml-mdm
+        computes sum_{b<k} l_0(b) / (m*B), the same value whenever m*B is an integer.
+        Lower levels always use the whole batch.
+
+        ``t`` (integer in [1, T], scalar or (B,)) and ``noise`` (one tensor per
+        level) are drawn from ``generator`` when not given; the generator must live
+        on the device of x. Returns the scalar loss and, for logging, a dict of
+        detached per-level mean losses (unweighted) keyed ``"loss/{H}x{W}"``,
+        highest level first.
+        """
+        levels = list(x) if isinstance(x, (list, tuple)) else self.pyramid(x)
+        self._check_levels(levels)
+        batch = levels[0].shape[0]
+        device = levels[0].device
+        if t is None:
+            t = self.sample_timesteps(batch, generator, device)
+        t = torch.as_tensor(t, device=device).long().expand(batch)
+        if bool(((t < 1) | (t > self.num_steps)).any()):
+            raise ValueError(f"training timesteps must lie in [1, {self.num_steps}]")
+        if noise is None:
+            noise = [
+                torch.randn(lv.shape, generator=generator, device=device, dtype=lv.dtype)
+                for lv in levels
+            ]
+        z = self.add_noise(levels, t, noise)
+        k = self.top_batch(batch)
+        z[0] = z[0][:k]
+        preds = model(z, self.model_time(t), cond)
+        if len(preds) != self.num_levels or any(p.shape != zi.shape for p, zi in zip(preds, z)):
+            raise ValueError(
+                "the model must return one prediction per level with the shapes of its inputs: "
+                f"got {[tuple(p.shape) for p in preds]} for inputs {[tuple(zi.shape) for zi in z]}"
+            )
+
+        total = torch.zeros((), device=device)
+        logs: dict[str, Tensor] = {}
+        for level, pred in enumerate(preds):
+            n = pred.shape[0]
+            # Loss in float32 even under autocast: bf16 squares lose too much.
+            zi = z[level].float()
+            alpha, sigma = self.coefficients(level, t[:n], zi)
+            pred_t = convert_prediction(pred.float(), self.prediction, self.loss_target, zi, alpha, sigma)
+            target = prediction_target(
+                self.loss_target, levels[level][:n].float(), noise[level][:n].float(), alpha, sigma
+            )
+            level_loss = (pred_t - target).pow(2).flatten(1).mean(1).mean()
+            logs[f"loss/{pred.shape[-2]}x{pred.shape[-1]}"] = level_loss.detach()
+            if level == 0 or self.loss_on_all_levels:
+                total = total + self.level_weights[level] * level_loss
+            else:
+                # Zero-weighted term keeps this output in the graph, so DDP does not
+                # report the parameters that only feed it as unused.
+                total = total + 0.0 * pred.sum()
+        return total, logs
+
+    def _check_levels(self, levels: Sequence[Tensor]) -> None:
+        if len(levels) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} levels, got {len(levels)}")

@@ -1,0 +1,133 @@
+"""Typed configuration of the NestedUNet.
+
+``ModelConfig.levels`` lists the UNets from the innermost (lowest resolution) outward,
+so that progressive training can build the model from a prefix of the list. Tensors,
+on the other hand, are always ordered highest resolution first, as in ml-mdm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LevelConfig:
+    """One UNet of the nest (SPEC §4)."""
+
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    """Width of each stage; stage i runs at 1/2**i of the level's resolution."""
+    res_blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
+    """ResNet blocks per stage on the way down (the up path has one more)."""
+    attention_stages: list[int] = field(default_factory=list)
+    """Stages (indices into ``channels``) whose ResNet blocks are followed by attention."""
+    attention_layers: list[int] = field(default_factory=lambda: [1])
+    """Attention layers after each ResNet block of an attention stage: one value, or one per stage."""
+    attention_heads: int = 8
+    attention_ffn: bool = False
+    """Feed-forward block (GN -> 1x1 -> GELU -> zero-init 1x1) after each attention layer."""
+    mid_attention: bool = True
+    """Attention in the mid block (only the innermost level has mid blocks)."""
+    dropout: float = 0.0
+    norm_groups: int = 32
+    normalize_input: bool = False
+    """Divide this level's noisy input by its per-sample std (ml-mdm ``skip_normalization=False``)."""
+    micro_conditioning: dict[str, float] = field(default_factory=dict)
+    """Micro-conditioning keys with default values, e.g. ``{"scale": 64}`` (ml-mdm ``scale:64``)."""
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError("channels must list at least one stage width")
+        stages = len(self.channels)
+        if len(self.attention_layers) == 1:
+            self.attention_layers = self.attention_layers * stages
+        if len(self.res_blocks) == 1:
+            self.res_blocks = self.res_blocks * stages
+        for name in ("res_blocks", "attention_layers"):
+            if len(getattr(self, name)) != stages:
+                raise ValueError(f"{name} must have one value or one per stage ({stages})")
+        for stage in self.attention_stages:
+            if not 0 <= stage < stages:
+                raise ValueError(f"attention_stages has {stage}, but there are only {stages} stages")
+        for width in self.channels:
+            if width % self.norm_groups:
+                raise ValueError(f"channel width {width} is not divisible by norm_groups={self.norm_groups}")
+        attended = [self.channels[stage] for stage in self.attention_stages]
+        if self.mid_attention:
+            attended.append(self.channels[-1])
+        for width in attended:
+            if width % self.attention_heads:
+                raise ValueError(f"attention width {width} is not divisible by attention_heads={self.attention_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
+    @property
+    def downsampling(self) -> int:
+        """Side ratio between this level's input and its bottleneck."""
+        return 2 ** (len(self.channels) - 1)
+
+    def stage_attention_layers(self, stage: int) -> int:
+        return self.attention_layers[stage] if stage in self.attention_stages else 0
+
+
+@dataclass
+class ModelConfig:
+    levels: list[LevelConfig] = field(default_factory=lambda: [LevelConfig()])
+    """UNets from the innermost (base resolution) outward; one entry is a plain UNet."""
+    in_channels: int = 3
+    out_channels: int = 3
+    time_embed_dim: int | None = None
+    """Width of the time embedding shared by all levels (default: 4 x innermost first width)."""
+    num_classes: int = 0
+    """Class-conditional model when > 0 (embedding added to the time embedding, plus a null class)."""
+    text_dim: int = 0
+    """Width of the frozen text encoder's tokens; 0 disables text conditioning."""
+    text_proj_dim: int = 0
+    """If > 0, a linear ``lm_proj`` maps tokens to this width before cross-attention (ml-mdm)."""
+    text_attention_mask: bool = True
+    """Honour the padding mask in cross-attention (ml-mdm's released 64² model does not)."""
+    spatial_dims: int = 2
+    """2 for images; the layers are written for N-d so a space-time variant can reuse them."""
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise ValueError("levels must contain at least one UNet level")
+        if not 1 <= len(self.levels) <= 4:
+            raise ValueError(f"between 1 and 4 nested levels are supported, got {len(self.levels)}")
+        if self.spatial_dims not in (1, 2, 3):
+            raise ValueError("spatial_dims must be 1, 2 or 3")
+        if self.num_classes < 0 or self.text_dim < 0 or self.text_proj_dim < 0:
+            raise ValueError("num_classes, text_dim and text_proj_dim must be >= 0")
+        ratios = {level.downsampling for level in self.levels[1:]}
+        if len(ratios) > 1:
+            raise ValueError(
+                "every outer level must downsample by the same factor (its number of stages sets "
+                f"the nesting ratio); got ratios {sorted(ratios)}"
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def nest_ratio(self) -> int:
+        """Side ratio between adjacent levels (1 for a plain UNet)."""
+        return self.levels[-1].downsampling if self.num_levels > 1 else 1
+
+    @property
+    def embed_dim(self) -> int:
+        return self.time_embed_dim or 4 * self.levels[0].channels[0]
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_proj_dim or self.text_dim
+
+    def level_sides(self, resolution: int) -> list[int]:
+        """Sides of every level for a top resolution, highest first."""
+        return [resolution // self.nest_ratio**i for i in range(self.num_levels)]
+
+    def truncated(self, num_levels: int) -> ModelConfig:
+        """The same model with only its innermost ``num_levels`` levels (progressive training)."""
+        from dataclasses import replace
+
+        return replace(self, levels=list(self.levels[:num_levels]))

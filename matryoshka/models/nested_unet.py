@@ -1,0 +1,205 @@
+"""The NestedUNet (paper §3.2, SPEC §4): the UNet of each resolution sits inside the next.
+
+The module is the outermost level; ``inner_unet`` holds the next level down, recursively,
+so a model with one level is a plain UNet and parameter names match ml-mdm's checkpoints.
+The innermost level owns the conditioning (text projection, pooled text and class
+embeddings) and the mid blocks; outer levels reuse its conditioning embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conditioning import Conditioning
+from .config import LevelConfig, ModelConfig
+from .layers import SinusoidalEmbedding, Stage, conv_nd, zero_init
+
+
+@dataclass
+class _Context:
+    """Conditioning computed once by the innermost level and shared by all levels."""
+
+    embedding: torch.Tensor | None
+    tokens: torch.Tensor | None
+    mask: torch.Tensor | None
+    micro: dict[str, torch.Tensor]
+
+
+class NestedUNet(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        level: LevelConfig = config.levels[-1]
+        self.level = level
+        self.is_innermost = config.num_levels == 1
+        dims, embed_dim = config.spatial_dims, config.embed_dim
+        cond_dim = config.cross_attention_dim
+
+        self.temb = SinusoidalEmbedding(embed_dim)
+        self.cond_layers = nn.ModuleDict(
+            {key: SinusoidalEmbedding(embed_dim, zero_output=True) for key in level.micro_conditioning}
+        )
+        if self.is_innermost:
+            self.lm_proj = nn.Linear(config.text_dim, config.text_proj_dim) if config.text_dim and config.text_proj_dim else None
+            self.cond_emb = nn.Linear(cond_dim, embed_dim, bias=False) if config.text_dim else None
+            # Index num_classes is the learned null class used for guidance.
+            self.class_emb = nn.Embedding(config.num_classes + 1, embed_dim) if config.num_classes else None
+
+        stage_options = dict(
+            heads=level.attention_heads,
+            groups=level.norm_groups,
+            dropout=level.dropout,
+            cond_dim=cond_dim,
+            ffn=level.attention_ffn,
+            dims=dims,
+            checkpointing=config.gradient_checkpointing,
+        )
+        width = level.channels[0]
+        self.conv_in = conv_nd(dims, config.in_channels, width, 3, padding=1)
+        skip_widths = [width]
+        self.down_blocks = nn.ModuleList()
+        last_stage = len(level.channels) - 1
+        for stage, out_ch in enumerate(level.channels):
+            inputs = [width] + [out_ch] * (level.res_blocks[stage] - 1)
+            resample = "down" if stage != last_stage else None
+            self.down_blocks.append(
+                Stage(inputs, out_ch, embed_dim, level.stage_attention_layers(stage), resample, **stage_options)
+            )
+            skip_widths += [out_ch] * (level.res_blocks[stage] + (resample is not None))
+            width = out_ch
+
+        if self.is_innermost:
+            self.mid_blocks = nn.ModuleList(
+                [
+                    Stage([width], width, embed_dim, int(level.mid_attention), None, **stage_options),
+                    Stage([width], width, embed_dim, 0, None, **stage_options),
+                ]
+            )
+            self.inner_unet = None
+        else:
+            self.inner_unet = NestedUNet(config.truncated(config.num_levels - 1))
+            inner_width = config.levels[-2].channels[0]
+            self.in_adapter = zero_init(conv_nd(dims, width, inner_width, 3, padding=1))
+            self.out_adapter = zero_init(conv_nd(dims, inner_width, width, 3, padding=1))
+
+        self.up_blocks = nn.ModuleList()
+        for stage in reversed(range(len(level.channels))):
+            out_ch = level.channels[stage]
+            inputs = []
+            for _ in range(level.res_blocks[stage] + 1):
+                inputs.append(width + skip_widths.pop())
+                width = out_ch
+            resample = "up" if stage != 0 else None
+            self.up_blocks.append(
+                Stage(inputs, out_ch, embed_dim, level.stage_attention_layers(stage), resample, **stage_options)
+            )
+        self.norm_out = nn.GroupNorm(level.norm_groups, width)
+        self.conv_out = zero_init(conv_nd(dims, width, config.out_channels, 3, padding=1))
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    def innermost(self) -> NestedUNet:
+        return self if self.inner_unet is None else self.inner_unet.innermost
+
+    def _context(self, cond: Conditioning | None, batch: int, device: torch.device) -> _Context:
+        """Pooled conditioning embedding and cross-attention tokens (innermost level's job)."""
+        config = self.config
+        cond = cond or Conditioning()
+        embedding = tokens = mask = None
+        if config.text_dim:
+            if cond.text is None:
+                raise ValueError("this model is text-conditional: the conditioning has no text tokens")
+            tokens, mask = cond.text, cond.text_mask
+            if self.lm_proj is not None:
+                tokens = self.lm_proj(tokens)
+            weights = mask.to(tokens.dtype).unsqueeze(-1)
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            embedding = self.cond_emb(pooled)
+            if not config.text_attention_mask:
+                mask = None
+        if config.num_classes:
+            labels = cond.labels
+            if labels is None:
+                labels = torch.full((batch,), -1, dtype=torch.long, device=device)
+            if labels.max() >= config.num_classes:
+                raise ValueError(f"class label {int(labels.max())} out of range for {config.num_classes} classes")
+            labels = torch.where(labels < 0, torch.full_like(labels, config.num_classes), labels)
+            class_embedding = self.class_emb(labels)
+            embedding = class_embedding if embedding is None else embedding + class_embedding
+        return _Context(embedding, tokens, mask, cond.micro)
+
+    def _time_embedding(self, t: torch.Tensor, context: _Context) -> torch.Tensor:
+        emb = self.temb(t)
+        if context.embedding is not None:
+            emb = emb + context.embedding
+        for key, layer in self.cond_layers.items():
+            default = self.level.micro_conditioning[key]
+            value = context.micro.get(key)
+            value = torch.full_like(t, default, dtype=torch.float32) if value is None else value.float()
+            # ml-mdm: the resolution "scale" saturates at the level's default; others are scaled by 1000.
+            value = value.clamp(max=default) if key == "scale" else value * 1000.0
+            emb = emb + layer(value)
+        return emb
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, z: list[torch.Tensor] | torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> list[torch.Tensor]:
+        """Denoise a pyramid.
+
+        z: noisy levels, highest resolution first (a single tensor for a one-level model).
+        The top level may hold only the first k samples of the batch (mixed-resolution
+        training); every other level holds the full batch B. t: (B,) model times.
+        Returns predictions for all levels, highest first, with z's batch sizes.
+        """
+        levels = [z] if torch.is_tensor(z) else list(z)
+        if len(levels) != self.config.num_levels:
+            raise ValueError(f"model has {self.config.num_levels} levels but got {len(levels)} inputs")
+        batch = levels[-1].shape[0]
+        if t.dim() == 0:
+            t = t.expand(batch)
+        context = self.innermost._context(cond, batch, levels[-1].device)
+        outputs, _ = self._denoise(levels, t, context, None)
+        return outputs
+
+    def _denoise(
+        self, levels: list[torch.Tensor], t: torch.Tensor, context: _Context, features: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        top = levels[0]
+        k = top.shape[0]  # samples whose top level is computed
+        emb = self._time_embedding(t, context)[:k]
+        tokens = None if context.tokens is None else context.tokens[:k]
+        mask = None if context.mask is None else context.mask[:k]
+
+        if self.level.normalize_input:
+            top = top / top.flatten(1).std(dim=1).reshape(-1, *([1] * (top.dim() - 1)))
+        x = self.conv_in(top)
+        if features is not None:
+            x = x + features
+
+        skips = [x]
+        for block in self.down_blocks:
+            x, activations = block(x, emb, tokens, mask)
+            skips += activations
+
+        if self.inner_unet is None:
+            lower: list[torch.Tensor] = []
+            x, _ = self.mid_blocks[0](x, emb, tokens, mask)
+            x, _ = self.mid_blocks[1](x, emb)
+        else:
+            inner_features = self.in_adapter(x)
+            full = levels[1].shape[0]
+            if full > k:  # the rest of the batch has no top level: its adapter input is zero
+                inner_features = torch.cat([inner_features, inner_features.new_zeros(full - k, *inner_features.shape[1:])])
+            lower, inner_out = self.inner_unet._denoise(levels[1:], t, context, inner_features)
+            x = x + self.out_adapter(inner_out)[:k]
+
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            x, _ = block(x, emb, tokens, mask, skips=skips[-count:])
+            del skips[-count:]
+
+        out = self.conv_out(F.silu(self.norm_out(x)))
+        return [out, *lower], x

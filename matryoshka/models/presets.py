@@ -1,0 +1,109 @@
+"""Model architectures by name: ml-mdm's released ones, and small ones for CPUs and tests."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import LevelConfig, ModelConfig
+
+FLAN_T5_XL_DIM = 2048
+
+
+def _mlmdm_64_level() -> LevelConfig:
+    """ml-mdm cc12m_64x64: the innermost 64² UNet of all released models (461.4M parameters)."""
+    return LevelConfig(
+        channels=[256, 512, 768],
+        res_blocks=[2, 2, 2],
+        attention_stages=[1, 2],
+        attention_layers=[0, 1, 5],
+        attention_ffn=True,
+        micro_conditioning={"scale": 64},
+    )
+
+
+def _mlmdm_outer_level(channels: list[int], scale: int, normalize_input: bool) -> LevelConfig:
+    return LevelConfig(
+        channels=channels,
+        res_blocks=[2, 2, 1],
+        mid_attention=False,
+        normalize_input=normalize_input,
+        micro_conditioning={"scale": scale},
+    )
+
+
+def _mlmdm(levels: list[LevelConfig]) -> ModelConfig:
+    # The released 64² model attends to padding tokens (masked_cross_attention: 0).
+    return ModelConfig(
+        levels=levels,
+        time_embed_dim=1024,
+        text_dim=FLAN_T5_XL_DIM,
+        text_proj_dim=FLAN_T5_XL_DIM,
+        text_attention_mask=False,
+    )
+
+
+def mlmdm_64() -> ModelConfig:
+    return _mlmdm([_mlmdm_64_level()])
+
+
+def mlmdm_256() -> ModelConfig:
+    # ml-mdm's outermost level skips input normalisation (skip_normalization: true).
+    return _mlmdm([_mlmdm_64_level(), _mlmdm_outer_level([64, 128, 256], 256, normalize_input=False)])
+
+
+def mlmdm_1024() -> ModelConfig:
+    return _mlmdm(
+        [
+            _mlmdm_64_level(),
+            _mlmdm_outer_level([64, 128, 256], 256, normalize_input=True),
+            _mlmdm_outer_level([32, 32, 64], 1024, normalize_input=False),
+        ]
+    )
+
+
+def tiny(num_levels: int = 2) -> ModelConfig:
+    """About 0.2M parameters: for tests. A 16² top level nests an 8², and so on."""
+    inner = LevelConfig(channels=[16, 32], res_blocks=[1], attention_stages=[1], norm_groups=8, attention_heads=4)
+    outer = LevelConfig(channels=[8, 16], res_blocks=[1], norm_groups=4, mid_attention=False)
+    return ModelConfig(levels=[inner] + [outer] * (num_levels - 1), time_embed_dim=32)
+
+
+def emoji64(num_levels: int = 2) -> ModelConfig:
+    """CPU-sized nested model: a 16² UNet with attention inside a light 64² UNet (~5M params)."""
+    inner = LevelConfig(
+        channels=[64, 128, 192],
+        res_blocks=[2, 2, 2],
+        attention_stages=[1, 2],
+        attention_layers=[1],
+        attention_heads=4,
+    )
+    outer = LevelConfig(channels=[32, 64, 64], res_blocks=[1, 1, 1], norm_groups=16, mid_attention=False)
+    return ModelConfig(levels=[inner] + [outer] * (num_levels - 1), time_embed_dim=256)
+
+
+def unet64() -> ModelConfig:
+    """A single-level 64² UNet of size comparable to ``emoji64``: the paper's baseline."""
+    level = LevelConfig(
+        channels=[48, 96, 144, 192],
+        res_blocks=[1, 2, 2, 2],
+        attention_stages=[2, 3],
+        attention_heads=4,
+        norm_groups=16,
+    )
+    return ModelConfig(levels=[level], time_embed_dim=256)
+
+
+MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": tiny,
+    "emoji64": emoji64,
+    "unet64": unet64,
+    "mlmdm-64": mlmdm_64,
+    "mlmdm-256": mlmdm_256,
+    "mlmdm-1024": mlmdm_1024,
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset '{name}'; choose from {', '.join(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name]()
