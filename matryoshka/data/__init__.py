@@ -1,0 +1,50 @@
+"""Image datasets for Matryoshka diffusion training.
+
+Every dataset item is ``{"image": float32 (3, R, R) in [-1, 1], "label": int
+(-1 if none), "caption": str ("" if none), "index": int}``. See docs/data.md.
+"""
+
+from .base import EmptyDatasetError, ImageDataset, SkipLog, print_skip_report, skip_report
+from .build import build_dataset
+from .config import DataConfig, DataConfigError
+from .emoji import (
+    EmojiDataset,
+    EmojiResourceError,
+    EmojiTable,
+    build_emoji_table,
+    export_emoji,
+    load_emoji_table,
+)
+from .imagefolder import ImageFolderDataset
+from .images import BadImage, load_image, to_rgb, verify_image
+from .loader import ResumableLoader, ShardPlan, collate, make_loader
+from .mlmdm import MLMDMTSVDataset
+from .webdataset import WebDatasetTarDataset
+
+__all__ = [
+    "BadImage",
+    "DataConfig",
+    "DataConfigError",
+    "EmojiDataset",
+    "EmojiResourceError",
+    "EmojiTable",
+    "EmptyDatasetError",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "MLMDMTSVDataset",
+    "ResumableLoader",
+    "ShardPlan",
+    "SkipLog",
+    "WebDatasetTarDataset",
+    "build_dataset",
+    "build_emoji_table",
+    "collate",
+    "export_emoji",
+    "load_emoji_table",
+    "load_image",
+    "make_loader",
+    "print_skip_report",
+    "skip_report",
+    "to_rgb",
+    "verify_image",
+]

@@ -1,0 +1,173 @@
+"""The ``mdm`` command line: train, sample, presets, data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import ConfigError, load_config
+from ..config.presets import RUN_PRESETS, describe_presets
+from ..config.run import RunConfig
+
+DEFAULT_PRESET = "emoji64"
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one clear line, exit status 2."""
+
+
+# ---------------------------------------------------------------------- train
+def resolve_train_config(source: str | None, overrides: list[str], resume: str | None) -> tuple[RunConfig, bool]:
+    """The run's configuration, and whether it continues an existing run directory.
+
+    An existing run directory (``--resume`` or the ``run_dir`` of the config) is resumed
+    with its saved ``config.yaml``; overrides still apply, e.g. ``train.steps=5000``
+    to train longer.
+    """
+    if resume:
+        saved = Path(resume).expanduser() / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume {resume}: no config.yaml there (is it a run directory?)")
+        return load_config(RunConfig, saved, [*overrides, f"run_dir={resume}"]), True
+    config = load_config(RunConfig, source or DEFAULT_PRESET, overrides, RUN_PRESETS)
+    saved = Path(config.run_dir).expanduser() / "config.yaml"
+    if saved.is_file():
+        return load_config(RunConfig, saved, overrides), True
+    return config, False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..training.trainer import Trainer, TrainingStopped
+
+    source, overrides = args.config, list(args.overrides)
+    if source is not None and "=" in source:  # `mdm train key=value` without a CONFIG
+        source, overrides = None, [source, *overrides]
+    config, resuming = resolve_train_config(source, overrides, args.resume)
+    trainer = Trainer(config)
+    run_dir = trainer.run_dir
+    if trainer.resumed_from is not None:
+        print(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
+    elif resuming:
+        print(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
+    print(f"training {config.model.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters) "
+          f"on {len(trainer.dataset)} images at {config.data.resolution}px, {config.train.steps} steps, device {trainer.device}")
+    report = getattr(trainer.dataset, "skip_report", None)
+    if report is not None:
+        print(report())
+    try:
+        checkpoint = trainer.train()
+    except TrainingStopped as stop:
+        print(f"{stop} (checkpoint: {stop.checkpoint})", file=sys.stderr)
+        return stop.exit_code
+    samples = sorted((run_dir / "samples").glob(f"step_{trainer.step:08d}_*.png"))
+    print(f"done: {trainer.step} steps. run: {run_dir}  checkpoint: {checkpoint}  samples: {', '.join(str(p) for p in samples)}")
+    return 0
+
+
+# ---------------------------------------------------------------------- sample
+def cmd_sample(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..pipeline import load_pipeline
+    from ..utils.images import save_grid, save_images
+
+    pipe = load_pipeline(args.run, use_ema=args.ema, device=args.device)
+    labels = None
+    if args.class_label is not None:
+        labels = [_class_index(pipe, args.class_label)]
+    if args.prompt:
+        raise UserError("this model has no text conditioning; --prompt needs a text-to-image model")
+    cond = pipe.condition(args.num, labels)
+    steps = args.steps or pipe.config.sample.steps
+    bar = tqdm(total=steps, desc="sampling", unit="step")
+    levels = pipe.generate(num=args.num, sampler=args.sampler, steps=steps, guidance=args.guidance, cond=cond,
+                           seed=args.seed, callback=lambda *_: bar.update(1))
+    bar.close()
+    out = Path(args.out or (pipe.checkpoint.parent.parent / "samples" / f"sample_{pipe.step:08d}")).expanduser()
+    for level in levels:
+        side = level.shape[-1]
+        save_images(level, out / f"{side}px", prefix="")
+        save_grid(level, out / f"grid_{side}px.png")
+    print(f"wrote {args.num} samples at {', '.join(f'{level.shape[-1]}px' for level in levels)} to {out} "
+          f"(grids: {', '.join(str(out / f'grid_{level.shape[-1]}px.png') for level in levels)})")
+    return 0
+
+
+def _class_index(pipe, label: str) -> int:
+    if label.lstrip("-").isdigit():
+        return int(label)
+    from ..data import build_dataset
+
+    names = list(getattr(build_dataset(pipe.config.data), "class_names", []))
+    if label in names:
+        return names.index(label)
+    raise UserError(f"unknown class '{label}'; classes: {', '.join(names) or '(none)'}")
+
+
+# ---------------------------------------------------------------------- presets, data
+def cmd_presets(_args: argparse.Namespace) -> int:
+    width = max(len(name) for name, _ in describe_presets())
+    for name, summary in describe_presets():
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from ..data.emoji import export_emoji
+
+    summary = export_emoji(args.out, size=args.size, label=args.label)
+    print(f"exported the emoji set to {args.out}: {summary}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdm", description="Matryoshka Diffusion Models: train and sample.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (resumes an existing run directory)")
+    train.add_argument("config", nargs="?", help=f"preset name or YAML file (default: {DEFAULT_PRESET})")
+    train.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.steps=2000")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
+    train.set_defaults(func=cmd_train)
+
+    sample = commands.add_parser("sample", help="sample images from a run or checkpoint")
+    sample.add_argument("run", help="run directory or checkpoint directory")
+    sample.add_argument("--num", type=int, default=16)
+    sample.add_argument("--steps", type=int)
+    sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    sample.add_argument("--guidance", type=float)
+    sample.add_argument("--class", dest="class_label", help="class index or name")
+    sample.add_argument("--prompt")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", help="output directory (default: RUN/samples/sample_STEP)")
+    sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    sample.add_argument("--device", default="auto")
+    sample.set_defaults(func=cmd_sample)
+
+    presets = commands.add_parser("presets", help="list the presets")
+    presets.set_defaults(func=cmd_presets)
+
+    data = commands.add_parser("data", help="export a built-in dataset")
+    data.add_argument("name", choices=["emoji"])
+    data.add_argument("--out", required=True)
+    data.add_argument("--size", type=int, default=64)
+    data.add_argument("--label", default="group", choices=["none", "group", "subgroup"])
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..training.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as error:
+        print(f"mdm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

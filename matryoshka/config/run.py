@@ -1,0 +1,126 @@
+"""The configuration of a training run: model, diffusion process, data, optimisation, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..data.config import DataConfig
+from ..models.config import ModelConfig
+
+Prediction = Literal["eps", "x0", "v"]
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["squaredcos", "logsnr_cosine", "linear"] = "squaredcos"
+    num_steps: int = 1000
+    shift_power: float = 1.0
+    """p in logSNR_r = logSNR - p ln(s_r): 1 as ml-mdm's released 256² model, 2 as its 1024² one."""
+    prediction: Prediction = "v"
+    loss_target: Prediction = "eps"
+    level_weights: list[float] = field(default_factory=list)
+    """Loss weight per level, highest resolution first (empty: all 1)."""
+    loss_on_all_levels: bool = True
+    mixed_ratio: float | None = None
+    """Fraction of the batch whose top level is computed (paper §3.3); None = all."""
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2:
+            raise ValueError("num_steps must be at least 2")
+        if self.mixed_ratio is not None and not 0 < self.mixed_ratio <= 1:
+            raise ValueError("mixed_ratio must be in (0, 1]")
+        if any(w < 0 for w in self.level_weights):
+            raise ValueError("level_weights must be non-negative")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    """Per-process batch size; the global batch is batch_size x processes x grad_accum."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    """Ramp the EMA decay as min(decay, (1 + n) / (10 + n)) so early averages are not stale."""
+    cond_drop_prob: float = 0.1
+    """Probability of replacing a sample's condition by the null condition (trains guidance)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    max_nonfinite_steps: int = 20
+    """Stop (keeping the last good checkpoint) after this many non-finite steps in a row."""
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 500
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if not 0 <= self.cond_drop_prob <= 1:
+            raise ValueError("cond_drop_prob must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must be two values in [0, 1)")
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sample grids during training and for ``mdm sample``."""
+
+    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "dpm++2m"
+    steps: int = 25
+    num: int = 16
+    guidance: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.num < 1:
+            raise ValueError("steps and num must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/emoji64"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        levels, ratio = self.model.num_levels, self.model.nest_ratio
+        total = ratio ** (levels - 1)
+        if self.data.resolution % total:
+            raise ValueError(
+                f"data.resolution={self.data.resolution} is not divisible by {total} "
+                f"({levels} levels nested by a factor {ratio})"
+            )
+        inner = self.data.resolution // total
+        if inner % self.model.levels[0].downsampling:
+            raise ValueError(
+                f"the innermost level ({inner}px) is not divisible by its {self.model.levels[0].downsampling}x downsampling"
+            )
+        if self.diffusion.level_weights and len(self.diffusion.level_weights) != levels:
+            raise ValueError(f"diffusion.level_weights needs {levels} values (one per level)")
+        if self.data.label != "none" and not self.model.num_classes:
+            raise ValueError(f"data.label={self.data.label!r} gives class labels: set model.num_classes")

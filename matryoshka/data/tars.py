@@ -1,0 +1,124 @@
+"""Random access to members of local, uncompressed tar files (standard ``tarfile``).
+
+A shard is scanned once (headers only: ``tarfile`` seeks over member data) to
+record ``name -> (offset, size)``; members are then read with ``os.pread`` on
+a file descriptor cached per process, so the datasets stay map-style and work
+in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+
+@dataclass
+class TarScan:
+    path: str
+    members: Dict[str, Tuple[int, int]]  # name -> (data offset, size), in file order
+    error: Optional[str] = None  # why the scan stopped early (None: whole shard read)
+    compressed: bool = False
+
+
+def scan_tar(path: str) -> TarScan:
+    """Index the regular-file members of a tar. Never raises for a bad shard:
+    a missing, unreadable, compressed or truncated shard is reported in ``error``
+    (members fully contained in the file before the damage are kept)."""
+    members: Dict[str, Tuple[int, int]] = {}
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        return TarScan(path, members, f"{type(exc).__name__}: {exc}")
+    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic[:6] == b"\xfd7zXZ\x00":
+        return TarScan(path, members, "compressed tar shards are not supported (use plain .tar)", compressed=True)
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            while True:
+                try:
+                    info = tf.next()
+                except tarfile.ReadError as exc:
+                    return TarScan(path, members, f"ReadError: {exc}")
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > size:
+                    return TarScan(path, members, f"member {info.name!r} extends past the end of the file")
+                members[info.name] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        return TarScan(path, members, f"{type(exc).__name__}: {exc}")
+    return TarScan(path, members)
+
+
+_FDS: Dict[str, int] = {}
+_FDS_PID: Optional[int] = None
+
+
+def read_member(path: str, offset: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``offset`` of ``path`` (fd cached per process)."""
+    global _FDS_PID
+    if _FDS_PID != os.getpid():  # forked worker: descriptors are not ours to share
+        _FDS.clear()
+        _FDS_PID = os.getpid()
+    fd = _FDS.get(path)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        _FDS[path] = fd
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(f"short read from {path} at {offset}: {len(data)} of {size} bytes")
+    return data
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """Expand ``{000..009}`` (zero padding kept), ``{a..e}`` and ``{x,y,z}``; several
+    groups multiply out, e.g. ``shard-{0..1}-{a,b}.tar`` gives four names."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?", body)
+    if rng:
+        a, b = int(rng.group(1)), int(rng.group(2))
+        step = int(rng.group(3) or 1) or 1
+        width = max(len(rng.group(1)), len(rng.group(2))) if rng.group(1).startswith("0") or rng.group(2).startswith("0") else 0
+        seq = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+        options = [str(v).zfill(width) for v in seq]
+    elif re.fullmatch(r"[A-Za-z]\.\.[A-Za-z]", body):
+        a, b = ord(body[0]), ord(body[-1])
+        options = [chr(c) for c in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
+    else:
+        options = body.split(",")
+    out: List[str] = []
+    for opt in options:
+        out.extend(expand_braces(head + opt + tail))
+    return out
+
+
+def expand_shards(spec: str) -> List[str]:
+    """Shard list from a spec: brace patterns, glob patterns, or a directory
+    (all ``*.tar`` in it, sorted). Several specs may be joined with ``::``.
+    Names that match nothing are returned as they are (reported as missing later)."""
+    shards: List[str] = []
+    for part in spec.split("::"):
+        part = os.path.expanduser(part.strip())
+        if not part:
+            continue
+        if os.path.isdir(part):
+            shards.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+            continue
+        for name in expand_braces(part):
+            if glob.has_magic(name):
+                shards.extend(sorted(glob.glob(name)))
+            else:
+                shards.append(name)
+    return shards

@@ -1,0 +1,129 @@
+"""From a configuration or a checkpoint to a model you can sample from, in plain Python.
+
+    from matryoshka.pipeline import load_pipeline
+    pipe = load_pipeline("runs/emoji64")          # a run directory or a checkpoint directory
+    levels = pipe.generate(num=8, sampler="ddim", steps=50, seed=0)
+    levels[0]                                     # (8, 3, 64, 64) images in [-1, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import load_config
+from .config.run import RunConfig
+from .diffusion.process import MatryoshkaDiffusion
+from .diffusion.samplers import get_sampler
+from .diffusion.schedules import make_schedule
+from .models import Conditioning, NestedUNet
+from .training.checkpoint import load_into, load_tensors, load_train_state, resolve_checkpoint
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_process(config: RunConfig, num_levels: int | None = None) -> MatryoshkaDiffusion:
+    """The diffusion process over the model's pyramid (or its innermost ``num_levels``)."""
+    diffusion = config.diffusion
+    levels = num_levels or config.model.num_levels
+    weights = diffusion.level_weights[-levels:] if diffusion.level_weights else None
+    return MatryoshkaDiffusion(
+        make_schedule(diffusion.schedule, diffusion.num_steps),
+        num_levels=levels,
+        factor=max(config.model.nest_ratio, 2),
+        shift_power=diffusion.shift_power,
+        prediction=diffusion.prediction,
+        loss_target=diffusion.loss_target,
+        level_weights=weights,
+        loss_on_all_levels=diffusion.loss_on_all_levels,
+        mixed_ratio=diffusion.mixed_ratio,
+    )
+
+
+@dataclass
+class Pipeline:
+    model: NestedUNet
+    process: MatryoshkaDiffusion
+    config: RunConfig
+    checkpoint: Path | None = None
+    step: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def resolution(self) -> int:
+        """Side of the top level this model was trained for."""
+        top = self.config.data.resolution
+        dropped = self.config.model.num_levels - self.model.config.num_levels
+        return top // (self.config.model.nest_ratio**dropped)
+
+    def condition(self, num: int, labels: list[int] | torch.Tensor | None = None) -> Conditioning | None:
+        """Class labels for ``num`` samples (cycled through the classes when not given)."""
+        num_classes = self.model.config.num_classes
+        if not num_classes:
+            if labels is not None:
+                raise ValueError("this model is not class-conditional: it takes no class labels")
+            return None
+        if labels is None:
+            labels = torch.arange(num) % num_classes
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if labels.numel() == 1:
+            labels = labels.expand(num)
+        if labels.numel() != num or labels.max() >= num_classes or labels.min() < -1:
+            raise ValueError(f"need {num} labels in [0, {num_classes}) (or -1 for unconditional)")
+        return Conditioning(labels=labels.to(self.device))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num: int | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float | list[float] | None = None,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+        seed: int | None = None,
+        callback: Callable | None = None,
+        **options,
+    ) -> list[torch.Tensor]:
+        """Sample ``num`` pyramids; returns every level, highest resolution first, in [-1, 1]."""
+        defaults = self.config.sample
+        num = num or (cond.batch_size if cond is not None and cond.batch_size else defaults.num)
+        generator = torch.Generator(self.device).manual_seed(defaults.seed if seed is None else seed)
+        noise = self.process.initial_noise(num, self.model.config.in_channels, self.resolution, generator=generator, device=self.device)
+        self.model.eval()
+        levels = get_sampler(sampler or defaults.sampler)(
+            self.model,
+            noise,
+            self.process,
+            steps or defaults.steps,
+            cond=cond,
+            uncond=uncond,
+            guidance=defaults.guidance if guidance is None else guidance,
+            generator=generator,
+            callback=callback,
+            **options,
+        )
+        return [level.clamp(-1, 1) for level in levels]
+
+
+def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
+    """Load a run directory (its latest checkpoint) or one checkpoint directory for sampling."""
+    checkpoint = resolve_checkpoint(path)
+    config = load_config(RunConfig, checkpoint / "config.yaml")
+    state = load_train_state(checkpoint / "state.pt")
+    num_levels = int(state.get("num_levels", config.model.num_levels))
+    model = NestedUNet(config.model.truncated(num_levels))
+    weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
+    load_into(model, load_tensors(weights), weights)
+    model = model.to(pick_device(device) if isinstance(device, str) else device).eval()
+    return Pipeline(model, build_process(config, num_levels), config, checkpoint, int(state.get("step", 0)))

@@ -1,0 +1,182 @@
+"""Checkpoints that survive crashes and never execute code when read.
+
+A checkpoint is a directory ``checkpoints/step_XXXXXXXX`` holding ``model.safetensors``,
+``ema.safetensors``, ``state.pt`` (optimizer, counters, data position: tensors and plain
+Python values only, read with ``weights_only=True``) and the run's ``config.yaml``, so it
+is usable on its own. It is written under a temporary name, flushed to disk, then renamed:
+a directory with the final name is always complete. ``checkpoints/latest`` names the newest
+one and is replaced atomically after the rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import dump_yaml
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    config: Any,
+    keep: int = 3,
+) -> Path:
+    """Write a complete checkpoint atomically, point ``latest`` at it, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        metadata = {"format": "matryoshka", "step": str(step)}
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors", metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors", metadata)
+        torch.save(train_state, tmp / "state.pt")
+        dump_yaml(config, tmp / "config.yaml")
+        for name in CHECKPOINT_FILES:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+            trash = root / f".old-{final.name}-{os.getpid()}"
+            final.rename(trash)
+            tmp.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+        pointer = root / f".latest-{os.getpid()}"
+        pointer.write_text(final.name + "\n")
+        _fsync_file(pointer)
+        os.replace(pointer, root / "latest")
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(root, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    checkpoints = list_checkpoints(root.parent)
+    for old in checkpoints[: max(0, len(checkpoints) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: the ``latest`` pointer if valid, else a scan."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _STEP_DIR.match(named.name) and named.is_dir() and is_complete(named):
+            return named
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint) or a checkpoint directory."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint: {path}")
+    if path.is_dir() and is_complete(path):
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path} has no complete checkpoint (expected {path}/checkpoints/step_*/ with {', '.join(CHECKPOINT_FILES)})")
+        return found
+    raise CheckpointError(f"{path} is not a run directory or a checkpoint directory")
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, refusing corrupt files and non-finite values."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read weights from {path}: {error}") from error
+    bad = [name for name, value in tensors.items() if value.dtype.is_floating_point and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"{path} has NaN or Inf values in {len(bad)} tensors, e.g. {', '.join(bad[:3])}")
+    return tensors
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Read ``state.pt`` without unpickling code (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"refusing or unable to read training state {path}: {error}") from error
+
+
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``load_state_dict`` with one message naming every missing, unexpected or mis-shaped tensor."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in expected
+        if name in tensors and tensors[name].shape != expected[name].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(tensors)
