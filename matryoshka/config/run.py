@@ -118,7 +118,8 @@ class RunConfig:
         inner = self.data.resolution // total
         if inner % self.model.levels[0].downsampling:
             raise ValueError(
-                f"the innermost level ({inner}px) is not divisible by its {self.model.levels[0].downsampling}x downsampling"
+                f"data.resolution={self.data.resolution} makes the innermost level {inner}px, which its "
+                f"{self.model.levels[0].downsampling}x downsampling (model.levels.0.channels) cannot divide"
             )
         if self.diffusion.level_weights and len(self.diffusion.level_weights) != levels:
             raise ValueError(f"diffusion.level_weights needs {levels} values (one per level)")

@@ -400,7 +400,7 @@ class EmojiDataset(ImageDataset):
         if self.cfg.hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         caption = self.table.names[row] if self.cfg.captions else ""
-        return uint8_to_tensor(np.array(arr)), int(self._labels[row]), caption
+        return uint8_to_tensor(arr), int(self._labels[row]), caption
 
 
 # ------------------------------------------------------------------- the export

@@ -189,7 +189,10 @@ def resize_crop_flip(
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 array -> float32 (3, H, W) tensor in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32)
     return t.div_(127.5).sub_(1.0)
 
 

@@ -1,0 +1,62 @@
+import pytest
+
+from matryoshka.data import DataConfig, DataConfigError, build_dataset
+
+
+def test_defaults():
+    cfg = DataConfig()
+    assert cfg.source == "emoji" and cfg.path is None and cfg.resolution == 64
+    assert cfg.crop == "center" and cfg.hflip is False and cfg.label == "none"
+    assert cfg.captions is False and cfg.num_workers == 0 and cfg.shuffle is True
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"source": "s3"}, "source"),
+        ({"resolution": 0}, "resolution"),
+        ({"resolution": 64.0}, "resolution"),
+        ({"resolution": True}, "resolution"),
+        ({"crop": "middle"}, "crop"),
+        ({"hflip": "yes"}, "hflip"),
+        ({"label": "species"}, "label"),
+        ({"label": "folder"}, "label"),  # not available for emoji
+        ({"num_workers": -1}, "num_workers"),
+        ({"source": "imagefolder"}, "path"),  # path required
+        ({"source": "imagefolder", "path": "x", "label": "group"}, "label"),
+        ({"source": "mlmdm-tsv", "path": "x", "label": "cls"}, "label"),
+        ({"path": ""}, "path"),
+        ({"max_image_pixels": 0}, "max_image_pixels"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(DataConfigError) as info:
+        DataConfig(**kwargs)
+    assert info.value.field == field
+    assert f"DataConfig.{field}" in str(info.value)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(DataConfigError, match="unknown field.*'resolutoin'"):
+        DataConfig.from_dict({"resolutoin": 32})
+
+
+def test_validate_catches_later_mutation():
+    cfg = DataConfig()
+    cfg.crop = "diagonal"
+    with pytest.raises(DataConfigError, match="DataConfig.crop"):
+        cfg.validate()
+    with pytest.raises(DataConfigError, match="DataConfig.crop"):
+        build_dataset(cfg)
+
+
+def test_build_dataset_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        build_dataset({"source": "imagefolder", "path": str(tmp_path / "does-not-exist")})
+    with pytest.raises(DataConfigError, match="DataConfig.path"):
+        build_dataset({"source": "webdataset"})
+    with pytest.raises(DataConfigError, match="DataConfig.source"):
+        build_dataset({"source": "lmdb", "path": "x"})
+    with pytest.raises(TypeError):
+        build_dataset(42)
