@@ -37,6 +37,8 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     steps: int = 3000
+    max_minutes: float = 0.0
+    """Stop (with a final checkpoint and samples) after this much training time; 0 = no limit."""
     batch_size: int = 32
     """Per-process batch size; the global batch is batch_size x processes x grad_accum."""
     grad_accum: int = 1
@@ -73,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_minutes < 0:
+            raise ValueError("max_minutes must be >= 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if not 0 <= self.ema_decay < 1:

@@ -59,10 +59,20 @@ def default_cache_dir() -> Path:
     return base / "matryoshka"
 
 
-def _check_resources(font_path: str, emoji_test_path: str) -> None:
+def resource_paths(font_path: Optional[str] = None, emoji_test_path: Optional[str] = None) -> Tuple[str, str]:
+    """Font and emoji-test.txt paths: the arguments, else ``$MATRYOSHKA_EMOJI_FONT`` /
+    ``$MATRYOSHKA_EMOJI_TEST``, else the Debian locations."""
+    font = font_path or os.environ.get("MATRYOSHKA_EMOJI_FONT") or FONT_PATH
+    test = emoji_test_path or os.environ.get("MATRYOSHKA_EMOJI_TEST") or EMOJI_TEST_PATH
+    return font, test
+
+
+def _check_resources(font_path: str, emoji_test_path: str) -> Tuple[str, str]:
+    font_path, emoji_test_path = resource_paths(font_path, emoji_test_path)
     missing = [p for p in (font_path, emoji_test_path) if not os.path.isfile(p)]
     if missing:
         raise EmojiResourceError(f"emoji data not found ({', '.join(missing)}): {INSTALL_HINT}")
+    return font_path, emoji_test_path
 
 
 # ----------------------------------------------------------------- emoji-test.txt
@@ -192,9 +202,8 @@ def _bitmap_to_square(png: bytes, resolution: int) -> np.ndarray:
     w, h = rgba.size
     side = max(w, h)
     canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-    layer = Image.new("RGBA", (side, side), (255, 255, 255, 0))
-    layer.paste(rgba, ((side - w) // 2, (side - h) // 2))
-    rgb = Image.alpha_composite(canvas, layer).convert("RGB")
+    canvas.alpha_composite(rgba, dest=((side - w) // 2, (side - h) // 2))
+    rgb = canvas.convert("RGB")
     if side != resolution:
         rgb = rgb.resize((resolution, resolution), Image.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8)
@@ -210,12 +219,12 @@ def _file_key(*paths: str) -> str:
 
 def build_emoji_table(
     resolution: int,
-    font_path: str = FONT_PATH,
-    emoji_test_path: str = EMOJI_TEST_PATH,
+    font_path: Optional[str] = None,
+    emoji_test_path: Optional[str] = None,
     threads: Optional[int] = None,
 ) -> EmojiTable:
     """Decode every bitmap of the font (no cache involved)."""
-    _check_resources(font_path, emoji_test_path)
+    font_path, emoji_test_path = _check_resources(font_path, emoji_test_path)
     t0 = time.perf_counter()
     entries, group_names, subgroup_names = parse_emoji_test(emoji_test_path)
     bitmaps, cmap, ligatures = read_font(font_path)
@@ -280,8 +289,8 @@ def load_emoji_table(
     resolution: int = 64,
     cache_dir: Optional[str] = None,
     use_cache: bool = True,
-    font_path: str = FONT_PATH,
-    emoji_test_path: str = EMOJI_TEST_PATH,
+    font_path: Optional[str] = None,
+    emoji_test_path: Optional[str] = None,
 ) -> EmojiTable:
     """Decoded emoji set at ``resolution``, from the cache when possible.
 
@@ -289,7 +298,7 @@ def load_emoji_table(
     is keyed by resolution, the font and emoji-test.txt (path, size, mtime).
     An unwritable cache directory only costs speed.
     """
-    _check_resources(font_path, emoji_test_path)
+    font_path, emoji_test_path = _check_resources(font_path, emoji_test_path)
     if not use_cache:
         return build_emoji_table(resolution, font_path, emoji_test_path)
     t0 = time.perf_counter()
@@ -363,12 +372,12 @@ class EmojiDataset(ImageDataset):
     def __init__(
         self,
         cfg: Optional[DataConfig] = None,
-        font_path: str = FONT_PATH,
-        emoji_test_path: str = EMOJI_TEST_PATH,
+        font_path: Optional[str] = None,
+        emoji_test_path: Optional[str] = None,
     ):
         cfg = cfg or DataConfig()
         super().__init__(cfg)
-        self.location = font_path
+        self.location = resource_paths(font_path, emoji_test_path)[0]
         self.table = load_emoji_table(cfg.resolution, cfg.cache_dir, True, font_path, emoji_test_path)
         t = self.table
         keep = np.arange(len(t.glyphs)) if cfg.emoji_keep_unnamed else np.nonzero(t.group >= 0)[0]
@@ -415,8 +424,8 @@ def export_emoji(
     label: str = "group",
     keep_unnamed: bool = False,
     cache_dir: Optional[str] = None,
-    font_path: str = FONT_PATH,
-    emoji_test_path: str = EMOJI_TEST_PATH,
+    font_path: Optional[str] = None,
+    emoji_test_path: Optional[str] = None,
 ) -> Dict[str, object]:
     """Write the emoji set as an image folder readable by the ``imagefolder`` source.
 

@@ -38,7 +38,7 @@ def scan_tar(path: str) -> TarScan:
     if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic[:6] == b"\xfd7zXZ\x00":
         return TarScan(path, members, "compressed tar shards are not supported (use plain .tar)", compressed=True)
     try:
-        with tarfile.open(path, mode="r:") as tf:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
             while True:
                 try:
                     info = tf.next()

@@ -15,13 +15,15 @@ the next t with that level's own shifted schedule. Put the model in eval mode fi
 Step spacing follows ml-mdm: ``round(arange(n+1) * (T+1)/(n+1))`` reversed, so the
 first step starts a little below T (981 for n = 50, T = 1000) and the last step
 lands on t = 0, where gamma = 1 and the sample equals the (thresholded) x0 estimate.
+Results are deterministic for a given initial noise and ``generator`` (which must live
+on the noise's device).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -33,7 +35,6 @@ Callback = Callable[[int, int, int, list[Tensor], list[Tensor]], None]
 """callback(step_index, num_steps, t, x0_pred_list, z_list), called after each step."""
 
 
-@runtime_checkable
 class Conditioning(Protocol):
     """What classifier-free guidance needs from a conditioning object.
 

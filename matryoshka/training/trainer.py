@@ -217,9 +217,11 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=train.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="step")
         last_time, last_step = time.perf_counter(), self.step
+        deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
         checkpoint = None
         try:
-            while self.step < train.steps:
+            done = False
+            while not done and self.step < train.steps:
                 loss, level_logs, grad_norm, lr = self._train_step(batches)
                 self.step += 1
                 bar.update(1)
@@ -231,7 +233,7 @@ class Trainer:
                         checkpoint,
                         exit_code=3,
                     )
-                done = self.step == train.steps
+                done = self.step == train.steps or time.perf_counter() >= deadline
                 if self.step % train.log_every == 0 or done:
                     now = time.perf_counter()
                     rate = (self.step - last_step) * self.global_batch / max(now - last_time, 1e-9)

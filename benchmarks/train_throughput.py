@@ -1,0 +1,95 @@
+"""Training-step throughput and peak memory of a model preset on this machine.
+
+    python benchmarks/train_throughput.py --preset emoji64 --batch-size 32 --steps 10
+    python benchmarks/train_throughput.py --preset mlmdm-256 --batch-size 8 --device cuda --bf16
+
+Times full optimizer steps (forward, loss on every level, backward, AdamW) on random
+data after warm-up steps, so it measures the model and the diffusion loss, not the
+data pipeline. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from contextlib import nullcontext
+
+import torch
+
+from matryoshka.diffusion.process import MatryoshkaDiffusion
+from matryoshka.diffusion.schedules import make_schedule
+from matryoshka.models import Conditioning, NestedUNet, model_preset
+
+DEFAULT_RESOLUTION = {"tiny": 16, "emoji64": 64, "unet64": 64, "mlmdm-64": 64, "mlmdm-256": 256, "mlmdm-1024": 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="emoji64", choices=sorted(DEFAULT_RESOLUTION))
+    parser.add_argument("--resolution", type=int, help="top-level side (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--mixed-ratio", type=float, help="mixed-resolution batch fraction for the top level")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    config = model_preset(args.preset)
+    config.gradient_checkpointing = args.checkpointing
+    resolution = args.resolution or DEFAULT_RESOLUTION[args.preset]
+    model = NestedUNet(config).to(device)
+    network = torch.compile(model) if args.compile else model
+    process = MatryoshkaDiffusion(
+        make_schedule("squaredcos"), num_levels=config.num_levels, factor=max(2, config.nest_ratio), mixed_ratio=args.mixed_ratio
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(args.batch_size, config.in_channels, resolution, resolution, device=device).clamp(-1, 1)
+    cond = None
+    if config.text_dim:
+        cond = Conditioning(text=torch.randn(args.batch_size, 77, config.text_dim, device=device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss, _ = process.loss(network, images, cond)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({
+        "preset": args.preset,
+        "resolution": resolution,
+        "levels": config.num_levels,
+        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "bf16": args.bf16,
+        "checkpointing": args.checkpointing,
+        "compile": args.compile,
+        "images_per_s": round(args.batch_size * args.steps / elapsed, 2),
+        "step_s": round(elapsed / args.steps, 4),
+        "peak_memory_GiB": round(peak, 3),
+        "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
+    }))
+
+
+if __name__ == "__main__":
+    main()

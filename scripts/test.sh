@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install everything, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+python3 -m pytest tests "$@"
