@@ -86,7 +86,7 @@ def test_webdataset_without_labels_keeps_unlabelled_samples(tmp_path):
 def test_truncated_shard_keeps_complete_members(tmp_path):
     members = [(f"{k:04d}.png", png((k * 50, 0, 0))) for k in range(4)]
     path = syn.write_tar(tmp_path / "t.tar", members)
-    data = open(path, "rb").read()
+    data = (tmp_path / "t.tar").read_bytes()
     second = 512 + 512 * ((len(members[0][1]) + 511) // 512) + 512  # data offset of member 2
     syn.write(path, data[: second + len(members[1][1]) // 2])  # cut inside the second member
     ds = build_dataset(DataConfig(source="webdataset", path=str(path), resolution=8))

@@ -50,8 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming {run_dir} from step {trainer.step} ({trainer.resumed_from.name})")
     elif resuming:
         print(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
-    print(f"training {config.model.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters) "
-          f"on {len(trainer.dataset)} images at {config.data.resolution}px, {config.train.steps} steps, device {trainer.device}")
+    stages = "" if len(trainer.stages) == 1 else f" in {len(trainer.stages)} stages"
+    print(f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters) "
+          f"on {len(trainer.dataset)} images at {config.data.resolution}px, {trainer.total_steps} steps{stages}, device {trainer.device}")
     report = getattr(trainer.dataset, "skip_report", None)
     if report is not None:
         print(report())

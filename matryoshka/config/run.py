@@ -103,6 +103,32 @@ class SampleConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of progressive training (paper §3.4): train the innermost ``levels`` levels."""
+
+    levels: int = 1
+    steps: int = 1000
+    batch_size: int | None = None
+    """Per-process batch size of this stage (default: train.batch_size)."""
+    lr: float | None = None
+    """Learning rate of this stage (default: train.lr); warm-up restarts at each stage."""
+    mixed_ratio: float | None = None
+    """Mixed-resolution fraction for this stage's top level (default: diffusion.mixed_ratio)."""
+    freeze_inner: bool = False
+    """Keep the levels trained in earlier stages fixed during this stage."""
+
+    def __post_init__(self) -> None:
+        if self.levels < 1 or self.steps < 1:
+            raise ValueError("levels and steps must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if self.mixed_ratio is not None and not 0 < self.mixed_ratio <= 1:
+            raise ValueError("mixed_ratio must be in (0, 1]")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/emoji64"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -110,6 +136,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    """Progressive training schedule; empty = one stage training all levels for train.steps."""
+    init_from: str | None = None
+    """Run or checkpoint whose (EMA) weights initialise the innermost levels of a new run."""
 
     def __post_init__(self) -> None:
         levels, ratio = self.model.num_levels, self.model.nest_ratio
@@ -129,3 +159,28 @@ class RunConfig:
             raise ValueError(f"diffusion.level_weights needs {levels} values (one per level)")
         if self.data.label != "none" and not self.model.num_classes:
             raise ValueError(f"data.label={self.data.label!r} gives class labels: set model.num_classes")
+        if self.stages:
+            counts = [stage.levels for stage in self.stages]
+            if counts != sorted(set(counts)) or counts[-1] != levels:
+                raise ValueError(
+                    f"stages must grow strictly and end with all {levels} model levels; got levels {counts}"
+                )
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stage schedule with defaults filled in (one stage when none is configured)."""
+        stages = self.stages or [StageConfig(levels=self.model.num_levels, steps=self.train.steps)]
+        return [
+            StageConfig(
+                levels=stage.levels,
+                steps=stage.steps,
+                batch_size=stage.batch_size or self.train.batch_size,
+                lr=stage.lr or self.train.lr,
+                mixed_ratio=stage.mixed_ratio if stage.mixed_ratio is not None else self.diffusion.mixed_ratio,
+                freeze_inner=stage.freeze_inner,
+            )
+            for stage in stages
+        ]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.resolved_stages())

@@ -98,11 +98,14 @@ class _Denoiser:
         dynamic_threshold: float | None,
     ) -> None:
         levels = process.num_levels
-        scales = [float(g) for g in guidance] if isinstance(guidance, Sequence) else [float(guidance)] * levels
+        if isinstance(guidance, Sequence):
+            scales = [float(g) for g in guidance]
+        else:
+            scales = [float(guidance)] * levels
         if len(scales) != levels:
             raise ValueError(f"need one guidance scale per level ({levels}), got {len(scales)}")
         if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
-            raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {guidance_interval}")
+            raise ValueError(f"guidance_interval needs 0 <= lo <= hi <= 1, got {guidance_interval}")
         self.model = model
         self.process = process
         self.cond = cond
@@ -207,13 +210,17 @@ def sample_ddpm(
     With a = g_t/g_s and beta = 1 - a per level:
     z_s = beta sqrt(g_s)/(1-g_t) x0 + sqrt(a)(1-g_s)/(1-g_t) z_t + sqrt(beta (1-g_s)/(1-g_t)) n.
     """
-    denoise = _Denoiser(model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold)
+    denoise = _Denoiser(
+        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold
+    )
 
     def update(i: int, t: int, s: int, z: list[Tensor], x0: list[Tensor]) -> list[Tensor]:
         out = []
         for zi, xi, g_t, g_s in zip(z, x0, _gammas(process, t), _gammas(process, s)):
             beta = (g_s - g_t) / g_s
-            zs = (beta * math.sqrt(g_s) / (1 - g_t)) * xi + (math.sqrt(1 - beta) * (1 - g_s) / (1 - g_t)) * zi
+            coef_x0 = beta * math.sqrt(g_s) / (1 - g_t)
+            coef_z = math.sqrt(1 - beta) * (1 - g_s) / (1 - g_t)
+            zs = coef_x0 * xi + coef_z * zi
             var = _posterior_variance(g_t, g_s)
             out.append(zs + math.sqrt(var) * _randn_like(zi, generator) if var > 0 else zs)
         return out
@@ -246,7 +253,9 @@ def sample_ddim(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    denoise = _Denoiser(model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold)
+    denoise = _Denoiser(
+        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold
+    )
 
     def update(i: int, t: int, s: int, z: list[Tensor], x0: list[Tensor]) -> list[Tensor]:
         out = []
@@ -284,14 +293,17 @@ def sample_dpmpp_2m(
     step (no history) and the last step (lambda_0 = +inf, so z_0 = x0_t).
     Deterministic; ``generator`` is unused and accepted for the shared signature.
     """
-    denoise = _Denoiser(model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold)
+    denoise = _Denoiser(
+        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold
+    )
     history: list[tuple[Tensor, float]] = []  # per level: (x0, h) of the previous step
 
     def update(i: int, t: int, s: int, z: list[Tensor], x0: list[Tensor]) -> list[Tensor]:
         if s == 0:
             return list(x0)
         out, new_history = [], []
-        for level, (zi, xi, g_t, g_s) in enumerate(zip(z, x0, _gammas(process, t), _gammas(process, s))):
+        levels = zip(z, x0, _gammas(process, t), _gammas(process, s))
+        for level, (zi, xi, g_t, g_s) in enumerate(levels):
             lam_t = 0.5 * (math.log(g_t) - math.log1p(-g_t))
             lam_s = 0.5 * (math.log(g_s) - math.log1p(-g_s))
             h = lam_s - lam_t

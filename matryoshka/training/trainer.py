@@ -3,6 +3,10 @@
 Every source of randomness in a step (data order, timesteps, noise, condition dropout,
 network dropout) is derived from (seed, step, micro-batch, rank), so a resumed run
 continues exactly the loss curve it would have had without the interruption.
+
+Progressive training (paper §3.4) runs as a list of stages; at a stage boundary the
+model grows outward (``growth.py``) and training continues with the same optimizer
+moments for the kept parameters.
 """
 
 from __future__ import annotations
@@ -16,16 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..config import dump_yaml
-from ..config.run import RunConfig
+from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset, make_loader
+from ..data.loader import mix_seed
 from ..models import NULL_LABEL, Conditioning, NestedUNet
-from ..pipeline import Pipeline, build_process, pick_device
+from ..pipeline import Pipeline, build_process
 from ..utils.images import save_grid
-from .checkpoint import latest_checkpoint, load_into, load_tensors, load_train_state, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_into,
+    load_tensors,
+    load_train_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .distributed import DistContext
 from .ema import EMA
+from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
 from .lr import lr_factor
 
 
@@ -38,39 +54,37 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-def _step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
-    return (seed * 1_000_003 + step * 1009 + micro * 101 + rank * 7_919) % (2**63)
-
-
 class Trainer:
-    def __init__(self, config: RunConfig, rank: int = 0, world_size: int = 1, quiet: bool = False) -> None:
+    def __init__(self, config: RunConfig, dist: DistContext | None = None, quiet: bool = False) -> None:
         self.config = config
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
-        self.quiet = quiet or not self.is_main
+        self.dist = dist or DistContext()
+        self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(config.run_dir).expanduser()
-        self.device = pick_device(config.train.device)
-        train = config.train
+        self.device = self.dist.device(config.train.device)
+        self.stages = config.resolved_stages()
+        self.boundaries = [sum(s.steps for s in self.stages[: i + 1]) for i in range(len(self.stages))]
+        self.total_steps = self.boundaries[-1]
 
-        torch.manual_seed(train.seed)
-        self.model = NestedUNet(config.model).to(self.device)
-        self.process = build_process(config)
         self.dataset = build_dataset(config.data)
         self._check_labels()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-        )
-        self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
+        use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.stage_history: list[dict[str, int]] = []
         self._stop_signal: int | None = None
 
-        use_bf16 = train.precision == "bf16" or (train.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-        )
-        self.resumed_from = self._resume()
+        checkpoint = latest_checkpoint(self.run_dir)
+        state = load_train_state(checkpoint / "state.pt") if checkpoint else None
+        self.step = int(state["step"]) if state else 0
+        self._build(int(state["num_levels"]) if state else self.stage.levels)
+        self.resumed_from = None
+        if checkpoint is not None:
+            self._resume(checkpoint, state)
+        elif config.init_from:
+            self._init_from(config.init_from)
 
     # ------------------------------------------------------------------ setup
     def _check_labels(self) -> None:
@@ -81,18 +95,85 @@ class Trainer:
                 f"data.label={self.config.data.label!r} gives {classes} classes but model.num_classes={wanted}"
             )
 
-    def _resume(self) -> Path | None:
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
-            return None
-        state = load_train_state(checkpoint / "state.pt")
+    @property
+    def stage_index(self) -> int:
+        """The stage the next step belongs to."""
+        return next((i for i, end in enumerate(self.boundaries) if self.step < end), len(self.stages) - 1)
+
+    @property
+    def stage(self) -> StageConfig:
+        return self.stages[self.stage_index]
+
+    @property
+    def stage_start(self) -> int:
+        return self.boundaries[self.stage_index - 1] if self.stage_index else 0
+
+    @property
+    def num_levels(self) -> int:
+        return self.model.config.num_levels
+
+    def _build(self, levels: int) -> None:
+        """Model, EMA, optimizer and process for a model with the innermost ``levels`` levels."""
+        train = self.config.train
+        # Seeded by (seed, levels) so a grown level's initial weights do not depend on history.
+        torch.manual_seed(mix_seed(train.seed, levels))
+        self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
+        self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        )
+        self._configure_stage()
+
+    def _configure_stage(self) -> None:
+        stage = self.stage
+        levels = self.num_levels
+        self.process = build_process(self.config, levels)
+        self.process.mixed_ratio = stage.mixed_ratio if levels > 1 else None
+        if levels > stage.levels:
+            raise ValueError(f"checkpoint has {levels} levels but stage {self.stage_index} trains {stage.levels}")
+        frozen_levels = self.stages[self.stage_index - 1].levels if stage.freeze_inner and self.stage_index else 0
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(True)
+        if frozen_levels:
+            inner_module(self.model, levels, frozen_levels).requires_grad_(False)
+        self.network = self._wrap(self.model)
+        self.batches = None  # the loader is (re)made for the stage's batch size
+
+    def _wrap(self, model: NestedUNet) -> torch.nn.Module:
+        network: torch.nn.Module = model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            network = DistributedDataParallel(model, device_ids=device_ids)
+        if self.config.train.compile:
+            network = torch.compile(network)
+        return network
+
+    def _resume(self, checkpoint: Path, state: dict[str, Any]) -> None:
         load_into(self.model, load_tensors(checkpoint / "model.safetensors"), checkpoint / "model.safetensors")
         load_into(self.ema.model, load_tensors(checkpoint / "ema.safetensors"), checkpoint / "ema.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.updates = int(state["ema_updates"])
-        self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        return checkpoint
+        self.stage_history = list(state.get("stage_history", []))
+        self._configure_stage()
+        self.resumed_from = checkpoint
+
+    def _init_from(self, source: str) -> None:
+        """Initialise the innermost levels from another run's EMA weights (e.g. a 64² model)."""
+        checkpoint = resolve_checkpoint(source)
+        levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", 1))
+        tensors = load_tensors(checkpoint / "ema.safetensors")
+        load_inner(self.model, self.num_levels, tensors, levels, str(checkpoint))
+        load_inner(self.ema.model, self.num_levels, tensors, levels, str(checkpoint))
+
+    def _grow(self, levels: int) -> None:
+        """Move to a model with ``levels`` levels, keeping weights, EMA and Adam moments."""
+        old_model, old_ema, old_optimizer, old_levels = self.model, self.ema, self.optimizer, self.num_levels
+        self._build(levels)
+        load_inner(self.model, levels, old_model.state_dict(), old_levels, "the previous stage")
+        load_inner(self.ema.model, levels, old_ema.model.state_dict(), old_levels, "the previous stage")
+        self.ema.updates = old_ema.updates
+        carry_optimizer_state(old_optimizer, old_model, self.optimizer, self.model, inner_prefix(levels, old_levels))
 
     def _train_state(self) -> dict[str, Any]:
         return {
@@ -100,14 +181,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "ema_updates": self.ema.updates,
             "nonfinite_total": self.nonfinite_total,
-            "num_levels": self.config.model.num_levels,
-            "images_seen": self.step * self.global_batch,
+            "num_levels": self.num_levels,
+            "stage": self.stage_index,
+            "stage_history": self.stage_history,
         }
 
-    @property
     def global_batch(self) -> int:
-        train = self.config.train
-        return train.batch_size * train.grad_accum * self.world_size
+        return self.stage.batch_size * self.config.train.grad_accum * self.dist.world_size
 
     # ------------------------------------------------------------------ one step
     def _conditioning(self, batch: dict, generator: torch.Generator) -> Conditioning | None:
@@ -117,30 +197,42 @@ class Trainer:
         drop = torch.rand(labels.shape, generator=generator, device=self.device) < self.config.train.cond_drop_prob
         return Conditioning(labels=torch.where(drop, torch.full_like(labels, NULL_LABEL), labels))
 
-    def _train_step(self, batches) -> tuple[float, dict[str, float], float, float]:
-        train = self.config.train
-        lr = train.lr * lr_factor(self.step, train.warmup_steps, train.steps, train.lr_schedule, train.min_lr_ratio)
+    def _images(self, batch: dict) -> torch.Tensor:
+        """Data at the top resolution of the current stage's model."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        missing = self.config.model.num_levels - self.num_levels
+        factor = self.config.model.nest_ratio**missing
+        return F.avg_pool2d(images, factor) if factor > 1 else images
+
+    def _train_step(self) -> tuple[float, dict[str, float], float, float]:
+        train, stage = self.config.train, self.stage
+        lr = stage.lr * lr_factor(
+            self.step - self.stage_start, train.warmup_steps, stage.steps, train.lr_schedule, train.min_lr_ratio
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self.network.train()
         total, level_logs = 0.0, {}
         for micro in range(train.grad_accum):
-            batch = next(batches)
-            seed = _step_seed(train.seed, self.step, micro, self.rank)
+            batch = next(self.batches)
+            seed = mix_seed(train.seed, self.step, micro, self.dist.rank)
             torch.manual_seed(seed)  # network dropout
             generator = torch.Generator(self.device).manual_seed(seed)
-            images = batch["image"].to(self.device, non_blocking=True)
             cond = self._conditioning(batch, generator)
-            with self.autocast:
-                loss, logs = self.process.loss(self.model, images, cond, generator=generator)
-            # Normalise before backward so accumulated gradients average the micro-batches.
-            (loss / train.grad_accum).backward()
+            last = micro == train.grad_accum - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.network.no_sync()
+            with sync:
+                with self.autocast:
+                    loss, logs = self.process.loss(self.network, self._images(batch), cond, generator=generator)
+                # Normalise before backward so accumulated gradients average the micro-batches.
+                (loss / train.grad_accum).backward()
             total += loss.item() / train.grad_accum
             for key, value in logs.items():
                 level_logs[key] = level_logs.get(key, 0.0) + float(value) / train.grad_accum
         max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        if math.isfinite(total) and math.isfinite(grad_norm):
+        # Every rank sees the same all-reduced gradients, so they agree on skipping.
+        if math.isfinite(grad_norm) and math.isfinite(total):
             self.optimizer.step()
             self.ema.update(self.model)
             self.nonfinite_in_a_row = 0
@@ -150,27 +242,49 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, level_logs, grad_norm, lr
 
+    def _ensure_stage(self) -> None:
+        """Grow the model when the next step belongs to a stage with more levels."""
+        if self.stage.levels > self.num_levels:
+            self._grow(self.stage.levels)
+        if not self.stage_history or self.stage_history[-1]["stage"] != self.stage_index:
+            self.stage_history.append({"stage": self.stage_index, "levels": self.num_levels, "start_step": self.step})
+        if self.batches is None:
+            self.batches = make_loader(
+                self.dataset,
+                batch_size=self.stage.batch_size,
+                seed=mix_seed(self.config.train.seed, self.stage_index),
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
+                num_workers=self.config.data.num_workers,
+            )
+
     # ------------------------------------------------------------------ outputs
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model.state_dict(),
-            self.ema.model.state_dict(),
-            self._train_state(),
-            self.config,
-            keep=self.config.train.keep_checkpoints,
-        )
+    def save(self) -> Path | None:
+        """Checkpoint on rank 0 (every rank holds the same weights under DDP)."""
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model.state_dict(),
+                self.ema.model.state_dict(),
+                self._train_state(),
+                self.config,
+                keep=self.config.train.keep_checkpoints,
+            )
+            (self.run_dir / "stages.json").write_text(json.dumps(self.stage_history, indent=1) + "\n")
+        self.dist.barrier()
+        return path
 
     def save_samples(self) -> list[Path]:
         pipeline = Pipeline(self.ema.model, self.process, self.config, step=self.step)
         num = self.config.sample.num
         levels = pipeline.generate(num=num, cond=pipeline.condition(num))
-        paths = []
-        for level in levels:
-            side = level.shape[-1]
-            paths.append(save_grid(level, self.run_dir / "samples" / f"step_{self.step:08d}_{side}px.png"))
-        return paths
+        return [
+            save_grid(level, self.run_dir / "samples" / f"step_{self.step:08d}_{level.shape[-1]}px.png")
+            for level in levels
+        ]
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +303,8 @@ class Trainer:
                     writer.add_scalar(key, value, record["step"])
 
     def _open_writer(self):
+        if not self.dist.is_main:
+            return None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional at run time
@@ -199,59 +315,59 @@ class Trainer:
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
-    def train(self) -> Path:
-        """Train until ``train.steps``; returns the final checkpoint."""
+    def train(self) -> Path | None:
+        """Train through every stage; returns the final checkpoint."""
         train = self.config.train
-        if self.is_main:
+        if self.dist.is_main:
             self._prepare_run_dir()
-        batches = make_loader(
-            self.dataset,
-            batch_size=train.batch_size,
-            seed=train.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            start_step=self.step * train.grad_accum,
-            num_workers=self.config.data.num_workers,
-        )
-        writer = self._open_writer() if self.is_main else None
+        self.dist.barrier()
+        writer = self._open_writer()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=train.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="step")
         last_time, last_step = time.perf_counter(), self.step
         deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
         checkpoint = None
         try:
-            done = False
-            while not done and self.step < train.steps:
-                loss, level_logs, grad_norm, lr = self._train_step(batches)
+            done = self.step >= self.total_steps
+            while not done:
+                self._ensure_stage()
+                loss, level_logs, grad_norm, lr = self._train_step()
                 self.step += 1
                 bar.update(1)
                 if self.nonfinite_in_a_row >= train.max_nonfinite_steps:
-                    checkpoint = self.save() if self.is_main else None
+                    checkpoint = self.save()
                     raise TrainingStopped(
                         f"stopped: {self.nonfinite_in_a_row} non-finite steps in a row (weights were not updated by them); "
                         f"the checkpoint holds the last finite weights. Lower train.lr or check the data.",
                         checkpoint,
                         exit_code=3,
                     )
-                done = self.step == train.steps or time.perf_counter() >= deadline
-                if self.step % train.log_every == 0 or done:
+                out_of_time = self.dist.any(time.perf_counter() >= deadline, self.device)
+                done = self.step >= self.total_steps or out_of_time
+                boundary = self.step in self.boundaries
+                if self.step % train.log_every == 0 or done or boundary:
                     now = time.perf_counter()
-                    rate = (self.step - last_step) * self.global_batch / max(now - last_time, 1e-9)
+                    rate = (self.step - last_step) * self.global_batch() / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
-                    record = {"step": self.step, "loss": loss, **level_logs, "lr": lr, "grad_norm": grad_norm,
-                              "images_per_s": rate, "nonfinite_steps": self.nonfinite_total}
-                    if self.is_main:
+                    averaged = self.dist.mean({"loss": loss, **level_logs}, self.device)
+                    record = {"step": self.step, **averaged, "lr": lr, "grad_norm": grad_norm, "images_per_s": rate,
+                              "nonfinite_steps": self.nonfinite_total, "stage": self.stage_history[-1]["stage"],
+                              "levels": self.num_levels}
+                    if self.dist.is_main:
                         self._log(record, writer)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                if self.is_main and (self.step % train.sample_every == 0 or done):
+                    bar.set_postfix(loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                if self.dist.is_main and (self.step % train.sample_every == 0 or done or boundary):
                     self.save_samples()
-                if self.step % train.checkpoint_every == 0 or done:
-                    checkpoint = self.save() if self.is_main else checkpoint
-                if self._stop_signal is not None:
-                    checkpoint = self.save() if self.is_main else None
-                    name = signal.Signals(self._stop_signal).name
-                    raise TrainingStopped(f"{name} received: saved step {self.step}; run the same command to resume",
-                                          checkpoint, exit_code=128 + self._stop_signal)
+                if self.step % train.checkpoint_every == 0 or done or boundary:
+                    checkpoint = self.save()
+                if self.dist.any(self._stop_signal is not None, self.device):
+                    checkpoint = self.save()
+                    signum = self._stop_signal or signal.SIGTERM
+                    raise TrainingStopped(
+                        f"{signal.Signals(signum).name} received: saved step {self.step}; run the same command to resume",
+                        checkpoint,
+                        exit_code=128 + signum,
+                    )
         finally:
             bar.close()
             for sig, handler in previous.items():
