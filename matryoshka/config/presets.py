@@ -8,7 +8,7 @@ from typing import Callable
 from ..data.config import DataConfig
 from ..models.presets import emoji64 as emoji64_model
 from ..models.presets import tiny as tiny_model
-from .run import DiffusionConfig, RunConfig, SampleConfig, TrainConfig
+from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TrainConfig
 
 
 def tiny() -> RunConfig:
@@ -46,10 +46,32 @@ def emoji64_class() -> RunConfig:
     )
 
 
+def tiny_progressive() -> RunConfig:
+    """``tiny`` trained progressively: 8² alone for 10 steps, then grown to 16²/8² for 10 steps."""
+    base = tiny()
+    return replace(
+        base,
+        run_dir="runs/tiny-progressive",
+        stages=[StageConfig(levels=1, steps=10, batch_size=16), StageConfig(levels=2, steps=10, mixed_ratio=0.5)],
+    )
+
+
+def emoji64_progressive() -> RunConfig:
+    """``emoji64`` trained progressively: the 16² UNet alone first, then nested in the 64² level."""
+    base = emoji64()
+    return replace(
+        base,
+        run_dir="runs/emoji64-progressive",
+        stages=[StageConfig(levels=1, steps=1500, batch_size=64), StageConfig(levels=2, steps=1500, mixed_ratio=0.5)],
+    )
+
+
 RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "emoji64": emoji64,
     "emoji64-class": emoji64_class,
+    "tiny-progressive": tiny_progressive,
+    "emoji64-progressive": emoji64_progressive,
 }
 
 

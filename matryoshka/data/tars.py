@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -56,20 +57,30 @@ def scan_tar(path: str) -> TarScan:
     return TarScan(path, members)
 
 
-_FDS: Dict[str, int] = {}
+_FDS: "OrderedDict[str, int]" = OrderedDict()
 _FDS_PID: Optional[int] = None
+MAX_OPEN_SHARDS = 64
 
 
 def read_member(path: str, offset: int, size: int) -> bytes:
-    """Read ``size`` bytes at ``offset`` of ``path`` (fd cached per process)."""
+    """Read ``size`` bytes at ``offset`` of ``path``.
+
+    Descriptors are cached per process (at most :data:`MAX_OPEN_SHARDS`, least
+    recently used closed first); a forked worker opens its own.
+    """
     global _FDS_PID
-    if _FDS_PID != os.getpid():  # forked worker: descriptors are not ours to share
+    if _FDS_PID != os.getpid():  # forked worker: the parent's descriptors are not ours
         _FDS.clear()
         _FDS_PID = os.getpid()
     fd = _FDS.get(path)
     if fd is None:
         fd = os.open(path, os.O_RDONLY)
         _FDS[path] = fd
+        while len(_FDS) > MAX_OPEN_SHARDS:
+            _, old = _FDS.popitem(last=False)
+            os.close(old)
+    else:
+        _FDS.move_to_end(path)
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise OSError(f"short read from {path} at {offset}: {len(data)} of {size} bytes")

@@ -316,7 +316,9 @@ class MatryoshkaDiffusion:
             # Loss in float32 even under autocast: bf16 squares lose too much.
             zi = z[level].float()
             alpha, sigma = self.coefficients(level, t[:n], zi)
-            pred_t = convert_prediction(pred.float(), self.prediction, self.loss_target, zi, alpha, sigma)
+            pred_t = convert_prediction(
+                pred.float(), self.prediction, self.loss_target, zi, alpha, sigma
+            )
             target = prediction_target(
                 self.loss_target, levels[level][:n].float(), noise[level][:n].float(), alpha, sigma
             )

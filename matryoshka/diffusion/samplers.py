@@ -135,7 +135,8 @@ class _Denoiser:
         t_vec = torch.full((batch,), t, dtype=torch.long, device=z[0].device)
         t_model = self.process.model_time(t_vec)
         if self._guided(t):
-            out = self.model([torch.cat([zi, zi]) for zi in z], torch.cat([t_model, t_model]), self.pair)
+            doubled = [torch.cat([zi, zi]) for zi in z]
+            out = self.model(doubled, torch.cat([t_model, t_model]), self.pair)
             # The parameterisations are affine in the output at a fixed z, so guiding
             # the raw output equals guiding x0, eps or v.
             preds = [u + g * (c - u) for (u, c), g in zip((o.chunk(2) for o in out), self.scales)]

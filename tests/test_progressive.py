@@ -1,0 +1,105 @@
+"""Progressive training: growth preserves the inner model; stage boundaries resume exactly."""
+
+import copy
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from matryoshka.cli.main import main
+from matryoshka.config.presets import tiny, tiny_progressive
+from matryoshka.config.run import StageConfig
+from matryoshka.data.config import DataConfig
+from matryoshka.models.presets import tiny as tiny_model
+from matryoshka.training.checkpoint import CheckpointError
+from matryoshka.training.trainer import Trainer
+
+from .test_cli import make_image_folder, metrics
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def progressive_config(run: Path, folder: Path):
+    config = tiny_progressive()
+    return replace(
+        config,
+        run_dir=str(run),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+        stages=[StageConfig(levels=1, steps=3, batch_size=4), StageConfig(levels=2, steps=3, mixed_ratio=0.5)],
+        train=replace(config.train, log_every=1, sample_every=100, checkpoint_every=100, keep_checkpoints=10),
+    )
+
+
+def test_growth_preserves_inner_predictions_weights_and_optimizer_state(tmp_path, folder):
+    trainer = Trainer(progressive_config(tmp_path / "run", folder), quiet=True)
+    for _ in range(3):
+        trainer._ensure_stage()
+        trainer._train_step()
+        trainer.step += 1
+    old_model, old_ema = copy.deepcopy(trainer.model).eval(), copy.deepcopy(trainer.ema.model)
+    old_moment = next(iter(trainer.optimizer.state.values()))["exp_avg"].clone()
+    trainer._ensure_stage()  # step 3 belongs to stage 1: the model grows to two levels
+    assert trainer.num_levels == 2 and trainer.stage_index == 1
+
+    z = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    t = torch.tensor([50.0, 700.0])
+    with torch.no_grad():
+        before = old_model([z[1]], t)[0]
+        after = trainer.model.eval()(z, t)[1]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for name, value in old_ema.state_dict().items():
+        torch.testing.assert_close(trainer.ema.model.state_dict()["inner_unet." + name], value, rtol=0, atol=0)
+    first_inner = dict(trainer.model.named_parameters())["inner_unet." + next(iter(dict(old_model.named_parameters())))]
+    torch.testing.assert_close(trainer.optimizer.state[first_inner]["exp_avg"], old_moment)
+
+
+def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
+    common = ["train.log_every=1", "train.sample_every=100", "train.checkpoint_every=100", "train.keep_checkpoints=10",
+              "sample.steps=2", "sample.num=2", "data.source=imagefolder", f"data.path={folder}",
+              "stages=[{levels: 1, steps: 3, batch_size: 4}, {levels: 2, steps: 3, mixed_ratio: 0.5}]"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["train", "tiny-progressive", f"run_dir={straight}", *common]) == 0
+    assert main(["train", "tiny-progressive", f"run_dir={stopped}", *common]) == 0
+    # Leave the run as a stop right at the boundary would: only the step-3 checkpoint.
+    shutil.rmtree(stopped / "checkpoints" / "step_00000006")
+    (stopped / "checkpoints" / "latest").write_text("step_00000003\n")
+    assert main(["train", "tiny-progressive", f"run_dir={stopped}", *common]) == 0
+
+    a, b = metrics(straight), metrics(stopped)
+    assert [m["levels"] for m in b] == [1, 1, 1, 2, 2, 2]
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-5)
+    for key, value in load_file(straight / "checkpoints/step_00000006/ema.safetensors").items():
+        torch.testing.assert_close(load_file(stopped / "checkpoints/step_00000006/ema.safetensors")[key], value)
+    history = json.loads((stopped / "stages.json").read_text())
+    assert [(h["stage"], h["levels"], h["start_step"]) for h in history] == [(0, 1, 0), (1, 2, 3)]
+
+    # Each stage's checkpoint samples the levels that stage had.
+    out = tmp_path / "out"
+    assert main(["sample", str(stopped / "checkpoints/step_00000003"), "--num", "2", "--steps", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["8px", "grid_8px.png"]
+
+
+def test_init_from_loads_a_smaller_model_and_rejects_an_incompatible_one(tmp_path, folder):
+    data = DataConfig(source="imagefolder", path=str(folder), resolution=8)
+    small = replace(tiny(), run_dir=str(tmp_path / "small"), model=tiny_model(1), data=data,
+                    train=replace(tiny().train, steps=2, sample_every=100))
+    Trainer(small, quiet=True).train()
+
+    big = replace(tiny(), run_dir=str(tmp_path / "big"), data=replace(data, resolution=16), init_from=str(tmp_path / "small"))
+    trainer = Trainer(big, quiet=True)
+    source = load_file(tmp_path / "small" / "checkpoints" / "step_00000002" / "ema.safetensors")
+    for name, value in source.items():
+        torch.testing.assert_close(trainer.model.state_dict()["inner_unet." + name], value, rtol=0, atol=0)
+
+    wrong = replace(big, run_dir=str(tmp_path / "wrong"))
+    wrong.model.levels[0] = replace(wrong.model.levels[0], channels=[16, 48])
+    with pytest.raises(CheckpointError, match=r"wrong shape.*down_blocks\.1"):
+        Trainer(wrong, quiet=True)
