@@ -67,6 +67,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 500
     compile: bool = False
+    """torch.compile the model (a speed-up on GPUs; compile time dominates short CPU runs)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun) share the work: replicated weights (DDP) or sharded (FSDP2)."""
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
@@ -159,6 +162,8 @@ class RunConfig:
             raise ValueError(f"diffusion.level_weights needs {levels} values (one per level)")
         if self.data.label != "none" and not self.model.num_classes:
             raise ValueError(f"data.label={self.data.label!r} gives class labels: set model.num_classes")
+        if self.stages and self.train.strategy == "fsdp":
+            raise ValueError("train.strategy=fsdp does not support progressive stages yet; use train.strategy=ddp")
         if self.stages:
             counts = [stage.levels for stage in self.stages]
             if counts != sorted(set(counts)) or counts[-1] != levels:

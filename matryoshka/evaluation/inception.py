@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import EvaluationError
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -187,6 +189,11 @@ class FIDInceptionV3(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
 
+    def conv_bn_pairs(self):
+        for module in self.modules():
+            if isinstance(module, ConvBN):
+                yield module, "conv", "bn"
+
 
 def preprocess(images: Tensor) -> Tensor:
     """Images in [-1, 1] -> 299x299 bilinear (pytorch-fid's convention); the scale stays [-1, 1]."""
@@ -225,13 +232,18 @@ def load_fid_inception(path: str | Path | None = None, download: bool = True,
                        map_location: str | torch.device = "cpu") -> FIDInceptionV3:
     """The network with the FID weights (see :func:`resolve_weights`), in eval mode."""
     path = resolve_weights(path, download)
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # not a torch file, truncated download, pickled code
+        raise EvaluationError(f"could not read the weights file {path}: {error}") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise EvaluationError(f"{path} does not hold a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
     model = FIDInceptionV3()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path} is not the FID InceptionV3 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise EvaluationError(f"{path} is not the FID InceptionV3 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.eval()

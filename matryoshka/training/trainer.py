@@ -1,8 +1,11 @@
 """The training loop: one object that owns a run directory and can always resume it.
 
-Every source of randomness in a step (data order, timesteps, noise, condition dropout,
-network dropout) is derived from (seed, step, micro-batch, rank), so a resumed run
-continues exactly the loss curve it would have had without the interruption.
+Every source of randomness in a step is derived from the seed and the step: data order
+from (seed, stage, position); each sample's timestep, noise and condition dropout from
+(seed, step, dataset index), so they do not depend on how the global batch is split over
+processes or micro-batches; network dropout from (seed, step, micro-batch, rank). A
+resumed run therefore continues exactly the loss curve it would have had, and N
+processes with batch b follow the same trajectory as one process with batch N x b.
 
 Progressive training (paper §3.4) runs as a list of stages; at a stage boundary the
 model grows outward (``growth.py``) and training continues with the same optimizer
@@ -21,6 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -29,6 +40,7 @@ from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset, make_loader
 from ..data.loader import mix_seed
 from ..models import NULL_LABEL, Conditioning, NestedUNet
+from ..models.layers import Stage
 from ..pipeline import Pipeline, build_process
 from ..utils.images import save_grid
 from .checkpoint import (
@@ -119,6 +131,9 @@ class Trainer:
         torch.manual_seed(mix_seed(train.seed, levels))
         self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
         self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
+        if self.sharded:
+            self._shard(self.model)
+            self._shard(self.ema.model)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
         )
@@ -139,19 +154,42 @@ class Trainer:
         self.network = self._wrap(self.model)
         self.batches = None  # the loader is (re)made for the stage's batch size
 
+    @property
+    def sharded(self) -> bool:
+        return self.dist.enabled and self.config.train.strategy == "fsdp"
+
+    def _shard(self, model: NestedUNet) -> None:
+        """FSDP2: each Stage is its own shard unit, then the rest of the model."""
+        policy = MixedPrecisionPolicy()
+        if self.device.type == "cuda" and not isinstance(self.autocast, nullcontext):
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for module in model.modules():
+            if isinstance(module, Stage):
+                fully_shard(module, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+
     def _wrap(self, model: NestedUNet) -> torch.nn.Module:
         network: torch.nn.Module = model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             network = DistributedDataParallel(model, device_ids=device_ids)
         if self.config.train.compile:
             network = torch.compile(network)
         return network
 
+    def _load_weights(self, module: NestedUNet, path: Path) -> None:
+        tensors = load_tensors(path)
+        if not self.sharded:
+            load_into(module, tensors, path)
+            return
+        load_into(NestedUNet(module.config).to("meta"), tensors, path)  # shape check with clear messages
+        set_model_state_dict(module, tensors, options=StateDictOptions(full_state_dict=True))
+
     def _resume(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        load_into(self.model, load_tensors(checkpoint / "model.safetensors"), checkpoint / "model.safetensors")
-        load_into(self.ema.model, load_tensors(checkpoint / "ema.safetensors"), checkpoint / "ema.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_weights(self.model, checkpoint / "model.safetensors")
+        self._load_weights(self.ema.model, checkpoint / "ema.safetensors")
+        # Optimizer state is stored keyed by parameter name, so it loads under any strategy and rank count.
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.ema.updates = int(state["ema_updates"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.stage_history = list(state.get("stage_history", []))
@@ -163,6 +201,12 @@ class Trainer:
         checkpoint = resolve_checkpoint(source)
         levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", 1))
         tensors = load_tensors(checkpoint / "ema.safetensors")
+        if self.sharded:
+            full = {**self._full_weights(self.model), **{inner_prefix(self.num_levels, levels) + k: v for k, v in tensors.items()}}
+            load_inner(NestedUNet(self.model.config).to("meta"), self.num_levels, tensors, levels, str(checkpoint))
+            for module in (self.model, self.ema.model):
+                set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True))
+            return
         load_inner(self.model, self.num_levels, tensors, levels, str(checkpoint))
         load_inner(self.ema.model, self.num_levels, tensors, levels, str(checkpoint))
 
@@ -175,10 +219,22 @@ class Trainer:
         self.ema.updates = old_ema.updates
         carry_optimizer_state(old_optimizer, old_model, self.optimizer, self.model, inner_prefix(levels, old_levels))
 
+    def _full_weights(self, module: NestedUNet) -> dict[str, torch.Tensor]:
+        """Unsharded CPU weights (a collective under FSDP: every rank must call it)."""
+        if not self.sharded:
+            return {name: value.detach().cpu() for name, value in module.state_dict().items()}
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        objects = [full]
+        torch.distributed.broadcast_object_list(objects, src=0)
+        return objects[0]
+
     def _train_state(self) -> dict[str, Any]:
+        optimizer = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "ema_updates": self.ema.updates,
             "nonfinite_total": self.nonfinite_total,
             "num_levels": self.num_levels,
@@ -190,11 +246,22 @@ class Trainer:
         return self.stage.batch_size * self.config.train.grad_accum * self.dist.world_size
 
     # ------------------------------------------------------------------ one step
-    def _conditioning(self, batch: dict, generator: torch.Generator) -> Conditioning | None:
+    def _sample_randomness(self, batch: dict, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Timestep, noise pyramid and condition-dropout draw of each sample, from (seed, step, index)."""
+        shapes = [level.shape[1:] for level in self.process.pyramid(images[:1])]
+        steps, noise, drop = [], [[] for _ in shapes], []
+        for index in batch["index"].tolist():
+            generator = torch.Generator(self.device).manual_seed(mix_seed(self.config.train.seed, self.step, index))
+            steps.append(self.process.sample_timesteps(1, generator, self.device))
+            for level, shape in enumerate(shapes):
+                noise[level].append(torch.randn(shape, generator=generator, device=self.device))
+            drop.append(torch.rand(1, generator=generator, device=self.device))
+        return torch.cat(steps), [torch.stack(level) for level in noise], torch.cat(drop) < self.config.train.cond_drop_prob
+
+    def _conditioning(self, batch: dict, drop: torch.Tensor) -> Conditioning | None:
         if not self.config.model.num_classes:
             return None
         labels = batch["label"].to(self.device)
-        drop = torch.rand(labels.shape, generator=generator, device=self.device) < self.config.train.cond_drop_prob
         return Conditioning(labels=torch.where(drop, torch.full_like(labels, NULL_LABEL), labels))
 
     def _images(self, batch: dict) -> torch.Tensor:
@@ -215,15 +282,15 @@ class Trainer:
         total, level_logs = 0.0, {}
         for micro in range(train.grad_accum):
             batch = next(self.batches)
-            seed = mix_seed(train.seed, self.step, micro, self.dist.rank)
-            torch.manual_seed(seed)  # network dropout
-            generator = torch.Generator(self.device).manual_seed(seed)
-            cond = self._conditioning(batch, generator)
+            torch.manual_seed(mix_seed(train.seed, self.step, micro, self.dist.rank))  # network dropout
+            images = self._images(batch)
+            t, noise, drop = self._sample_randomness(batch, images)
+            cond = self._conditioning(batch, drop)
             last = micro == train.grad_accum - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.network.no_sync()
+            sync = self.network.no_sync() if self.dist.enabled and not self.sharded and not last else nullcontext()
             with sync:
                 with self.autocast:
-                    loss, logs = self.process.loss(self.network, self._images(batch), cond, generator=generator)
+                    loss, logs = self.process.loss(self.network, images, cond, t=t, noise=noise)
                 # Normalise before backward so accumulated gradients average the micro-batches.
                 (loss / train.grad_accum).backward()
             total += loss.item() / train.grad_accum
@@ -252,7 +319,8 @@ class Trainer:
             self.batches = make_loader(
                 self.dataset,
                 batch_size=self.stage.batch_size,
-                seed=mix_seed(self.config.train.seed, self.stage_index),
+                seed=mix_seed(self.config.data.seed, self.stage_index),
+                shuffle=self.config.data.shuffle,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
                 start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
@@ -261,24 +329,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path | None:
-        """Checkpoint on rank 0 (every rank holds the same weights under DDP)."""
+        """Gather full weights and optimizer state (collective), then write once on rank 0."""
+        model, ema, state = self._full_weights(self.model), self._full_weights(self.ema.model), self._train_state()
         path = None
         if self.dist.is_main:
             path = save_checkpoint(
-                self.run_dir,
-                self.step,
-                self.model.state_dict(),
-                self.ema.model.state_dict(),
-                self._train_state(),
-                self.config,
-                keep=self.config.train.keep_checkpoints,
+                self.run_dir, self.step, model, ema, state, self.config, keep=self.config.train.keep_checkpoints
             )
             (self.run_dir / "stages.json").write_text(json.dumps(self.stage_history, indent=1) + "\n")
         self.dist.barrier()
         return path
 
     def save_samples(self) -> list[Path]:
-        pipeline = Pipeline(self.ema.model, self.process, self.config, step=self.step)
+        """Sample grids from the EMA weights (an unsharded copy on rank 0 under FSDP)."""
+        model = self.ema.model
+        if self.sharded:
+            weights = self._full_weights(model)
+            if not self.dist.is_main:
+                return []
+            model = NestedUNet(model.config).to(self.device)
+            model.load_state_dict(weights)
+        pipeline = Pipeline(model, self.process, self.config, step=self.step)
         num = self.config.sample.num
         levels = pipeline.generate(num=num, cond=pipeline.condition(num))
         return [
@@ -356,7 +427,7 @@ class Trainer:
                     if self.dist.is_main:
                         self._log(record, writer)
                     bar.set_postfix(loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                if self.dist.is_main and (self.step % train.sample_every == 0 or done or boundary):
+                if (self.dist.is_main or self.sharded) and (self.step % train.sample_every == 0 or done or boundary):
                     self.save_samples()
                 if self.step % train.checkpoint_every == 0 or done or boundary:
                     checkpoint = self.save()

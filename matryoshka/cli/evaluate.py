@@ -1,0 +1,207 @@
+"""``mdm eval`` and ``mdm eval-stats``: sample quality metrics at every pyramid level.
+
+Wire into the main parser with ``add_parsers(commands)`` (the object returned by
+``parser.add_subparsers``). Each command's ``func`` returns the exit status: 0, or 2 after
+printing one ``mdm <command>: error: ...`` line for a problem with the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_NUM = 1000
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated level sides like 64,16, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive level sides, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _feature_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feature", default="auto", choices=["auto", "inception", "effnet-lite0"],
+                        help="feature network: inception (FID-standard; needs its weights), effnet-lite0 (offline, "
+                             "not FID-comparable), auto: inception when its weights are on this machine "
+                             "(or the --reference statistics' network), else effnet-lite0")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help="pt_inception-2015-12-05-6726825d.pth (default: $MATRYOSHKA_INCEPTION_WEIGHTS, the torch "
+                             "hub cache, or a download)")
+    parser.add_argument("--feature-batch-size", type=_positive, default=64)
+    parser.add_argument("--max-features", type=int, default=10_000,
+                        help="feature vectors kept per level for KID and precision/recall (a seeded subset; 0: none)")
+    parser.add_argument("--device", default="auto")
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``eval`` and ``eval-stats`` on an ``argparse`` subparsers object."""
+    evaluate = subparsers.add_parser(
+        "eval", help="measure a model's samples against reference images (FD/FID, KID, precision/recall, CLIP score)",
+        description="Generate samples and compare every level of the pyramid with reference images pooled the same way.")
+    evaluate.add_argument("run", help="run directory or checkpoint directory")
+    evaluate.add_argument("--reference", required=True, metavar="DATA_OR_STATS",
+                          help="image folder, 'emoji' (built-in set), 'train' (the run's training data) or a .npz "
+                               "from `mdm eval-stats`")
+    evaluate.add_argument("--num", type=_positive, default=DEFAULT_NUM, help=f"samples to generate (default {DEFAULT_NUM})")
+    evaluate.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd (fid), kid, pr, clip (default fd,kid,pr)")
+    _feature_arguments(evaluate)
+    evaluate.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: the run's sample.sampler")
+    evaluate.add_argument("--steps", type=_positive, help="default: the run's sample.steps")
+    evaluate.add_argument("--guidance", type=float, help="default: the run's sample.guidance")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=_positive, default=16, help="samples generated at once")
+    evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    evaluate.add_argument("--cache", metavar="DIR",
+                          help="keep generated samples here so an interrupted run continues "
+                               "(default: RUN/eval/samples/<checkpoint and settings>)")
+    evaluate.add_argument("--no-cache", action="store_true", help="keep samples in memory only")
+    evaluate.add_argument("--max-reference-images", type=_positive, help="use a seeded subset of the reference data")
+    evaluate.add_argument("--kid-subset-size", type=_positive, default=1000)
+    evaluate.add_argument("--kid-subsets", type=_positive, default=100)
+    evaluate.add_argument("--pr-k", type=_positive, default=3, help="k of the k-NN balls of precision/recall")
+    evaluate.add_argument("--clip-model", metavar="NAME_OR_PATH", help="Hugging Face CLIP model for --metrics clip")
+    evaluate.add_argument("--clip-prompt", metavar="TEXT",
+                          help="text for the CLIP score; '{}' is replaced by the class name (class-conditional models)")
+    evaluate.add_argument("--out", metavar="REPORT.json", help="default: RUN/eval/<checkpoint>_<settings>_n<N>_<feature>.json")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_eval)
+
+    stats = subparsers.add_parser(
+        "eval-stats", help="precompute reference statistics (.npz) for `mdm eval --reference`",
+        description="Read reference images once and store, per pyramid level, the feature mean and covariance "
+                    "(enough for FD) and up to --max-features feature vectors (needed by KID and precision/recall).")
+    stats.add_argument("data", help="image folder, 'emoji' or 'train' (with --run)")
+    stats.add_argument("--out", required=True, metavar="STATS.npz")
+    _feature_arguments(stats)
+    stats.add_argument("--run", metavar="RUN_OR_CHECKPOINT",
+                       help="take the resolution and level sides (and the data for 'train') from this run")
+    stats.add_argument("--resolution", type=_positive, help="top-level side (default: the run's, else 64)")
+    stats.add_argument("--levels", type=_sizes, metavar="S1,S2,...",
+                       help="level sides to pool to, e.g. 64,16 (default: the run's levels, else the resolution only)")
+    stats.add_argument("--max-images", type=_positive, help="use a seeded subset of the data")
+    stats.add_argument("--batch-size", type=_positive, default=64)
+    stats.add_argument("--quiet", action="store_true", help="no progress bar")
+    stats.set_defaults(func=cmd_eval_stats)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..config import ConfigError
+    from ..data import DataConfigError, EmptyDatasetError
+    from ..evaluation.errors import EvaluationError
+    from ..training.checkpoint import CheckpointError
+
+    return (EvaluationError, ConfigError, CheckpointError, DataConfigError, EmptyDatasetError, FileNotFoundError,
+            NotADirectoryError, ImportError)
+
+
+def _fail(command: str, error: BaseException) -> int:
+    print(f"mdm {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_levels(run: str) -> tuple[int, list[int], object]:
+    """(top-level side, level sides highest first, data config) of a run, without loading weights."""
+    from ..config import load_config
+    from ..config.run import RunConfig
+    from ..training.checkpoint import load_train_state, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run)
+    config = load_config(RunConfig, checkpoint / "config.yaml")
+    levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", config.model.num_levels))
+    ratio = config.model.nest_ratio
+    resolution = config.data.resolution // ratio ** (config.model.num_levels - levels)
+    factor = max(ratio, 2)
+    return resolution, [resolution // factor**i for i in range(levels)], config.data
+
+
+def _default_report_path(report: dict, pipeline) -> Path:
+    checkpoint = Path(pipeline.checkpoint)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    sampling = report["sampling"]
+    feature = (report.get("feature") or {}).get("name", "clip")
+    name = (f"{checkpoint.name}_{sampling['sampler']}{sampling['steps']}_g{sampling['guidance']:g}_seed{sampling['seed']}"
+            f"_n{report['num']}_{feature}.json")
+    return run_dir / "eval" / name
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        return _eval(args)
+    except _user_errors() as error:
+        return _fail("eval", error)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..evaluation.evaluate import default_cache_dir, format_table, parse_metrics, resolve_settings, run_evaluation
+    from ..pipeline import load_pipeline
+
+    metrics = parse_metrics(args.metrics)
+    pipeline = load_pipeline(args.run, use_ema=args.ema, device=args.device)
+    settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size)
+    cache = None if args.no_cache else (args.cache or default_cache_dir(pipeline, settings, args.ema))
+    report = run_evaluation(
+        pipeline, args.reference, args.num, metrics, args.feature,
+        sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
+        batch_size=settings.batch_size, cache_dir=cache, ema=args.ema, inception_weights=args.inception_weights,
+        feature_batch_size=args.feature_batch_size, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+        pr_k=args.pr_k, max_features=args.max_features or None, max_reference_images=args.max_reference_images,
+        clip_model=args.clip_model, clip_prompt=args.clip_prompt, progress=not args.quiet,
+    )
+    out = Path(args.out).expanduser() if args.out else _default_report_path(report, pipeline)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(f"report: {out}" + (f"  samples: {report['cache']}" if report.get("cache") else ""))
+    return 0
+
+
+def cmd_eval_stats(args: argparse.Namespace) -> int:
+    try:
+        return _eval_stats(args)
+    except _user_errors() as error:
+        return _fail("eval-stats", error)
+
+
+def _eval_stats(args: argparse.Namespace) -> int:
+    from ..evaluation.errors import EvaluationError
+    from ..evaluation.features import build_feature_extractor
+    from ..evaluation.reference import compute_reference_stats
+    from ..pipeline import pick_device
+
+    resolution, sizes, data = 64, None, None
+    if args.run:
+        resolution, sizes, data = run_levels(args.run)
+    if args.resolution:
+        resolution = args.resolution
+        if args.run and not args.levels:
+            raise EvaluationError("--resolution with --run needs --levels too")
+    sizes = args.levels or sizes or [resolution]
+    bad = [s for s in sizes if resolution % s]
+    if bad:
+        raise EvaluationError(f"level sides {bad} do not divide the resolution {resolution}")
+    if args.data == "train" and data is None:
+        raise EvaluationError("DATA 'train' needs --run")
+    extractor = build_feature_extractor(args.feature, args.inception_weights, pick_device(args.device), args.feature_batch_size)
+    stats = compute_reference_stats(args.data, extractor, resolution, sizes, args.max_images, args.max_features or None,
+                                    args.batch_size, run_data=data, progress=not args.quiet)
+    path = stats.save(args.out)
+    kept = {s: 0 if level.features is None else len(level.features) for s, level in stats.levels.items()}
+    print(f"wrote {path}: {stats.meta['images']} images from {stats.source}, levels "
+          f"{', '.join(f'{s}x{s}' for s in stats.level_sizes)}, features {extractor.name} ({extractor.dim}-d); "
+          f"feature vectors kept for KID/PR: {kept[stats.level_sizes[0]]}")
+    return 0

@@ -1,0 +1,407 @@
+"""Evaluate a model: generate samples, measure every pyramid level against a reference.
+
+    from matryoshka.pipeline import load_pipeline
+    from matryoshka.evaluation import evaluate_pipeline
+    pipe = load_pipeline("runs/emoji64")
+    evaluate_pipeline(pipe, "emoji", num=500)    # {"fd_effnet-lite0/64x64": ..., "fd_effnet-lite0/16x16": ...}
+
+:func:`run_evaluation` returns the full report that ``mdm eval`` writes as JSON; the samples
+can be kept in a resumable cache (one ``.npz`` of 8-bit images per batch), so an
+interrupted evaluation continues where it stopped and a larger ``num`` reuses what exists.
+Sample ``i`` of batch ``b`` depends only on (checkpoint, sampler settings, seed, batch size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import EvaluationError
+from .features import FeatureExtractor, build_feature_extractor, images_to_uint8, resolve_feature_name, uint8_to_images
+from .reference import ReferenceStats, compute_reference_stats, pick_subset
+from .stats import FeatureStats, frechet_distance, kernel_distance, precision_recall
+
+METRICS = ("fd", "kid", "pr", "clip")
+_ALIASES = {"fid": "fd", "precision": "pr", "recall": "pr", "precision_recall": "pr", "clip_score": "clip"}
+NEEDS_FEATURES = ("kid", "pr")
+"""Metrics that need the reference's feature vectors, not only its mean and covariance."""
+
+
+def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
+    """``"fd,kid"`` or ``["fid", "pr"]`` -> canonical names in METRICS order."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    chosen = set()
+    for name in names:
+        name = name.strip().lower()
+        if not name:
+            continue
+        name = _ALIASES.get(name, name)
+        if name not in METRICS:
+            raise EvaluationError(f"unknown metric {name!r}; choose from {', '.join(METRICS)} (fid is an alias of fd)")
+        chosen.add(name)
+    if not chosen:
+        raise EvaluationError("no metric chosen")
+    return tuple(m for m in METRICS if m in chosen)
+
+
+def level_key(size: int) -> str:
+    return f"{size}x{size}"
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class SampleSettings:
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int = 0
+    batch_size: int = 16
+    labels: str = "none"
+    """How class labels are chosen: "none" (unconditional model) or "cycle" (sample i gets class i mod C)."""
+
+
+def resolve_settings(pipeline, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                     seed: int = 0, batch_size: int = 16) -> SampleSettings:
+    """The effective settings: the run's ``sample`` config fills what is not given."""
+    defaults = pipeline.config.sample
+    if batch_size < 1:
+        raise EvaluationError("batch size must be >= 1")
+    return SampleSettings(
+        sampler=sampler or defaults.sampler,
+        steps=int(steps or defaults.steps),
+        guidance=float(defaults.guidance if guidance is None else guidance),
+        seed=int(seed),
+        batch_size=int(batch_size),
+        labels="cycle" if pipeline.model.config.num_classes else "none",
+    )
+
+
+def level_sizes(pipeline) -> list[int]:
+    """Sides of the model's levels, highest first."""
+    process = pipeline.process
+    return [pipeline.resolution // process.factor**i for i in range(process.num_levels)]
+
+
+def batch_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+class SampleCache:
+    """A folder of generated batches: ``meta.json`` and ``batch_NNNNNN.npz`` (uint8 levels and labels)."""
+
+    def __init__(self, directory: str | Path, meta: dict[str, Any]) -> None:
+        self.directory = Path(directory).expanduser()
+        self.meta = json.loads(json.dumps(meta))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / "meta.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != self.meta:
+                changed = sorted(k for k in set(saved) | set(self.meta) if saved.get(k) != self.meta.get(k))
+                raise EvaluationError(f"the sample cache {self.directory} was made with other settings ({', '.join(changed)}); "
+                                      f"delete it or pass another --cache")
+        else:
+            path.write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"batch_{index:06d}.npz"
+
+    def load(self, index: int, count: int, sizes: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray] | None:
+        path = self.path(index)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                levels = [data[f"level_{size}"] for size in sizes]
+                labels = data["labels"]
+        except (OSError, KeyError, ValueError):
+            return None  # a torn or foreign file: generate the batch again
+        if any(len(level) != count for level in levels):
+            return None
+        return levels, labels
+
+    def save(self, index: int, levels: Sequence[np.ndarray], sizes: Sequence[int], labels: np.ndarray) -> None:
+        path = self.path(index)
+        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(temporary, labels=labels, **{f"level_{size}": level for size, level in zip(sizes, levels)})
+        os.replace(temporary, path)
+
+    def count(self) -> int:
+        return len(list(self.directory.glob("batch_*.npz")))
+
+
+def default_cache_dir(pipeline, settings: SampleSettings, ema: bool = True) -> Path | None:
+    """``RUN/eval/samples/<checkpoint>_<ema|raw>_<sampler><steps>_g<guidance>_seed<seed>_b<batch>``."""
+    if pipeline.checkpoint is None:
+        return None
+    checkpoint = Path(pipeline.checkpoint)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    tag = (f"{checkpoint.name}_{'ema' if ema else 'raw'}_{settings.sampler}{settings.steps}_g{settings.guidance:g}"
+           f"_seed{settings.seed}_b{settings.batch_size}")
+    return run_dir / "eval" / "samples" / tag
+
+
+def generate_batches(pipeline, num: int, settings: SampleSettings, cache: SampleCache | None = None,
+                     progress: bool = False) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """Yield (uint8 levels highest first, labels) for ``num`` samples, batch by batch."""
+    from tqdm.auto import tqdm
+
+    sizes = level_sizes(pipeline)
+    num_classes = pipeline.model.config.num_classes
+    batches = math.ceil(num / settings.batch_size)
+    bar = tqdm(total=num, desc="samples", unit="img", disable=not progress, dynamic_ncols=True)
+    reused = 0
+    try:
+        for index in range(batches):
+            start = index * settings.batch_size
+            count = min(settings.batch_size, num - start)
+            cached = cache.load(index, count, sizes) if cache is not None else None
+            if cached is None:
+                labels = (np.arange(start, start + count) % num_classes) if num_classes else np.full(count, -1)
+                cond = pipeline.condition(count, torch.as_tensor(labels)) if num_classes else None
+                images = pipeline.generate(num=count, sampler=settings.sampler, steps=settings.steps,
+                                           guidance=settings.guidance, cond=cond, seed=batch_seed(settings.seed, index))
+                levels = [images_to_uint8(level) for level in images]
+                if [level.shape[-1] for level in levels] != sizes:
+                    raise EvaluationError(f"the model made levels {[level.shape[-1] for level in levels]}, expected {sizes}")
+                if cache is not None:
+                    cache.save(index, levels, sizes, labels)
+            else:
+                levels, labels = cached
+                reused += count
+            bar.update(count)
+            if reused:
+                bar.set_postfix(cached=reused)
+            yield levels, labels
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- references
+_REFERENCE_CACHE: dict[tuple, ReferenceStats] = {}
+
+
+def load_reference(reference, extractor: FeatureExtractor, resolution: int, sizes: Sequence[int], run_data=None,
+                   max_images: int | None = None, max_features: int | None = 10_000, batch_size: int = 64,
+                   progress: bool = False) -> ReferenceStats:
+    """A :class:`ReferenceStats` from stats, a ``.npz`` path, or a data spec (folder, ``emoji``,
+    ``train``); statistics computed from data are kept for the rest of the process."""
+    if isinstance(reference, ReferenceStats):
+        return reference
+    spec = str(reference)
+    path = Path(spec).expanduser()
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"reference statistics {path} do not exist")
+        return ReferenceStats.load(path)
+    key = (spec, extractor.name, extractor.weights, resolution, tuple(sizes), max_images, max_features,
+           repr(run_data) if spec == "train" else None)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = compute_reference_stats(spec, extractor, resolution, sizes, max_images, max_features,
+                                                        batch_size, run_data=run_data, progress=progress)
+    return _REFERENCE_CACHE[key]
+
+
+def reference_feature_name(reference) -> str | None:
+    """The feature network of a stats file or object (None for data)."""
+    if isinstance(reference, ReferenceStats):
+        return reference.feature_name
+    path = Path(str(reference)).expanduser()
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["feature_name"]) if "feature_name" in data else None
+    return None
+
+
+def _class_names(pipeline, class_names):
+    if class_names is not None:
+        return list(class_names)
+    from ..data import build_dataset
+
+    return list(getattr(build_dataset(pipeline.config.data), "class_names", []) or [])
+
+
+def clip_texts(labels: np.ndarray, prompt: str | None, class_names: Sequence[str] | None) -> list[str]:
+    """One text per sample: ``prompt`` with ``{}`` replaced by the class name (or as it is)."""
+    if class_names:
+        template = prompt or "{}"
+        return [template.replace("{}", class_names[int(label)]) for label in labels]
+    if not prompt or "{}" in prompt:
+        raise EvaluationError("the CLIP score needs a text per image: this model has no class names, so pass a fixed "
+                              "--clip-prompt TEXT (without {})")
+    return [prompt] * len(labels)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence[str] = ("fd",),
+                   feature: str | FeatureExtractor | None = "effnet-lite0", *, sampler: str | None = None,
+                   steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 16,
+                   cache_dir: str | Path | None = None, ema: bool | None = None, inception_weights: str | Path | None = None,
+                   device: str | torch.device | None = None, feature_batch_size: int = 64, kid_subset_size: int = 1000,
+                   kid_subsets: int = 100, pr_k: int = 3, max_features: int | None = 10_000,
+                   max_reference_images: int | None = None, clip_model: str | Any = None,
+                   clip_prompt: str | None = None, class_names: Sequence[str] | None = None,
+                   progress: bool = False) -> dict[str, Any]:
+    """Generate ``num`` samples and compare each pyramid level with the reference.
+
+    ``reference``: a :class:`ReferenceStats`, a ``.npz`` from ``mdm eval-stats``, an image
+    folder, ``"emoji"`` or ``"train"`` (the run's training data). ``feature``: a network name
+    (``effnet-lite0``, ``inception``, ``auto``) or a ready :class:`FeatureExtractor`.
+    ``max_features`` caps the feature vectors used by KID and precision/recall (a seeded
+    subset). Returns the report: ``report["metrics"]`` maps ``"<metric>_<feature>/<S>x<S>"``
+    to values.
+    """
+    started = time.perf_counter()
+    chosen = parse_metrics(metrics)
+    settings = resolve_settings(pipeline, sampler, steps, guidance, seed, batch_size)
+    if num < 2:
+        raise EvaluationError("need at least 2 samples")
+    if "pr" in chosen and num <= pr_k:
+        raise EvaluationError(f"precision/recall with k={pr_k} needs more than {pr_k} samples")
+    sizes = level_sizes(pipeline)
+    device = torch.device(device) if device is not None else pipeline.device
+    measure = bool(set(chosen) - {"clip"})
+
+    extractor = None
+    ref = None
+    if measure:
+        if isinstance(feature, FeatureExtractor):
+            extractor = feature
+        else:
+            if feature in (None, "auto"):
+                feature = reference_feature_name(reference) or resolve_feature_name("auto", inception_weights)
+            extractor = build_feature_extractor(feature, inception_weights, device, feature_batch_size)
+        ref = load_reference(reference, extractor, pipeline.resolution, sizes, pipeline.config.data,
+                             max_reference_images, max_features, feature_batch_size, progress)
+        ref.check_compatible(extractor, sizes, pipeline.resolution)
+        if set(chosen) & set(NEEDS_FEATURES) and not ref.has_features:
+            raise EvaluationError("KID and precision/recall need the reference's feature vectors, which these statistics "
+                                  "do not hold: recompute them with `mdm eval-stats --max-features N` or use --metrics fd")
+
+    scorer, names = None, None
+    if "clip" in chosen:
+        from .clip import ClipScorer
+
+        if clip_model is None:
+            raise EvaluationError("the CLIP score needs a CLIP model: pass --clip-model NAME_OR_PATH "
+                                  "(e.g. openai/clip-vit-base-patch32)")
+        scorer = clip_model if isinstance(clip_model, ClipScorer) else ClipScorer.from_pretrained(str(clip_model), device)
+        names = _class_names(pipeline, class_names) if pipeline.model.config.num_classes else None
+
+    cache = None
+    if cache_dir is not None:
+        cache = SampleCache(cache_dir, {
+            "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None, "step": pipeline.step, "ema": ema,
+            "levels": sizes, **asdict(settings),
+        })
+
+    keep = pick_subset(num, max_features, seed=1)
+    fake_stats = {size: FeatureStats(extractor.dim) for size in sizes} if measure else {}
+    fake_kept: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
+    clip_sums = {size: 0.0 for size in sizes}
+    seen = 0
+    generation_started = time.perf_counter()
+    for levels, labels in generate_batches(pipeline, num, settings, cache, progress):
+        count = len(labels)
+        rows = keep[(keep >= seen) & (keep < seen + count)] - seen
+        texts = clip_texts(labels, clip_prompt, names) if scorer is not None else None
+        for size, pixels in zip(sizes, levels):
+            images = uint8_to_images(pixels)
+            if measure:
+                features = extractor(images)
+                fake_stats[size].update(features)
+                if len(rows):
+                    fake_kept[size].append(features[rows])
+            if scorer is not None:
+                clip_sums[size] += float(scorer.scores(images, texts).sum())
+        seen += count
+    generation_seconds = time.perf_counter() - generation_started
+
+    results: dict[str, float] = {}
+    details: dict[str, dict] = {}
+    for size in sizes:
+        level = level_key(size)
+        if measure:
+            name = extractor.name
+            real = ref.levels[size]
+            fake = fake_stats[size]
+            if "fd" in chosen:
+                results[f"fd_{name}/{level}"] = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
+            fake_features = np.concatenate(fake_kept[size]) if fake_kept[size] else None
+            if "kid" in chosen:
+                kid = kernel_distance(real.features, fake_features, kid_subset_size, kid_subsets, seed=0)
+                results[f"kid_{name}/{level}"] = kid.mean
+                results[f"kid_std_{name}/{level}"] = kid.std
+                details.setdefault("kid", {"subset_size": kid.subset_size, "subsets": kid.subsets})
+            if "pr" in chosen:
+                precision, recall = precision_recall(real.features, fake_features, k=pr_k)
+                results[f"precision_{name}/{level}"] = precision
+                results[f"recall_{name}/{level}"] = recall
+                details.setdefault("pr", {"k": pr_k, "real": len(real.features), "fake": len(fake_features)})
+        if scorer is not None:
+            results[f"clip_score_{scorer.name}/{level}"] = clip_sums[size] / num
+
+    report: dict[str, Any] = {
+        "metrics": results,
+        "feature": extractor.describe() if extractor is not None else None,
+        "num": num,
+        "levels": [level_key(size) for size in sizes],
+        "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
+        "step": pipeline.step,
+        "ema": ema,
+        "sampling": asdict(settings),
+        "reference": None if ref is None else {
+            "source": ref.source or ref.meta.get("path", ""),
+            "stats_file": ref.meta.get("path"),
+            "count": {level_key(s): ref.levels[s].count for s in sizes},
+            "features_kept": {level_key(s): 0 if ref.levels[s].features is None else len(ref.levels[s].features) for s in sizes},
+        },
+        "cache": str(cache.directory) if cache is not None else None,
+        "seconds": {"sampling_and_features": round(generation_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **details,
+    }
+    if scorer is not None:
+        report["clip"] = {"model": scorer.name, "prompt": clip_prompt, "convention": "100 * max(cos, 0), mean"}
+    return report
+
+
+def evaluate_pipeline(pipeline, reference, num: int = 1000, feature: str | FeatureExtractor = "effnet-lite0",
+                      metrics: str | Sequence[str] = ("fd",), **options) -> dict[str, float]:
+    """Metrics only, e.g. ``{"fd_effnet-lite0/64x64": 41.2, "fd_effnet-lite0/16x16": 12.9}``.
+
+    For periodic evaluation during training: the feature network and reference statistics
+    computed from data are cached per process, so only sampling and features cost each time.
+    ``options`` are those of :func:`run_evaluation` (sampler, steps, guidance, seed, batch_size...).
+    """
+    return run_evaluation(pipeline, reference, num, metrics, feature, **options)["metrics"]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The metrics as a table: one row per metric, one column per level."""
+    levels = report["levels"]
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in report["metrics"].items():
+        name, level = key.rsplit("/", 1)
+        rows.setdefault(name, {})[level] = value
+    width = max([len("metric")] + [len(name) for name in rows])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{level:>12}" for level in levels)]
+    for name, values in rows.items():
+        cells = [f"{values[level]:>12.6g}" if level in values else f"{'-':>12}" for level in levels]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    feature = report.get("feature")
+    if feature:
+        note = "FID-comparable (standard weights)" if feature.get("fid_comparable") else "NOT comparable with published FIDs"
+        lines.append(f"features: {feature['name']} ({feature['dim']}-d, {feature['weights']}): {note}")
+    sampling = report["sampling"]
+    lines.append(f"N={report['num']} samples, {sampling['sampler']} {sampling['steps']} steps, guidance {sampling['guidance']:g}, "
+                 f"seed {sampling['seed']}, checkpoint step {report['step']}")
+    return "\n".join(lines)

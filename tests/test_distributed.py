@@ -1,0 +1,87 @@
+"""torchrun on CPU (gloo, 2 processes): DDP parity with one process, FSDP2 checkpoints, failure handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from matryoshka.cli.main import main
+
+from .test_cli import make_image_folder, metrics
+
+COMMON = ["train.log_every=1", "train.sample_every=1000", "train.warmup_steps=2", "sample.steps=2", "sample.num=2"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), count=24)
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               "-m", "matryoshka.cli", "train", "tiny", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder):
+    data = ["data.source=imagefolder", f"data.path={folder}"]
+    two = torchrun(f"run_dir={tmp_path / 'two'}", "train.batch_size=4", "train.steps=4", *data, *COMMON)
+    assert two.returncode == 0, two.stderr[-3000:]
+    torch.set_num_threads(1)
+    assert main(["train", "tiny", f"run_dir={tmp_path / 'one'}", "train.batch_size=8", "train.steps=4", *data, *COMMON]) == 0
+
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-4)
+    assert b[-1]["images_per_s"] > 0
+    one = load_file(tmp_path / "one/checkpoints/step_00000004/model.safetensors")
+    for key, value in load_file(tmp_path / "two/checkpoints/step_00000004/model.safetensors").items():
+        torch.testing.assert_close(value, one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_trains_checkpoints_and_resumes_on_one_process(tmp_path, folder):
+    run = tmp_path / "fsdp"
+    data = ["data.source=imagefolder", f"data.path={folder}"]
+    result = torchrun(f"run_dir={run}", "train.strategy=fsdp", "train.steps=3", "train.checkpoint_every=3", *data, *COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "samples" / "step_00000003_16px.png").is_file()
+    state = torch.load(run / "checkpoints/step_00000003/state.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["optimizer"]["state"]) > 0
+
+    assert main(["train", "tiny", f"run_dir={run}", "train.steps=5"]) == 0  # one process, same run
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
+    out = tmp_path / "out"
+    assert main(["sample", str(run), "--num", "2", "--steps", "2", "--out", str(out)]) == 0
+    assert len(list((out / "16px").glob("*.png"))) == 2
+
+
+def test_killing_one_rank_ends_the_job_with_an_error(tmp_path, folder):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               "--monitor_interval=0.5", "-m", "matryoshka.cli", "train", "tiny", f"run_dir={tmp_path / 'run'}",
+               "train.steps=100000", "data.source=imagefolder", f"data.path={folder}", *COMMON]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        metrics_file = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+            assert launcher.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGKILL)
+        start = time.time()
+        code = launcher.wait(timeout=90)
+        assert code != 0
+        assert time.time() - start < 90
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
