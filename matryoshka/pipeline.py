@@ -47,6 +47,20 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
     )
 
 
+def load_encoder(config: RunConfig, device: torch.device):
+    """The run's frozen text encoder (None for models without text conditioning)."""
+    if config.text.encoder == "none":
+        return None
+    from .text import load_text_encoder
+
+    encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=device, mlmdm_compat=config.text.mlmdm_compat)
+    if encoder.dim != config.model.text_dim:
+        raise ValueError(
+            f"text encoder '{config.text.encoder}' gives {encoder.dim}-d tokens but model.text_dim={config.model.text_dim}"
+        )
+    return encoder
+
+
 @dataclass
 class Pipeline:
     model: NestedUNet
@@ -54,6 +68,7 @@ class Pipeline:
     config: RunConfig
     checkpoint: Path | None = None
     step: int = 0
+    text_encoder: object | None = None
 
     @property
     def device(self) -> torch.device:
@@ -66,8 +81,31 @@ class Pipeline:
         dropped = self.config.model.num_levels - self.model.config.num_levels
         return top // (self.config.model.nest_ratio**dropped)
 
-    def condition(self, num: int, labels: list[int] | torch.Tensor | None = None) -> Conditioning | None:
-        """Class labels for ``num`` samples (cycled through the classes when not given)."""
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for prompts (loads the run's text encoder on first use)."""
+        if not self.model.config.text_dim:
+            raise ValueError("this model has no text conditioning; prompts need a text-to-image model")
+        if self.text_encoder is None:
+            self.text_encoder = load_encoder(self.config, self.device)
+        embedding = self.text_encoder.encode(list(prompts), device=self.device)
+        return Conditioning(text=embedding.tokens, text_mask=embedding.mask)
+
+    def condition(
+        self, num: int, labels: list[int] | torch.Tensor | None = None, prompts: list[str] | None = None
+    ) -> Conditioning | None:
+        """Conditioning for ``num`` samples: class labels (cycled through the classes when not
+        given) and/or prompts (cycled over the samples)."""
+        text = None
+        if prompts:
+            text = self.encode([prompts[i % len(prompts)] for i in range(num)])
+        elif self.model.config.text_dim:
+            raise ValueError("this is a text-to-image model: give at least one prompt")
+        labels_cond = self._labels(num, labels)
+        if text is None:
+            return labels_cond
+        return Conditioning(labels=None if labels_cond is None else labels_cond.labels, text=text.text, text_mask=text.text_mask)
+
+    def _labels(self, num: int, labels: list[int] | torch.Tensor | None) -> Conditioning | None:
         num_classes = self.model.config.num_classes
         if not num_classes:
             if labels is not None:

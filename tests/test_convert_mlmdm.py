@@ -140,7 +140,7 @@ def released_yaml(kind: str) -> str:
                               _outer([64, 128, 256], 256, False, _inner64(True), True), False),
         "multi_res_weights": "16:4:1",
     }
-    reader = "reader_config:\n  image_size: 1024\n  max_caption_length: -1\n  max_caption_length: 512\n"
+    reader = "reader_config:\n  image_size: 1024\n  max_caption_length: -1\n  max_caption_length: 512\n  max_token_length: 128\n"
     return yaml.safe_dump(body, sort_keys=False) + reader
 
 
@@ -162,6 +162,7 @@ def test_released_configs_map_to_the_released_architectures(kind, tmp_path):
     assert config.model.text_dim == 2048 and config.model.text_proj_dim == 2048
     assert config.model.text_attention_mask is False  # masked_cross_attention: 0 on the innermost UNet
     assert config.data.resolution == int(kind)
+    assert (config.text.encoder, config.text.max_length, config.text.mlmdm_compat) == ("google/flan-t5-xl", 128, True)
     diffusion = config.diffusion
     assert (diffusion.schedule, diffusion.num_steps, diffusion.prediction, diffusion.loss_target) == (
         "squaredcos", 1000, "v", "eps")

@@ -153,3 +153,16 @@ def test_gaussian_and_errors():
         frechet_distance(mean, cov, np.zeros(3), np.eye(3))
     with pytest.raises(ValueError):
         FeatureStats().update(x[:1]).cov
+
+
+def test_fd_to_samples_equals_fd_with_the_full_covariance():
+    from matryoshka.evaluation.stats import frechet_distance_to_samples
+
+    rng = np.random.default_rng(11)
+    reference = rng.normal(size=(80, 40))
+    mu, cov = gaussian(reference)
+    for count in (5, 39, 60):  # fewer rows than dimensions (the fast path) and more
+        samples = rng.normal(0.3, 1.2, size=(count, 40))
+        expected = frechet_distance(mu, cov, *gaussian(samples))
+        assert frechet_distance_to_samples(mu, cov, samples) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance_to_samples(mu, cov, reference) == pytest.approx(0.0, abs=1e-9)

@@ -72,6 +72,9 @@ def add_parsers(subparsers) -> None:
     evaluate.add_argument("--kid-subset-size", type=_positive, default=1000)
     evaluate.add_argument("--kid-subsets", type=_positive, default=100)
     evaluate.add_argument("--pr-k", type=_positive, default=3, help="k of the k-NN balls of precision/recall")
+    evaluate.add_argument("--prompts", metavar="FILE",
+                          help="text-to-image models: prompts to generate from, one per line (sample i uses line i mod "
+                               "count), e.g. the reference captions for a COCO-style FID")
     evaluate.add_argument("--clip-model", metavar="NAME_OR_PATH", help="Hugging Face CLIP model for --metrics clip")
     evaluate.add_argument("--clip-prompt", metavar="TEXT",
                           help="text for the CLIP score; '{}' is replaced by the class name (class-conditional models)")
@@ -128,6 +131,17 @@ def run_levels(run: str) -> tuple[int, list[int], object]:
     return resolution, [resolution // factor**i for i in range(levels)], config.data
 
 
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 file."""
+    from ..evaluation.errors import EvaluationError
+
+    lines = [line.strip() for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise EvaluationError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
 def _default_report_path(report: dict, pipeline) -> Path:
     checkpoint = Path(pipeline.checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -151,8 +165,9 @@ def _eval(args: argparse.Namespace) -> int:
     from ..pipeline import load_pipeline
 
     metrics = parse_metrics(args.metrics)
+    prompts = read_prompts(args.prompts) if args.prompts else None
     pipeline = load_pipeline(args.run, use_ema=args.ema, device=args.device)
-    settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size)
+    settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size, prompts)
     cache = None if args.no_cache else (args.cache or default_cache_dir(pipeline, settings, args.ema))
     report = run_evaluation(
         pipeline, args.reference, args.num, metrics, args.feature,
@@ -160,7 +175,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=settings.batch_size, cache_dir=cache, ema=args.ema, inception_weights=args.inception_weights,
         feature_batch_size=args.feature_batch_size, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
         pr_k=args.pr_k, max_features=args.max_features or None, max_reference_images=args.max_reference_images,
-        clip_model=args.clip_model, clip_prompt=args.clip_prompt, progress=not args.quiet,
+        clip_model=args.clip_model, clip_prompt=args.clip_prompt, prompts=prompts, progress=not args.quiet,
     )
     out = Path(args.out).expanduser() if args.out else _default_report_path(report, pipeline)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Callable
 from ..data.config import DataConfig
 from ..models.presets import emoji64 as emoji64_model
 from ..models.presets import tiny as tiny_model
-from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TrainConfig
+from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig
 
 
 def tiny() -> RunConfig:
@@ -46,6 +46,26 @@ def emoji64_class() -> RunConfig:
     )
 
 
+EMOJI_PROMPTS = [
+    "red heart", "green heart", "blue heart", "yellow heart", "smiling face with sunglasses", "cat face",
+    "dog face", "red apple", "green apple", "car", "rocket", "flag: Japan", "grinning face", "pile of poo",
+    "fire", "snowman",
+]
+
+
+def emoji64_text() -> RunConfig:
+    """``emoji64`` conditioned on emoji names through MiniLM (offline), 10% caption dropout."""
+    base = emoji64()
+    return replace(
+        base,
+        run_dir="runs/emoji64-text",
+        model=replace(base.model, text_dim=384),
+        data=replace(base.data, captions=True),
+        text=TextConfig(encoder="minilm", max_length=32, cache_dir="~/.cache/matryoshka/text"),
+        sample=replace(base.sample, guidance=3.0, num=16, prompts=list(EMOJI_PROMPTS)),
+    )
+
+
 def tiny_progressive() -> RunConfig:
     """``tiny`` trained progressively: 8² alone for 10 steps, then grown to 16²/8² for 10 steps."""
     base = tiny()
@@ -70,6 +90,7 @@ RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "emoji64": emoji64,
     "emoji64-class": emoji64_class,
+    "emoji64-text": emoji64_text,
     "tiny-progressive": tiny_progressive,
     "emoji64-progressive": emoji64_progressive,
 }

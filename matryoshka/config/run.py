@@ -91,6 +91,24 @@ class TrainConfig:
 
 
 @dataclass
+class TextConfig:
+    """Frozen text encoder for text-to-image models (model.text_dim must equal its width)."""
+
+    encoder: str = "none"
+    """"none", "minilm" (offline default, 384-d), or a Hugging Face id / local path (e.g. google/flan-t5-xl)."""
+    max_length: int = 77
+    """Captions are truncated to this many tokens (never dropped)."""
+    cache_dir: str | None = None
+    """Where caption embeddings are cached (computed once, shared by runs and ranks); None = no cache."""
+    mlmdm_compat: bool = False
+    """Tokenise like ml-mdm (FLAN-T5: leading space, EOS) for its checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError("max_length must be >= 1")
+
+
+@dataclass
 class SampleConfig:
     """Defaults for sample grids during training and for ``mdm sample``."""
 
@@ -99,6 +117,8 @@ class SampleConfig:
     num: int = 16
     guidance: float = 1.0
     seed: int = 0
+    prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample grids during training (text models), cycled over the grid."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num < 1:
@@ -139,6 +159,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     stages: list[StageConfig] = field(default_factory=list)
     """Progressive training schedule; empty = one stage training all levels for train.steps."""
     init_from: str | None = None
@@ -162,6 +183,10 @@ class RunConfig:
             raise ValueError(f"diffusion.level_weights needs {levels} values (one per level)")
         if self.data.label != "none" and not self.model.num_classes:
             raise ValueError(f"data.label={self.data.label!r} gives class labels: set model.num_classes")
+        if (self.text.encoder != "none") != bool(self.model.text_dim):
+            raise ValueError("text.encoder and model.text_dim go together: set both (text-to-image) or neither")
+        if self.text.encoder != "none" and not self.data.captions:
+            raise ValueError("text.encoder needs captions: set data.captions=true")
         if self.stages and self.train.strategy == "fsdp":
             raise ValueError("train.strategy=fsdp does not support progressive stages yet; use train.strategy=ddp")
         if self.stages:

@@ -13,6 +13,7 @@ Sample ``i`` of batch ``b`` depends only on (checkpoint, sampler settings, seed,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 from .errors import EvaluationError
 from .features import FeatureExtractor, build_feature_extractor, images_to_uint8, resolve_feature_name, uint8_to_images
 from .reference import ReferenceStats, compute_reference_stats, pick_subset
-from .stats import FeatureStats, frechet_distance, kernel_distance, precision_recall
+from .stats import FeatureStats, frechet_distance, frechet_distance_to_samples, kernel_distance, precision_recall
 
 METRICS = ("fd", "kid", "pr", "clip")
 _ALIASES = {"fid": "fd", "precision": "pr", "recall": "pr", "precision_recall": "pr", "clip_score": "clip"}
@@ -66,14 +67,30 @@ class SampleSettings:
     batch_size: int = 16
     labels: str = "none"
     """How class labels are chosen: "none" (unconditional model) or "cycle" (sample i gets class i mod C)."""
+    prompts: str = ""
+    """Text-to-image models: "<count> prompts sha256:<digest>"; sample i gets prompt i mod count."""
+
+
+def prompts_digest(prompts: Sequence[str] | None) -> str:
+    if not prompts:
+        return ""
+    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+    return f"{len(prompts)} prompts sha256:{digest}"
 
 
 def resolve_settings(pipeline, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-                     seed: int = 0, batch_size: int = 16) -> SampleSettings:
+                     seed: int = 0, batch_size: int = 16, prompts: Sequence[str] | None = None) -> SampleSettings:
     """The effective settings: the run's ``sample`` config fills what is not given."""
     defaults = pipeline.config.sample
     if batch_size < 1:
         raise EvaluationError("batch size must be >= 1")
+    text_model = bool(getattr(pipeline.model.config, "text_dim", 0))
+    if text_model and not prompts:
+        raise EvaluationError("this is a text-to-image model: give the prompts to generate from (--prompts FILE, "
+                              "one per line; sample i uses prompt i mod their count)")
+    if prompts and not text_model:
+        raise EvaluationError("this model has no text conditioning: --prompts needs a text-to-image model "
+                              "(use --clip-prompt for the CLIP score's text)")
     return SampleSettings(
         sampler=sampler or defaults.sampler,
         steps=int(steps or defaults.steps),
@@ -81,6 +98,7 @@ def resolve_settings(pipeline, sampler: str | None = None, steps: int | None = N
         seed=int(seed),
         batch_size=int(batch_size),
         labels="cycle" if pipeline.model.config.num_classes else "none",
+        prompts=prompts_digest(prompts),
     )
 
 
@@ -149,9 +167,17 @@ def default_cache_dir(pipeline, settings: SampleSettings, ema: bool = True) -> P
     return run_dir / "eval" / "samples" / tag
 
 
+def sample_prompts(prompts: Sequence[str] | None, start: int, count: int) -> list[str] | None:
+    """The prompts of samples ``start .. start + count - 1`` (cycled)."""
+    if not prompts:
+        return None
+    return [prompts[(start + j) % len(prompts)] for j in range(count)]
+
+
 def generate_batches(pipeline, num: int, settings: SampleSettings, cache: SampleCache | None = None,
-                     progress: bool = False) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-    """Yield (uint8 levels highest first, labels) for ``num`` samples, batch by batch."""
+                     progress: bool = False, prompts: Sequence[str] | None = None
+                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray, list[str] | None]]:
+    """Yield (uint8 levels highest first, class labels, prompts) for ``num`` samples, batch by batch."""
     from tqdm.auto import tqdm
 
     sizes = level_sizes(pipeline)
@@ -166,7 +192,10 @@ def generate_batches(pipeline, num: int, settings: SampleSettings, cache: Sample
             cached = cache.load(index, count, sizes) if cache is not None else None
             if cached is None:
                 labels = (np.arange(start, start + count) % num_classes) if num_classes else np.full(count, -1)
-                cond = pipeline.condition(count, torch.as_tensor(labels)) if num_classes else None
+                texts = sample_prompts(prompts, start, count)
+                cond = None
+                if num_classes or texts:
+                    cond = pipeline.condition(count, torch.as_tensor(labels) if num_classes else None, texts)
                 images = pipeline.generate(num=count, sampler=settings.sampler, steps=settings.steps,
                                            guidance=settings.guidance, cond=cond, seed=batch_seed(settings.seed, index))
                 levels = [images_to_uint8(level) for level in images]
@@ -180,7 +209,7 @@ def generate_batches(pipeline, num: int, settings: SampleSettings, cache: Sample
             bar.update(count)
             if reused:
                 bar.set_postfix(cached=reused)
-            yield levels, labels
+            yield levels, labels, sample_prompts(prompts, start, count)
     finally:
         bar.close()
 
@@ -229,8 +258,12 @@ def _class_names(pipeline, class_names):
     return list(getattr(build_dataset(pipeline.config.data), "class_names", []) or [])
 
 
-def clip_texts(labels: np.ndarray, prompt: str | None, class_names: Sequence[str] | None) -> list[str]:
-    """One text per sample: ``prompt`` with ``{}`` replaced by the class name (or as it is)."""
+def clip_texts(labels: np.ndarray, prompt: str | None, class_names: Sequence[str] | None,
+               prompts: Sequence[str] | None = None) -> list[str]:
+    """One text per sample: the sample's own prompt (text-to-image models), else ``prompt``
+    with ``{}`` replaced by the class name, else ``prompt`` as it is."""
+    if prompts:
+        return list(prompts)
     if class_names:
         template = prompt or "{}"
         return [template.replace("{}", class_names[int(label)]) for label in labels]
@@ -249,19 +282,21 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
                    kid_subsets: int = 100, pr_k: int = 3, max_features: int | None = 10_000,
                    max_reference_images: int | None = None, clip_model: str | Any = None,
                    clip_prompt: str | None = None, class_names: Sequence[str] | None = None,
-                   progress: bool = False) -> dict[str, Any]:
+                   prompts: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
     """Generate ``num`` samples and compare each pyramid level with the reference.
 
     ``reference``: a :class:`ReferenceStats`, a ``.npz`` from ``mdm eval-stats``, an image
     folder, ``"emoji"`` or ``"train"`` (the run's training data). ``feature``: a network name
     (``effnet-lite0``, ``inception``, ``auto``) or a ready :class:`FeatureExtractor`.
+    ``prompts``: what a text-to-image model generates from (sample i: prompt i mod count),
+    e.g. the reference set's captions as in COCO FID-30K; also the CLIP score's texts.
     ``max_features`` caps the feature vectors used by KID and precision/recall (a seeded
     subset). Returns the report: ``report["metrics"]`` maps ``"<metric>_<feature>/<S>x<S>"``
     to values.
     """
     started = time.perf_counter()
     chosen = parse_metrics(metrics)
-    settings = resolve_settings(pipeline, sampler, steps, guidance, seed, batch_size)
+    settings = resolve_settings(pipeline, sampler, steps, guidance, seed, batch_size, prompts)
     if num < 2:
         raise EvaluationError("need at least 2 samples")
     if "pr" in chosen and num <= pr_k:
@@ -309,10 +344,10 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
     clip_sums = {size: 0.0 for size in sizes}
     seen = 0
     generation_started = time.perf_counter()
-    for levels, labels in generate_batches(pipeline, num, settings, cache, progress):
+    for levels, labels, batch_prompts in generate_batches(pipeline, num, settings, cache, progress, prompts):
         count = len(labels)
         rows = keep[(keep >= seen) & (keep < seen + count)] - seen
-        texts = clip_texts(labels, clip_prompt, names) if scorer is not None else None
+        texts = clip_texts(labels, clip_prompt, names, batch_prompts) if scorer is not None else None
         for size, pixels in zip(sizes, levels):
             images = uint8_to_images(pixels)
             if measure:
@@ -333,9 +368,13 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
             name = extractor.name
             real = ref.levels[size]
             fake = fake_stats[size]
-            if "fd" in chosen:
-                results[f"fd_{name}/{level}"] = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
             fake_features = np.concatenate(fake_kept[size]) if fake_kept[size] else None
+            if "fd" in chosen:
+                if fake_features is not None and len(fake_features) == num <= extractor.dim:
+                    value = frechet_distance_to_samples(real.mean, real.cov, fake_features)  # same value, faster
+                else:
+                    value = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
+                results[f"fd_{name}/{level}"] = value
             if "kid" in chosen:
                 kid = kernel_distance(real.features, fake_features, kid_subset_size, kid_subsets, seed=0)
                 results[f"kid_{name}/{level}"] = kid.mean

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, dump_yaml
-from ..config.run import DiffusionConfig, RunConfig, SampleConfig, TrainConfig
+from ..config.run import DiffusionConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
 from ..data.config import DataConfig
 from ..models.config import LevelConfig, ModelConfig
 from .mlmdm_io import (
@@ -579,9 +579,10 @@ def run_config_from_mlmdm(
             raise MlmdmConfigError(
                 f"{where} cross-attends with width {level_cross} but the innermost UNet projects the text to {cross_dim}"
             )
-    for where, section in chain:
+    for (where, section), level in zip(chain, parsed):
         declared = _int(section.get("conditioning_feature_dim", -1), f"{where}.conditioning_feature_dim")
-        if declared and declared > 0 and declared != width and text_dim is None:
+        # (ml-mdm's constructors overwrite it with the projection width in saved arguments)
+        if declared and declared > 0 and declared not in (width, level.proj_dim) and text_dim is None:
             notes.append(f"{where}.conditioning_feature_dim={declared} is replaced by the text encoder's width {width}, as in ml-mdm")
 
     levels = []
@@ -767,6 +768,14 @@ def run_config_from_mlmdm(
     if threshold == "DYNAMIC_IF":
         notes.append("threshold_function DYNAMIC_IF caps the threshold at 1.5 in ml-mdm; our dynamic thresholding has no cap")
 
+    text_model = str(raw.get("text_model") or "google/flan-t5-xl")
+    max_tokens = _int(reader.get("max_token_length"), "reader_config.max_token_length")
+    if not max_tokens or max_tokens <= 0:
+        max_tokens = 128
+        notes.append("reader_config.max_token_length is unset: captions are cut at 128 tokens")
+    # ml-mdm's own tokenisation of T5's vocabulary (see docs/text.md).
+    text = TextConfig(encoder=text_model, max_length=max_tokens, mlmdm_compat=True)
+
     try:
         config = RunConfig(
             run_dir=f"runs/{name or f'mlmdm-{top}'}",
@@ -784,11 +793,11 @@ def run_config_from_mlmdm(
             data=data,
             train=train,
             sample=SampleConfig(sampler="ddim", steps=sample_steps, num=4, guidance=_DEMO_GUIDANCE),
+            text=text,
         )
     except (ValueError, ConfigError) as error:
         raise MlmdmConfigError(f"the ml-mdm config does not give a valid run config: {error}") from error
 
-    text_model = str(raw.get("text_model") or "google/flan-t5-xl")
     reader_text = {key: reader.get(key, default) for key, default in _READER_TEXT_DEFAULTS.items()}
     text_encoder = {
         "model": text_model,

@@ -286,7 +286,8 @@ def load_text_encoder(
     if not local and (key.startswith((".", "/", "~")) or key.count("/") > 1 or "\\" in key):
         raise TextEncoderNotFound(f"cannot load text encoder {name!r}: no such directory")
     source = str(path.resolve()) if local else key
-    options = {"local_files_only": True} if local else {}
+    # HF_HUB_OFFLINE is read by huggingface_hub at import; honour it even if set later.
+    options = {"local_files_only": True} if local or _offline() else {}
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     try:

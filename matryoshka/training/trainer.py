@@ -41,7 +41,7 @@ from ..data import build_dataset, make_loader
 from ..data.loader import mix_seed
 from ..models import NULL_LABEL, Conditioning, NestedUNet
 from ..models.layers import Stage
-from ..pipeline import Pipeline, build_process
+from ..pipeline import Pipeline, build_process, load_encoder
 from ..utils.images import save_grid
 from .checkpoint import (
     latest_checkpoint,
@@ -79,6 +79,12 @@ class Trainer:
 
         self.dataset = build_dataset(config.data)
         self._check_labels()
+        self.text_encoder = load_encoder(config, self.device)
+        self.text_cache = None
+        if self.text_encoder is not None and config.text.cache_dir:
+            from ..text import TextEmbeddingCache
+
+            self.text_cache = TextEmbeddingCache(Path(config.text.cache_dir).expanduser(), self.text_encoder)
         use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -259,10 +265,21 @@ class Trainer:
         return torch.cat(steps), [torch.stack(level) for level in noise], torch.cat(drop) < self.config.train.cond_drop_prob
 
     def _conditioning(self, batch: dict, drop: torch.Tensor) -> Conditioning | None:
-        if not self.config.model.num_classes:
+        """Labels and/or caption embeddings, with the dropped samples' conditions made null."""
+        labels = text = mask = None
+        if self.config.model.num_classes:
+            labels = batch["label"].to(self.device)
+            labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+        if self.text_encoder is not None:
+            from ..text import null_mask_rows
+
+            captions = list(batch["caption"])
+            source = self.text_cache.get if self.text_cache is not None else self.text_encoder.encode
+            embedding = null_mask_rows(source(captions, device=self.device), drop)
+            text, mask = embedding.tokens, embedding.mask
+        if labels is None and text is None:
             return None
-        labels = batch["label"].to(self.device)
-        return Conditioning(labels=torch.where(drop, torch.full_like(labels, NULL_LABEL), labels))
+        return Conditioning(labels=labels, text=text, text_mask=mask)
 
     def _images(self, batch: dict) -> torch.Tensor:
         """Data at the top resolution of the current stage's model."""
@@ -349,9 +366,12 @@ class Trainer:
                 return []
             model = NestedUNet(model.config).to(self.device)
             model.load_state_dict(weights)
-        pipeline = Pipeline(model, self.process, self.config, step=self.step)
+        pipeline = Pipeline(model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
         num = self.config.sample.num
-        levels = pipeline.generate(num=num, cond=pipeline.condition(num))
+        prompts = self.config.sample.prompts
+        if self.text_encoder is not None and not prompts:
+            prompts = [self.dataset[(i * len(self.dataset) // num, 0)]["caption"] for i in range(num)]
+        levels = pipeline.generate(num=num, cond=pipeline.condition(num, prompts=prompts or None))
         return [
             save_grid(level, self.run_dir / "samples" / f"step_{self.step:08d}_{level.shape[-1]}px.png")
             for level in levels
