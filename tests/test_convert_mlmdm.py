@@ -238,7 +238,9 @@ def tiny_mlmdm_config(levels: int) -> dict:
             "inner_config": config,
         }
     top = 8 * 2 ** (levels - 1)
+    extra = {"mixed_ratio": "2:1"} if levels == 2 else {}
     return {
+        **extra,
         "model": {1: "unet", 2: "nested_unet", 3: "nested2_unet"}[levels],
         "text_model": "test/tiny-encoder",
         "sample_image_size": top,
@@ -315,6 +317,8 @@ def mlmdm_args(config: dict) -> argparse.Namespace:
     sampler = {key: ENUM_FIELDS[key][value] if key in ENUM_FIELDS else value
                for key, value in config["diffusion_config"]["sampler_config"].items()}
     diffusion = dict(config["diffusion_config"], sampler_config=_instance("samplers", "SamplerConfig", sampler))
+    if config["model"] != "unet":
+        diffusion.setdefault("mixed_ratio", None)  # every dataclass field is saved
     return argparse.Namespace(
         model=config["model"],
         text_model=config["text_model"],
@@ -322,6 +326,8 @@ def mlmdm_args(config: dict) -> argparse.Namespace:
         diffusion_config=_instance("diffusion", "NestedDiffusionConfig", diffusion),
         reader_config=_instance("reader", "ReaderConfig", config["reader_config"]),
         lr=config["lr"],
+        # ml-mdm's parser leaves top-level YAML keys such as mixed_ratio as loose attributes
+        **({"mixed_ratio": config["mixed_ratio"]} if "mixed_ratio" in config else {}),
         config_path=[Path("configs/models/tiny.yaml")],
         output_dir="/mnt/data/outputs",
     )
@@ -422,6 +428,7 @@ def test_config_defaults_to_the_arguments_saved_in_the_checkpoint(tiny_checkpoin
     assert_converted(result.out, tensors, 2)
     from_yaml = run_config_from_mlmdm(read_mlmdm_yaml(config_file)[0]).config
     assert result.config.model == from_yaml.model and result.config.diffusion == from_yaml.diffusion
+    assert result.config.diffusion.mixed_ratio == pytest.approx(2 / 3)
 
 
 def test_plain_state_dict_and_safetensors_inputs(tmp_path):
@@ -682,11 +689,11 @@ def test_converted_model_samples_with_our_sampler(tmp_path):
     pipe = load_pipeline(out, device="cpu")
     sampling = torch.load(out / "state.pt", weights_only=True)["source"]["sampling"]
     generator = torch.Generator().manual_seed(0)
-    noise = pipe.process.initial_noise(2, 3, pipe.resolution, generator=generator)
-    cond = Conditioning(text=torch.randn(2, 4, TEXT_DIM))
-    negative = Conditioning(text=torch.randn(2, 4, TEXT_DIM))  # the encoded negative prompt
+    noise = pipe.process.initial_noise(1, 3, pipe.resolution, generator=generator)
+    cond = Conditioning(text=torch.randn(1, 4, TEXT_DIM))
+    negative = Conditioning(text=torch.randn(1, 4, TEXT_DIM))  # the encoded negative prompt
     levels = get_sampler(sampling["sampler"])(
-        pipe.model, noise, pipe.process, 3, cond=cond, uncond=negative, guidance=sampling["guidance"],
+        pipe.model, noise, pipe.process, 1, cond=cond, uncond=negative, guidance=sampling["guidance"],
         generator=generator, clip_x0=sampling["clip_x0"], dynamic_threshold=sampling["dynamic_threshold"],
         eta=sampling["eta"],
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 from ..config.presets import RUN_PRESETS, describe_presets
 from ..config.run import RunConfig
 
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--size", type=int, default=64)
     data.add_argument("--label", default="group", choices=["none", "group", "subgroup"])
     data.set_defaults(func=cmd_data)
+
+    from .convert import add_parser as add_convert_parser
+
+    add_convert_parser(commands)
     return parser
 
 
@@ -223,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.raw_argv = argv
+    from ..data import EmptyDatasetError
     from ..training.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (UserError, ValueError, CheckpointError, FileNotFoundError, EmptyDatasetError) as error:
         print(f"mdm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

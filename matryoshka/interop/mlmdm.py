@@ -621,10 +621,12 @@ def run_config_from_mlmdm(
         raise MlmdmConfigError("diffusion_config must be a mapping")
     diffusion_raw = dict(diffusion_raw)
     for key in ("mixed_ratio", "multi_res_weights", "use_double_loss"):
-        if key in raw:
-            if key in diffusion_raw and diffusion_raw[key] != raw[key]:
+        # (saved `args` hold every diffusion_config field, so its default there means "not set")
+        if key in raw and raw[key] != _NESTED_DIFFUSION_DEFAULTS[key]:
+            current = diffusion_raw.get(key, _NESTED_DIFFUSION_DEFAULTS[key])
+            if current != _NESTED_DIFFUSION_DEFAULTS[key] and current != raw[key]:
                 raise MlmdmConfigError(f"{key} is given both at the top level and in diffusion_config with different values")
-            diffusion_raw.setdefault(key, raw[key])
+            diffusion_raw[key] = raw[key]
             notes.append(
                 f"top-level {key}={raw[key]!r} applied to diffusion_config (ml-mdm's own parser, simple-parsing, "
                 "ignores top-level keys of a nested section, so ml-mdm itself trained without it)"

@@ -10,6 +10,7 @@ one and is replaced atomically after the rename.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..config import dump_yaml
 
@@ -48,6 +49,18 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write and flush to disk; a full disk or a read-only directory raises OSError here."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    _write(path, save(tensors, metadata))
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -72,10 +85,11 @@ def save_checkpoint(
         metadata = {"format": "matryoshka", "step": str(step)}
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors", metadata)
         save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors", metadata)
-        torch.save(train_state, tmp / "state.pt")
+        buffer = io.BytesIO()
+        torch.save(train_state, buffer)
+        _write(tmp / "state.pt", buffer.getvalue())
         dump_yaml(config, tmp / "config.yaml")
-        for name in CHECKPOINT_FILES:
-            _fsync_file(tmp / name)
+        _fsync_file(tmp / "config.yaml")
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             trash = root / f".old-{final.name}-{os.getpid()}"
@@ -114,6 +128,21 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     checkpoints = list_checkpoints(root.parent)
     for old in checkpoints[: max(0, len(checkpoints) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted saves (never a complete checkpoint)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    for old in root.glob(".old-step_*"):  # a re-save was interrupted after moving the old copy aside
+        final = root / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if not final.exists() and is_complete(old):
+            old.rename(final)
+    leftovers = [p for p in root.glob(".*") if p.name.startswith((".tmp-", ".old-", ".latest-"))]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return leftovers
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

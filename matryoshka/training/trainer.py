@@ -48,6 +48,7 @@ from .checkpoint import (
     load_into,
     load_tensors,
     load_train_state,
+    remove_partial_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -93,6 +94,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.stage_history: list[dict[str, int]] = []
         self._stop_signal: int | None = None
+        self._warned: set[str] = set()
 
         checkpoint = latest_checkpoint(self.run_dir)
         state = load_train_state(checkpoint / "state.pt") if checkpoint else None
@@ -350,9 +352,19 @@ class Trainer:
         model, ema, state = self._full_weights(self.model), self._full_weights(self.ema.model), self._train_state()
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(
-                self.run_dir, self.step, model, ema, state, self.config, keep=self.config.train.keep_checkpoints
-            )
+            try:
+                path = save_checkpoint(
+                    self.run_dir, self.step, model, ema, state, self.config, keep=self.config.train.keep_checkpoints
+                )
+            except OSError as error:
+                previous = latest_checkpoint(self.run_dir)
+                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+                raise TrainingStopped(
+                    f"could not save the checkpoint of step {self.step} in {self.run_dir}: {error}. {kept}; "
+                    "free space or fix permissions, then run the same command to resume",
+                    previous,
+                    exit_code=4,
+                ) from error
             (self.run_dir / "stages.json").write_text(json.dumps(self.stage_history, indent=1) + "\n")
         self.dist.barrier()
         return path
@@ -379,6 +391,7 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(self.run_dir)
         dump_yaml(self.config, self.run_dir / "config.yaml")
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():  # drop lines logged after the checkpoint we resume from
@@ -386,12 +399,20 @@ class Trainer:
             metrics.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any], writer) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, record["step"])
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, record["step"])
+        except OSError as error:  # a full disk must not kill training before the next checkpoint attempt
+            self._warn(f"could not write metrics: {error}")
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            tqdm.write(f"warning: {message}")
 
     def _open_writer(self):
         if not self.dist.is_main:
@@ -425,16 +446,10 @@ class Trainer:
                 loss, level_logs, grad_norm, lr = self._train_step()
                 self.step += 1
                 bar.update(1)
-                if self.nonfinite_in_a_row >= train.max_nonfinite_steps:
-                    checkpoint = self.save()
-                    raise TrainingStopped(
-                        f"stopped: {self.nonfinite_in_a_row} non-finite steps in a row (weights were not updated by them); "
-                        f"the checkpoint holds the last finite weights. Lower train.lr or check the data.",
-                        checkpoint,
-                        exit_code=3,
-                    )
+                diverged = self.nonfinite_in_a_row >= train.max_nonfinite_steps
+                stop_signal = self.dist.any(self._stop_signal is not None, self.device)
                 out_of_time = self.dist.any(time.perf_counter() >= deadline, self.device)
-                done = self.step >= self.total_steps or out_of_time
+                done = self.step >= self.total_steps or out_of_time or diverged or stop_signal
                 boundary = self.step in self.boundaries
                 if self.step % train.log_every == 0 or done or boundary:
                     now = time.perf_counter()
@@ -447,12 +462,24 @@ class Trainer:
                     if self.dist.is_main:
                         self._log(record, writer)
                     bar.set_postfix(loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                if (self.dist.is_main or self.sharded) and (self.step % train.sample_every == 0 or done or boundary):
-                    self.save_samples()
+                if (self.dist.is_main or self.sharded) and not (diverged or stop_signal) and (
+                    self.step % train.sample_every == 0 or done or boundary
+                ):
+                    try:
+                        self.save_samples()
+                    except OSError as error:
+                        self._warn(f"could not write samples: {error}")
                 if self.step % train.checkpoint_every == 0 or done or boundary:
+                    # Skipped steps never updated the weights, so this holds the last finite ones.
                     checkpoint = self.save()
-                if self.dist.any(self._stop_signal is not None, self.device):
-                    checkpoint = self.save()
+                if diverged:
+                    raise TrainingStopped(
+                        f"stopped: {self.nonfinite_in_a_row} non-finite steps in a row (weights were not updated by them); "
+                        f"the checkpoint holds the last finite weights. Lower train.lr or check the data.",
+                        checkpoint,
+                        exit_code=3,
+                    )
+                if stop_signal:
                     signum = self._stop_signal or signal.SIGTERM
                     raise TrainingStopped(
                         f"{signal.Signals(signum).name} received: saved step {self.step}; run the same command to resume",
