@@ -164,6 +164,8 @@ def default_cache_dir(pipeline, settings: SampleSettings, ema: bool = True) -> P
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     tag = (f"{checkpoint.name}_{'ema' if ema else 'raw'}_{settings.sampler}{settings.steps}_g{settings.guidance:g}"
            f"_seed{settings.seed}_b{settings.batch_size}")
+    if settings.prompts:
+        tag += "_p" + settings.prompts.rsplit(":", 1)[1][:8]
     return run_dir / "eval" / "samples" / tag
 
 

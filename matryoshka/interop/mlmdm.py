@@ -38,6 +38,7 @@ from ..config import ConfigError, dump_yaml
 from ..config.run import DiffusionConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
 from ..data.config import DataConfig
 from ..models.config import LevelConfig, ModelConfig
+from ..training.checkpoint import fsync_path
 from .mlmdm_io import (
     CheckpointFormatError,
     LoadedWeights,
@@ -897,19 +898,6 @@ class ConversionResult:
     files: list[str]
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _prepare_out(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
@@ -1007,11 +995,11 @@ def convert_mlmdm(
         dump_yaml(conversion.config, tmp / "config.yaml")
         files.append("config.yaml")
         for file in files:
-            _fsync(tmp / file)
+            fsync_path(tmp / file)
         if out.exists():
             out.rmdir()  # checked empty above
         tmp.rename(out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,7 +31,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to disk (best effort: some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -42,11 +43,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -89,8 +85,8 @@ def save_checkpoint(
         torch.save(train_state, buffer)
         _write(tmp / "state.pt", buffer.getvalue())
         dump_yaml(config, tmp / "config.yaml")
-        _fsync_file(tmp / "config.yaml")
-        _fsync_dir(tmp)
+        fsync_path(tmp / "config.yaml")
+        fsync_path(tmp)
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             trash = root / f".old-{final.name}-{os.getpid()}"
             final.rename(trash)
@@ -98,12 +94,12 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
+        fsync_path(root)
         pointer = root / f".latest-{os.getpid()}"
         pointer.write_text(final.name + "\n")
-        _fsync_file(pointer)
+        fsync_path(pointer)
         os.replace(pointer, root / "latest")
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
