@@ -75,12 +75,15 @@ def test_sample_every_level_with_each_sampler(tmp_path, folder, sampler, capsys)
 
 def test_training_writes_outputs_and_reports_skipped_files(tmp_path, folder, capsys):
     run = tmp_path / "run"
-    assert train(run, folder, "train.steps=4", "train.sample_every=2") == 0
+    assert train(run, folder, "train.steps=4", "train.sample_every=2", "eval.every=4", "eval.num=4", "eval.steps=2") == 0
     printed = capsys.readouterr().out
     assert "11 items" in printed or "12 items" in printed
     assert "1 skipped" in printed
     records = metrics(run)
-    assert records[-1]["step"] == 4 and {"loss", "lr", "images_per_s", "loss/16x16", "loss/8x8"} <= set(records[-1])
+    training = [r for r in records if "loss" in r]
+    assert training[-1]["step"] == 4 and {"loss", "lr", "images_per_s", "loss/16x16", "loss/8x8"} <= set(training[-1])
+    evaluation = [r for r in records if "fd_effnet-lite0/16x16" in r]
+    assert [r["step"] for r in evaluation] == [4] and evaluation[0]["fd_effnet-lite0/8x8"] >= 0
     assert (run / "config.yaml").is_file() and (run / "tensorboard").is_dir()
     assert {p.name for p in (run / "samples").iterdir()} >= {"step_00000002_16px.png", "step_00000004_8px.png"}
 

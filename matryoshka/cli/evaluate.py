@@ -32,6 +32,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", default="auto", choices=["auto", "inception", "effnet-lite0"],
                         help="feature network: inception (FID-standard; needs its weights), effnet-lite0 (offline, "
@@ -41,8 +48,9 @@ def _feature_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pt_inception-2015-12-05-6726825d.pth (default: $MATRYOSHKA_INCEPTION_WEIGHTS, the torch "
                              "hub cache, or a download)")
     parser.add_argument("--feature-batch-size", type=_positive, default=64)
-    parser.add_argument("--max-features", type=int, default=10_000,
-                        help="feature vectors kept per level for KID and precision/recall (a seeded subset; 0: none)")
+    parser.add_argument("--max-features", type=_non_negative, default=10_000,
+                        help="feature vectors kept per level for KID and precision/recall (a seeded subset; 0: none, "
+                             "which leaves FD only; default 10000)")
     parser.add_argument("--device", default="auto")
 
 
@@ -174,7 +182,7 @@ def _eval(args: argparse.Namespace) -> int:
         sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
         batch_size=settings.batch_size, cache_dir=cache, ema=args.ema, inception_weights=args.inception_weights,
         feature_batch_size=args.feature_batch_size, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-        pr_k=args.pr_k, max_features=args.max_features or None, max_reference_images=args.max_reference_images,
+        pr_k=args.pr_k, max_features=args.max_features, max_reference_images=args.max_reference_images,
         clip_model=args.clip_model, clip_prompt=args.clip_prompt, prompts=prompts, progress=not args.quiet,
     )
     out = Path(args.out).expanduser() if args.out else _default_report_path(report, pipeline)
@@ -212,7 +220,7 @@ def _eval_stats(args: argparse.Namespace) -> int:
     if args.data == "train" and data is None:
         raise EvaluationError("DATA 'train' needs --run")
     extractor = build_feature_extractor(args.feature, args.inception_weights, pick_device(args.device), args.feature_batch_size)
-    stats = compute_reference_stats(args.data, extractor, resolution, sizes, args.max_images, args.max_features or None,
+    stats = compute_reference_stats(args.data, extractor, resolution, sizes, args.max_images, args.max_features,
                                     args.batch_size, run_data=data, progress=not args.quiet)
     path = stats.save(args.out)
     kept = {s: 0 if level.features is None else len(level.features) for s, level in stats.levels.items()}

@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
 
     from .convert import add_parser as add_convert_parser
+    from .evaluate import add_parsers as add_eval_parsers
 
     add_convert_parser(commands)
+    add_eval_parsers(commands)
     return parser
 
 

@@ -126,6 +126,26 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (on rank 0), logged to metrics.jsonl and TensorBoard."""
+
+    every: int = 0
+    """Evaluate every this many steps (and at the end); 0 disables."""
+    num: int = 256
+    reference: str = "train"
+    """"train" (the run's data), "emoji", an image folder, or a stats .npz from ``mdm eval-stats``."""
+    feature: str = "effnet-lite0"
+    metrics: list[str] = field(default_factory=lambda: ["fd"])
+    sampler: Literal["ddpm", "ddim", "dpm++2m"] | None = None
+    steps: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.num < 2 or self.batch_size < 1:
+            raise ValueError("every must be >= 0, num >= 2 and batch_size >= 1")
+
+
+@dataclass
 class StageConfig:
     """One stage of progressive training (paper §3.4): train the innermost ``levels`` levels."""
 
@@ -160,6 +180,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stages: list[StageConfig] = field(default_factory=list)
     """Progressive training schedule; empty = one stage training all levels for train.steps."""
     init_from: str | None = None

@@ -293,7 +293,7 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
     ``prompts``: what a text-to-image model generates from (sample i: prompt i mod count),
     e.g. the reference set's captions as in COCO FID-30K; also the CLIP score's texts.
     ``max_features`` caps the feature vectors used by KID and precision/recall (a seeded
-    subset). Returns the report: ``report["metrics"]`` maps ``"<metric>_<feature>/<S>x<S>"``
+    subset of each side; None: all). Returns the report: ``report["metrics"]`` maps ``"<metric>_<feature>/<S>x<S>"``
     to values.
     """
     started = time.perf_counter()
@@ -301,6 +301,8 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
     settings = resolve_settings(pipeline, sampler, steps, guidance, seed, batch_size, prompts)
     if num < 2:
         raise EvaluationError("need at least 2 samples")
+    if set(chosen) & set(NEEDS_FEATURES) and max_features == 0:
+        raise EvaluationError("KID and precision/recall need feature vectors: max_features must not be 0")
     if "pr" in chosen and num <= pr_k:
         raise EvaluationError(f"precision/recall with k={pr_k} needs more than {pr_k} samples")
     sizes = level_sizes(pipeline)

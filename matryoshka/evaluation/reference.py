@@ -143,8 +143,10 @@ def pick_subset(count: int, limit: int | None, seed: int = 0) -> np.ndarray:
 def stats_from_batches(batches: Iterable[list[Tensor]], total: int, sizes: Sequence[int], extractor: FeatureExtractor,
                        resolution: int, max_features: int | None = 10_000, source: str = "", seed: int = 0,
                        progress=None) -> ReferenceStats:
-    """Statistics of ``total`` images given as batches of levels (highest first, ``sizes``)."""
-    keep = pick_subset(total, max_features, seed) if max_features else np.zeros(0, np.int64)
+    """Statistics of ``total`` images given as batches of levels (highest first, ``sizes``).
+
+    ``max_features``: how many feature vectors to keep (a seeded subset); None keeps all, 0 none."""
+    keep = np.zeros(0, np.int64) if max_features == 0 else pick_subset(total, max_features, seed)
     stats = {size: FeatureStats(extractor.dim) for size in sizes}
     kept: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
     seen = 0

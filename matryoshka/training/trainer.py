@@ -389,6 +389,19 @@ class Trainer:
             for level in levels
         ]
 
+    def evaluate(self) -> dict[str, float]:
+        """Quality metrics of the EMA model at every level (rank 0), e.g. fd_effnet-lite0/64x64."""
+        from ..evaluation import evaluate_pipeline
+
+        settings = self.config.eval
+        pipeline = Pipeline(self.ema.model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
+        prompts = self.config.sample.prompts or None
+        return evaluate_pipeline(
+            pipeline, settings.reference, num=settings.num, feature=settings.feature, metrics=tuple(settings.metrics),
+            sampler=settings.sampler, steps=settings.steps, batch_size=settings.batch_size, seed=self.config.sample.seed,
+            prompts=prompts,
+        )
+
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(self.run_dir)
@@ -469,6 +482,9 @@ class Trainer:
                         self.save_samples()
                     except OSError as error:
                         self._warn(f"could not write samples: {error}")
+                evaluate_now = self.config.eval.every and (self.step % self.config.eval.every == 0 or done)
+                if evaluate_now and self.dist.is_main and not self.sharded and not (diverged or stop_signal):
+                    self._log({"step": self.step, **self.evaluate()}, writer)
                 if self.step % train.checkpoint_every == 0 or done or boundary:
                     # Skipped steps never updated the weights, so this holds the last finite ones.
                     checkpoint = self.save()
