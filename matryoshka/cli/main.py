@@ -168,7 +168,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ..data.emoji import export_emoji
 
     summary = export_emoji(args.out, size=args.size, label=args.label)
-    print(f"exported the emoji set to {args.out}: {summary}")
+    print(f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
+          f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})")
     return 0
 
 
