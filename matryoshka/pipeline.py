@@ -44,6 +44,8 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
         level_weights=weights,
         loss_on_all_levels=diffusion.loss_on_all_levels,
         mixed_ratio=diffusion.mixed_ratio,
+        loss_weighting=diffusion.loss_weighting,
+        min_snr_gamma=diffusion.min_snr_gamma,
     )
 
 
@@ -149,7 +151,7 @@ class Pipeline:
             guidance=defaults.guidance if guidance is None else guidance,
             generator=generator,
             callback=callback,
-            **options,
+            **{"spacing": defaults.spacing, **options},
         )
         return [level.clamp(-1, 1) for level in levels]
 
@@ -164,4 +166,6 @@ def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.de
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
     load_into(model, load_tensors(weights), weights)
     model = model.to(pick_device(device) if isinstance(device, str) else device).eval()
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     return Pipeline(model, build_process(config, num_levels), config, checkpoint, int(state.get("step", 0)))

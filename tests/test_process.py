@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka.diffusion.process import (
+    loss_weight,
     MatryoshkaDiffusion,
     convert_prediction,
     eps_from_v,
@@ -145,6 +146,37 @@ def test_loss_targets(prediction, target):
     pred = {"eps": eps_hat, "x0": x0_hat, "v": a * eps_hat - s * x0_hat}[target]
     true = {"eps": eps, "x0": x, "v": a * eps - s * x}[target]
     torch.testing.assert_close(loss, ((pred - true) ** 2).mean(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_min_snr_loss_is_the_same_x0_loss_in_every_target(target):
+    # Min-SNR-gamma is min(SNR, gamma) * |x0_hat - x0|^2 whatever the regression target.
+    p = make(1, prediction="v", loss_target=target, loss_weighting="min_snr", min_snr_gamma=5.0)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 4, 4, generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    t = torch.tensor([3, 200, 600, 990])
+    loss, _ = p.loss(Recorder(0.3), x, t=t, noise=[eps])
+    a = SCHED.alpha(t).float().view(-1, 1, 1, 1)
+    s = SCHED.sigma(t).float().view(-1, 1, 1, 1)
+    z = a * x + s * eps
+    x0_hat = a * z - s * (0.3 * z)
+    snr = (a / s).pow(2).flatten()
+    per_sample = (x0_hat - x).pow(2).flatten(1).mean(1)
+    expected = (snr.clamp(max=5.0) * per_sample).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert float(snr[0]) > 5 > float(snr[-1])  # both sides of the clamp are exercised
+
+
+def test_min_snr_uses_each_levels_shifted_snr():
+    p = make(2, loss_weighting="min_snr", min_snr_gamma=1.0)
+    t = torch.tensor([300])
+    for level in range(2):
+        snr = p.schedule_for_level(level).log_snr(t).exp().float()
+        expected = snr.clamp(max=1.0) / snr
+        torch.testing.assert_close(loss_weight("eps", snr.log(), "min_snr", 1.0), expected)
+    with pytest.raises(ValueError, match="min_snr"):
+        make(1, loss_weighting="p2")
 
 
 def test_mixed_ratio_loss_matches_hand_computation():

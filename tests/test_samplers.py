@@ -72,10 +72,10 @@ def run(name, process, model, side, steps, opts, noise_seed=0, gen_seed=1, n=N, 
     return get_sampler(name)(model, noise, process, steps, generator=gen, clip_x0=False, **opts, **kw), noise
 
 
-def recursion(schedule, mu, var, name, steps, eta=0.0):
+def recursion(schedule, mu, var, name, steps, eta=0.0, spacing="mlmdm"):
     """Exact output of a sampler on one Gaussian pixel: z_out = P z_init + Q + noise of
     variance Nv. Returns (P, Q, Nv). An independent scalar restatement of the updates."""
-    ts = sampling_timesteps(schedule.num_steps, steps)
+    ts = sampling_timesteps(schedule.num_steps, steps, spacing)
     P, Q, Nv = torch.ones_like(mu), torch.zeros_like(mu), torch.zeros_like(mu)
     prev = None
     eta = 1.0 if name == "ddpm" else eta
@@ -122,13 +122,14 @@ def test_reproduces_data_moments(levels, name, steps, opts):
         assert lo < ratio < hi, (level, ratio)
 
 
+@pytest.mark.parametrize("spacing", ["mlmdm", "trailing"])
 @pytest.mark.parametrize("name,steps,opts", CONFIGS)
-def test_matches_exact_finite_step_recursion(name, steps, opts):
+def test_matches_exact_finite_step_recursion(name, steps, opts, spacing):
     process, model, means, variances, side = gaussian_setup(2)
-    out, noise = run(name, process, model, side, steps, opts)
+    out, noise = run(name, process, model, side, steps, opts, spacing=spacing)
     for level in range(2):
         P, Q, Nv = recursion(process.schedule_for_level(level), means[level].double(),
-                             variances[level].double(), name, steps, opts.get("eta", 0.0))
+                             variances[level].double(), name, steps, opts.get("eta", 0.0), spacing)
         if name == "dpm++2m" or opts.get("eta") == 0.0:
             # Deterministic: the output is exactly P * noise + Q, sample by sample.
             torch.testing.assert_close(out[level], (P * noise[level] + Q).float(), atol=2e-4, rtol=1e-4)
@@ -177,6 +178,13 @@ def test_timestep_spacing():
     assert len(ts) == 51 and ts[0] == 981 and ts[1] == 962 and ts[-1] == 0
     assert all(a > b for a, b in zip(ts, ts[1:]))
     assert sampling_timesteps(1000, 1) == [500, 0]  # round(500.5) = 500, half to even
+    assert sampling_timesteps(1000, 25)[0] == 962 and sampling_timesteps(1000, 5)[0] == 834
+    # Trailing spacing starts from pure noise whatever the step count.
+    assert sampling_timesteps(1000, 5, "trailing") == [1000, 800, 600, 400, 200, 0]
+    assert sampling_timesteps(1000, 3, "trailing") == [1000, 667, 333, 0]
+    assert sampling_timesteps(1000, 1000, "trailing") == list(range(1000, -1, -1))
+    with pytest.raises(ValueError, match="trailing"):
+        sampling_timesteps(1000, 5, "leading")
     for bad in (0, 1001):
         with pytest.raises(ValueError):
             sampling_timesteps(1000, bad)

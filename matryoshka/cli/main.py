@@ -129,8 +129,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         uncond.text, uncond.text_mask = negative.text, negative.text_mask
     steps = args.steps or pipe.config.sample.steps
     bar = tqdm(total=steps, desc="sampling", unit="step")
+    options = {"spacing": args.spacing} if args.spacing else {}
     levels = pipe.generate(num=total, sampler=args.sampler, steps=steps, guidance=args.guidance, cond=cond,
-                           uncond=uncond, seed=args.seed, callback=lambda *_: bar.update(1))
+                           uncond=uncond, seed=args.seed, callback=lambda *_: bar.update(1), **options)
     bar.close()
     out = Path(args.out or (pipe.checkpoint.parent.parent / "samples" / f"sample_{pipe.step:08d}")).expanduser()
     columns = args.num if prompts else None
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=16, help="images (per prompt, with prompts)")
     sample.add_argument("--steps", type=int)
     sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    sample.add_argument("--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)")
     sample.add_argument("--guidance", type=float)
     sample.add_argument("--class", dest="class_label", help="class index or name")
     sample.add_argument("--prompt", action="append", help="text prompt (repeat for several; one grid row each)")

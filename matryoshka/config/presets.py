@@ -27,9 +27,9 @@ def emoji64() -> RunConfig:
     return RunConfig(
         run_dir="runs/emoji64",
         model=emoji64_model(2),
-        diffusion=DiffusionConfig(),
+        diffusion=DiffusionConfig(loss_weighting="min_snr"),
         data=DataConfig(resolution=64),
-        train=TrainConfig(steps=3000, batch_size=32, lr=4e-4, warmup_steps=200, log_every=25,
+        train=TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=50, log_every=25,
                           checkpoint_every=250, sample_every=500),
     )
 

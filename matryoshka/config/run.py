@@ -19,6 +19,9 @@ class DiffusionConfig:
     """p in logSNR_r = logSNR - p ln(s_r): 1 as ml-mdm's released 256² model, 2 as its 1024² one."""
     prediction: Prediction = "v"
     loss_target: Prediction = "eps"
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    """Per-sample loss weight: none (ml-mdm) or min-SNR-gamma (Hang et al. 2023), per level."""
+    min_snr_gamma: float = 5.0
     level_weights: list[float] = field(default_factory=list)
     """Loss weight per level, highest resolution first (empty: all 1)."""
     loss_on_all_levels: bool = True
@@ -32,6 +35,8 @@ class DiffusionConfig:
             raise ValueError("mixed_ratio must be in (0, 1]")
         if any(w < 0 for w in self.level_weights):
             raise ValueError("level_weights must be non-negative")
+        if self.min_snr_gamma <= 0:
+            raise ValueError("min_snr_gamma must be positive")
 
 
 @dataclass
@@ -57,7 +62,9 @@ class TrainConfig:
     cond_drop_prob: float = 0.1
     """Probability of replacing a sample's condition by the null condition (trains guidance)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    """auto: bf16 autocast on CUDA, and on CPUs with native bf16 where it is measured faster; else fp32."""
+    channels_last: bool = True
+    """Keep convolution weights (and so activations) in channels-last layout: ~20% faster on CPUs."""
     max_nonfinite_steps: int = 20
     """Stop (keeping the last good checkpoint) after this many non-finite steps in a row."""
     seed: int = 0
@@ -114,6 +121,8 @@ class SampleConfig:
 
     sampler: Literal["ddpm", "ddim", "dpm++2m"] = "dpm++2m"
     steps: int = 25
+    spacing: Literal["mlmdm", "trailing"] = "trailing"
+    """Sampler time steps: "trailing" starts at t = T (pure noise); "mlmdm" is ml-mdm's grid."""
     num: int = 16
     guidance: float = 1.0
     seed: int = 0

@@ -23,6 +23,7 @@ from .schedules import NoiseSchedule
 
 Prediction = Literal["eps", "x0", "v"]
 PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
+LossWeighting = Literal["none", "min_snr"]
 
 
 class PyramidModel(Protocol):
@@ -92,6 +93,27 @@ def prediction_target(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: 
     return v_from_x0_eps(x0, eps, alpha, sigma)
 
 
+def loss_weight(kind: str, log_snr: Tensor, weighting: LossWeighting, gamma: float) -> Tensor:
+    """Per-sample factor on a loss taken in parameterisation ``kind``.
+
+    An MSE on eps is SNR times the MSE on x0, one on v is (SNR + 1) times it. Min-SNR-gamma
+    (Hang et al. 2023, Eq. 9) weights the x0 error by min(SNR, gamma), so the factor on a
+    ``kind`` loss is min(SNR, gamma) / that multiplier: nearly clean samples stop dominating
+    the gradient, which makes early training learn the coarse content first.
+    """
+    if weighting == "none":
+        return torch.ones_like(log_snr)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}; valid: none, min_snr")
+    snr = log_snr.exp()
+    clipped = snr.clamp(max=gamma)
+    if kind == "x0":
+        return clipped
+    if kind == "eps":
+        return clipped / snr
+    return clipped / (snr + 1)
+
+
 def _check_prediction(kind: str) -> None:
     if kind not in PREDICTION_TYPES:
         raise ValueError(
@@ -122,6 +144,8 @@ class MatryoshkaDiffusion:
         loss_on_all_levels: False = only the top level enters the loss.
         mixed_ratio: None, or the fraction m in (0, 1] of the batch for which the top
             level is computed (paper §3.3 mixed-resolution batches).
+        loss_weighting: "none" (ml-mdm) or "min_snr" (each level by its own shifted SNR).
+        min_snr_gamma: gamma of the min-SNR weighting.
     """
 
     def __init__(
@@ -135,6 +159,8 @@ class MatryoshkaDiffusion:
         level_weights: Sequence[float] | None = None,
         loss_on_all_levels: bool = True,
         mixed_ratio: float | None = None,
+        loss_weighting: LossWeighting = "none",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
@@ -157,6 +183,11 @@ class MatryoshkaDiffusion:
         self.level_weights = [float(w) for w in level_weights]
         self.loss_on_all_levels = loss_on_all_levels
         self.mixed_ratio = mixed_ratio
+        loss_weight(loss_target, torch.zeros(1), loss_weighting, min_snr_gamma)  # validates the name
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        self.loss_weighting: LossWeighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self._level_schedules = tuple(
             schedule.shifted(self.level_ratio(i), self.shift_power) for i in range(num_levels)
         )
@@ -270,7 +301,8 @@ class MatryoshkaDiffusion:
         """Training loss (paper §3.1) for a batch of images x (B, C, H, W) or a ready pyramid.
 
         Per level r: the network output is converted to ``loss_target`` and
-        l_r(b) = mean over (C, H, W) of (pred - target)^2 for sample b. The loss is
+        l_r(b) = w_r(b) * mean over (C, H, W) of (pred - target)^2 for sample b, with
+        w_r(b) = 1 or the min-SNR factor at that level's SNR (``loss_weight``). The loss is
         sum_r w_r * mean_b l_r(b) over the levels in the loss (all, or only the top).
 
         Mixed-resolution batches (``mixed_ratio`` m): only the first k = top_batch(B)
@@ -322,7 +354,10 @@ class MatryoshkaDiffusion:
             target = prediction_target(
                 self.loss_target, levels[level][:n].float(), noise[level][:n].float(), alpha, sigma
             )
-            level_loss = (pred_t - target).pow(2).flatten(1).mean(1).mean()
+            weight = loss_weight(
+                self.loss_target, self.schedule_for_level(level).log_snr(t[:n]).float(), self.loss_weighting, self.min_snr_gamma
+            )
+            level_loss = (weight * (pred_t - target).pow(2).flatten(1).mean(1)).mean()
             logs[f"loss/{pred.shape[-2]}x{pred.shape[-1]}"] = level_loss.detach()
             if level == 0 or self.loss_on_all_levels:
                 total = total + self.level_weights[level] * level_loss

@@ -4,7 +4,7 @@ Every sampler has the same signature::
 
     sampler(model, noise, process, steps, cond=None, uncond=None, guidance=1.0,
             generator=None, callback=None, *, guidance_interval=None,
-            clip_x0=True, dynamic_threshold=None, **sampler_specific) -> list[Tensor]
+            clip_x0=True, dynamic_threshold=None, spacing="mlmdm", **sampler_specific) -> list[Tensor]
 
 ``noise`` is the initial pyramid (one N(0, I) tensor per level, highest resolution
 first; see ``MatryoshkaDiffusion.initial_noise``) and the result is the final pyramid
@@ -12,9 +12,12 @@ in the same order; ``result[0]`` is the image. Each step makes exactly one netwo
 call (with a doubled batch when guidance is active) and moves every level from t to
 the next t with that level's own shifted schedule. Put the model in eval mode first.
 
-Step spacing follows ml-mdm: ``round(arange(n+1) * (T+1)/(n+1))`` reversed, so the
-first step starts a little below T (981 for n = 50, T = 1000) and the last step
-lands on t = 0, where gamma = 1 and the sample equals the (thresholded) x0 estimate.
+Step spacing (``spacing``): "mlmdm" follows ml-mdm, ``round(arange(n+1) * (T+1)/(n+1))``
+reversed, so the first step starts below T (981 for n = 50, 962 for n = 25, 834 for
+n = 5), where the model never sees pure noise at the lowest level's SNR; "trailing"
+(Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Table 2)
+is ``round(linspace(T, 0, n+1))``, which starts every sampler at t = T. Either way the last
+step lands on t = 0, where gamma = 1 and the sample equals the (thresholded) x0 estimate.
 Results are deterministic for a given initial noise and ``generator`` (which must live
 on the noise's device).
 """
@@ -71,16 +74,25 @@ def unconditional_of(cond: Any) -> Any:
     )
 
 
-def sampling_timesteps(num_train_steps: int, steps: int) -> list[int]:
-    """ml-mdm spacing: ``round(arange(n+1) * (T+1)/(n+1))`` in decreasing order (ends at 0).
+SPACINGS = ("mlmdm", "trailing")
 
+
+def sampling_timesteps(num_train_steps: int, steps: int, spacing: str = "mlmdm") -> list[int]:
+    """The n + 1 integer times of an n-step sampler, decreasing, ending at 0.
+
+    "mlmdm": ``round(arange(n+1) * (T+1)/(n+1))`` reversed; "trailing": ``round(linspace(T, 0, n+1))``.
     Rounding is half-to-even, as numpy's (and ml-mdm's) ``round``.
     """
     if int(steps) != steps or not 1 <= steps <= num_train_steps:
         raise ValueError(f"steps must be an integer in [1, {num_train_steps}], got {steps}")
-    ratio = (num_train_steps + 1) / (steps + 1)
-    grid = torch.round(torch.arange(steps + 1, dtype=torch.float64) * ratio)
-    return [int(v) for v in grid.flip(0).tolist()]
+    if spacing == "mlmdm":
+        ratio = (num_train_steps + 1) / (steps + 1)
+        grid = torch.round(torch.arange(steps + 1, dtype=torch.float64) * ratio).flip(0)
+    elif spacing == "trailing":
+        grid = torch.round(torch.linspace(num_train_steps, 0, steps + 1, dtype=torch.float64))
+    else:
+        raise ValueError(f"unknown step spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    return [int(v) for v in grid.tolist()]
 
 
 class _Denoiser:
@@ -159,13 +171,14 @@ def _run(
     steps: int,
     callback: Callback | None,
     update: _Update,
+    spacing: str,
 ) -> list[Tensor]:
     process = denoise.process
     if len(noise) != process.num_levels:
         raise ValueError(f"expected noise for {process.num_levels} levels, got {len(noise)}")
     if len({n.shape[0] for n in noise}) != 1:
         raise ValueError("all noise levels must have the same batch size")
-    timesteps = sampling_timesteps(process.num_steps, steps)
+    timesteps = sampling_timesteps(process.num_steps, steps, spacing)
     z = list(noise)
     for i in range(steps):
         t, s = timesteps[i], timesteps[i + 1]
@@ -205,6 +218,7 @@ def sample_ddpm(
     guidance_interval: tuple[float, float] | None = None,
     clip_x0: bool = True,
     dynamic_threshold: float | None = None,
+    spacing: str = "mlmdm",
 ) -> list[Tensor]:
     """Ancestral sampling from the DDPM posterior q(z_s | z_t, x0_hat) (Ho et al. 2020, Eq. 6-7).
 
@@ -226,7 +240,7 @@ def sample_ddpm(
             out.append(zs + math.sqrt(var) * _randn_like(zi, generator) if var > 0 else zs)
         return out
 
-    return _run(denoise, noise, steps, callback, update)
+    return _run(denoise, noise, steps, callback, update, spacing)
 
 
 @torch.no_grad()
@@ -244,6 +258,7 @@ def sample_ddim(
     guidance_interval: tuple[float, float] | None = None,
     clip_x0: bool = True,
     dynamic_threshold: float | None = None,
+    spacing: str = "mlmdm",
     eta: float = 0.0,
 ) -> list[Tensor]:
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta; eta = 0 is deterministic.
@@ -267,7 +282,7 @@ def sample_ddim(
             out.append(zs + math.sqrt(var) * _randn_like(zi, generator) if var > 0 else zs)
         return out
 
-    return _run(denoise, noise, steps, callback, update)
+    return _run(denoise, noise, steps, callback, update, spacing)
 
 
 @torch.no_grad()
@@ -285,6 +300,7 @@ def sample_dpmpp_2m(
     guidance_interval: tuple[float, float] | None = None,
     clip_x0: bool = True,
     dynamic_threshold: float | None = None,
+    spacing: str = "mlmdm",
 ) -> list[Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction, in
     lambda = log(alpha/sigma) = logSNR/2, with each level's own shifted lambda.
@@ -319,7 +335,7 @@ def sample_dpmpp_2m(
         history[:] = new_history
         return out
 
-    return _run(denoise, noise, steps, callback, update)
+    return _run(denoise, noise, steps, callback, update, spacing)
 
 
 SAMPLERS: dict[str, Callable[..., list[Tensor]]] = {

