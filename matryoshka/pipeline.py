@@ -46,6 +46,7 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
         mixed_ratio=diffusion.mixed_ratio,
         loss_weighting=diffusion.loss_weighting,
         min_snr_gamma=diffusion.min_snr_gamma,
+        upsampled_residual=diffusion.upsampled_residual,
     )
 
 

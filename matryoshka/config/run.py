@@ -22,6 +22,8 @@ class DiffusionConfig:
     loss_weighting: Literal["none", "min_snr"] = "none"
     """Per-sample loss weight: none (ml-mdm) or min-SNR-gamma (Hang et al. 2023), per level."""
     min_snr_gamma: float = 5.0
+    upsampled_residual: bool = False
+    """Outer levels predict a correction to the upsampled x0 estimate of the level below."""
     level_weights: list[float] = field(default_factory=list)
     """Loss weight per level, highest resolution first (empty: all 1)."""
     loss_on_all_levels: bool = True

@@ -146,6 +146,8 @@ class MatryoshkaDiffusion:
             level is computed (paper §3.3 mixed-resolution batches).
         loss_weighting: "none" (ml-mdm) or "min_snr" (each level by its own shifted SNR).
         min_snr_gamma: gamma of the min-SNR weighting.
+        upsampled_residual: each outer level's output is read as a correction to the next
+            lower level's x0 estimate upsampled (see ``network_output``).
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class MatryoshkaDiffusion:
         mixed_ratio: float | None = None,
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
+        upsampled_residual: bool = False,
     ) -> None:
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
@@ -188,6 +191,7 @@ class MatryoshkaDiffusion:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
         self.loss_weighting: LossWeighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
+        self.upsampled_residual = upsampled_residual
         self._level_schedules = tuple(
             schedule.shifted(self.level_ratio(i), self.shift_power) for i in range(num_levels)
         )
@@ -279,6 +283,30 @@ class MatryoshkaDiffusion:
             out.append(alpha * x + sigma * eps)
         return out
 
+    def network_output(self, model: PyramidModel, z: Sequence[Tensor], t: Tensor, cond: Any) -> list[Tensor]:
+        """The model's predictions at integer times t (B,), in the process's parameterisation.
+
+        With ``upsampled_residual`` each outer level's raw output r is shifted by the
+        prediction that the (clipped, bicubically upsampled) x0 estimate b of the level below
+        would have at this z, so its x0 is b + (x0(r) - x0(0)): a zero output reproduces the
+        lower level, and the outer network only learns the detail it adds (ml-mdm has this
+        idea as its "residual" option, which divides b by the side ratio; we do not).
+        """
+        preds = list(model(list(z), self.model_time(t), cond))
+        if not self.upsampled_residual or len(preds) != self.num_levels:
+            return preds
+        for level in reversed(range(self.num_levels - 1)):
+            low_z = z[level + 1].float()
+            alpha, sigma = self.coefficients(level + 1, t, low_z)
+            low_x0 = convert_prediction(preds[level + 1].float(), self.prediction, "x0", low_z, alpha, sigma)
+            k = preds[level].shape[0]
+            base = F.interpolate(low_x0.detach()[:k].clamp(-1, 1), scale_factor=self.factor, mode="bicubic")
+            top_z = z[level].float()
+            alpha, sigma = self.coefficients(level, t[:k], top_z)
+            shift = convert_prediction(base.clamp(-1, 1), "x0", self.prediction, top_z, alpha, sigma)
+            preds[level] = preds[level].float() + shift
+        return preds
+
     def top_batch(self, batch_size: int) -> int:
         """Samples whose top level is computed: floor(m * B) for mixed ratio m, else B.
 
@@ -334,7 +362,7 @@ class MatryoshkaDiffusion:
         z = self.add_noise(levels, t, noise)
         k = self.top_batch(batch)
         z[0] = z[0][:k]
-        preds = model(z, self.model_time(t), cond)
+        preds = self.network_output(model, z, t, cond)
         if len(preds) != self.num_levels or any(p.shape != zi.shape for p, zi in zip(preds, z)):
             raise ValueError(
                 "the model must return one prediction per level with the shapes of its inputs: "

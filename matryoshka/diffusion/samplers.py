@@ -145,15 +145,14 @@ class _Denoiser:
     def __call__(self, z: list[Tensor], t: int) -> list[Tensor]:
         batch = z[0].shape[0]
         t_vec = torch.full((batch,), t, dtype=torch.long, device=z[0].device)
-        t_model = self.process.model_time(t_vec)
         if self._guided(t):
             doubled = [torch.cat([zi, zi]) for zi in z]
-            out = self.model(doubled, torch.cat([t_model, t_model]), self.pair)
+            out = self.process.network_output(self.model, doubled, torch.cat([t_vec, t_vec]), self.pair)
             # The parameterisations are affine in the output at a fixed z, so guiding
             # the raw output equals guiding x0, eps or v.
             preds = [u + g * (c - u) for (u, c), g in zip((o.chunk(2) for o in out), self.scales)]
         else:
-            preds = self.model(z, t_model, self.cond)
+            preds = self.process.network_output(self.model, z, t_vec, self.cond)
         x0 = []
         for level, (pred, zi) in enumerate(zip(preds, z)):
             alpha, sigma = self.process.coefficients(level, t_vec, zi)
