@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def main() -> None:
     arms = dict(ARMS)
     for spec in args.arm:
         name, _, overrides = spec.partition("=")
-        arms[name] = overrides.split()
+        arms[name] = shlex.split(overrides)
     names = args.arms.split(",")
     unknown = [name for name in names if name not in arms]
     if unknown:

@@ -87,6 +87,31 @@ def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
     assert sorted(p.name for p in out.iterdir()) == ["8px", "grid_8px.png"]
 
 
+def test_a_stage_with_minutes_ends_when_they_run_out_and_resumes_there(tmp_path, folder):
+    common = ["train.log_every=1", "train.sample_every=100", "train.checkpoint_every=100", "train.keep_checkpoints=10",
+              "sample.steps=2", "sample.num=2", "data.source=imagefolder", f"data.path={folder}",
+              "stages=[{levels: 1, steps: 1000, minutes: 0.0005, batch_size: 4}, {levels: 2, steps: 3}]"]
+    run = tmp_path / "run"
+    assert main(["train", "tiny-progressive", f"run_dir={run}", *common]) == 0
+    history = json.loads((run / "stages.json").read_text())
+    boundary = history[0]["end_step"]
+    assert 1 <= boundary < 1000 and history[1]["start_step"] == boundary
+    assert history[1]["start_seconds"] >= 0.03  # 0.0005 minutes
+    first = metrics(run)
+    assert [m["levels"] for m in first] == [1] * boundary + [2] * 3
+
+    # Resumed from the boundary, the recorded end holds and stage 1 repeats its losses exactly.
+    checkpoints = run / "checkpoints"
+    for path in checkpoints.glob("step_*"):
+        if path.name != f"step_{boundary:08d}":
+            shutil.rmtree(path)
+    (checkpoints / "latest").write_text(f"step_{boundary:08d}\n")
+    assert main(["train", "tiny-progressive", f"run_dir={run}", *common]) == 0
+    again = metrics(run)
+    assert [m["levels"] for m in again] == [m["levels"] for m in first]
+    np.testing.assert_allclose([m["loss"] for m in again], [m["loss"] for m in first], rtol=1e-5)
+
+
 def test_init_from_loads_a_smaller_model_and_rejects_an_incompatible_one(tmp_path, folder):
     data = DataConfig(source="imagefolder", path=str(folder), resolution=8)
     small = replace(tiny(), run_dir=str(tmp_path / "small"), model=tiny_model(1), data=data,

@@ -170,10 +170,15 @@ class StageConfig:
     """Mixed-resolution fraction for this stage's top level (default: diffusion.mixed_ratio)."""
     freeze_inner: bool = False
     """Keep the levels trained in earlier stages fixed during this stage."""
+    minutes: float | None = None
+    """End this stage after this many minutes of training (counted across resumes) if its
+    steps are not done by then, so a time-limited run splits its time the same on any machine."""
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.steps < 1:
             raise ValueError("levels and steps must be >= 1")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError("minutes must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.lr is not None and self.lr <= 0:
@@ -239,6 +244,7 @@ class RunConfig:
                 lr=stage.lr or self.train.lr,
                 mixed_ratio=stage.mixed_ratio if stage.mixed_ratio is not None else self.diffusion.mixed_ratio,
                 freeze_inner=stage.freeze_inner,
+                minutes=stage.minutes,
             )
             for stage in stages
         ]

@@ -76,8 +76,6 @@ class Trainer:
         self.run_dir = Path(config.run_dir).expanduser()
         self.device = self.dist.device(config.train.device)
         self.stages = config.resolved_stages()
-        self.boundaries = [sum(s.steps for s in self.stages[: i + 1]) for i in range(len(self.stages))]
-        self.total_steps = self.boundaries[-1]
 
         self.dataset = build_dataset(config.data)
         self._check_labels()
@@ -93,13 +91,15 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.stage_history: list[dict[str, int]] = []
         self._stop_signal: int | None = None
         self._warned: set[str] = set()
 
         checkpoint = latest_checkpoint(self.run_dir)
         state = load_train_state(checkpoint / "state.pt") if checkpoint else None
         self.step = int(state["step"]) if state else 0
+        # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
+        self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", [])) if state else []
+        self.train_seconds = float(state.get("train_seconds", 0.0)) if state else 0.0
         self._build(int(state["num_levels"]) if state else self.stage.levels)
         self.resumed_from = None
         if checkpoint is not None:
@@ -115,6 +115,20 @@ class Trainer:
             raise ValueError(
                 f"data.label={self.config.data.label!r} gives {classes} classes but model.num_classes={wanted}"
             )
+
+    @property
+    def boundaries(self) -> list[int]:
+        """The step at which each stage ends: after its steps, or where its minutes ran out."""
+        ended = {entry["stage"]: entry["end_step"] for entry in self.stage_history if "end_step" in entry}
+        ends, end = [], 0
+        for index, stage in enumerate(self.stages):
+            end = ended.get(index, end + stage.steps)
+            ends.append(end)
+        return ends
+
+    @property
+    def total_steps(self) -> int:
+        return self.boundaries[-1]
 
     @property
     def stage_index(self) -> int:
@@ -203,7 +217,6 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.ema.updates = int(state["ema_updates"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.stage_history = list(state.get("stage_history", []))
         self._configure_stage()
         self.resumed_from = checkpoint
 
@@ -251,6 +264,7 @@ class Trainer:
             "num_levels": self.num_levels,
             "stage": self.stage_index,
             "stage_history": self.stage_history,
+            "train_seconds": self.train_seconds,
         }
 
     def global_batch(self) -> int:
@@ -336,7 +350,9 @@ class Trainer:
         if self.stage.levels > self.num_levels:
             self._grow(self.stage.levels)
         if not self.stage_history or self.stage_history[-1]["stage"] != self.stage_index:
-            self.stage_history.append({"stage": self.stage_index, "levels": self.num_levels, "start_step": self.step})
+            self.stage_history.append(
+                {"stage": self.stage_index, "levels": self.num_levels, "start_step": self.step, "start_seconds": self.train_seconds}
+            )
         if self.batches is None:
             self.batches = make_loader(
                 self.dataset,
@@ -348,6 +364,16 @@ class Trainer:
                 start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
                 num_workers=self.config.data.num_workers,
             )
+
+    def _end_stage_when_out_of_minutes(self) -> None:
+        """A stage with ``minutes`` ends at the first step past them (all ranks agree)."""
+        minutes = self.stage.minutes
+        if not minutes or self.stage_index == len(self.stages) - 1:
+            return
+        entry = self.stage_history[-1]
+        spent = self.train_seconds - entry.get("start_seconds", 0.0)
+        if self.dist.any(spent >= 60 * minutes, self.device) and self.step < self.boundaries[self.stage_index]:
+            entry["end_step"] = self.step
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path | None:
@@ -462,7 +488,7 @@ class Trainer:
         last_time, last_step = time.perf_counter(), self.step
         deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
         bar = self._progress_bar()
-        start = last_time
+        start = step_started = last_time
         checkpoint = None
         try:
             done = self.step >= self.total_steps
@@ -470,6 +496,10 @@ class Trainer:
                 self._ensure_stage()
                 loss, level_logs, grad_norm, lr = self._train_step()
                 self.step += 1
+                now = time.perf_counter()
+                self.train_seconds += now - step_started
+                step_started = now
+                self._end_stage_when_out_of_minutes()
                 bar.update(1 if not train.max_minutes else min(time.perf_counter() - start, bar.total) - bar.n)
                 diverged = self.nonfinite_in_a_row >= train.max_nonfinite_steps
                 stop_signal = self.dist.any(self._stop_signal is not None, self.device)
