@@ -161,7 +161,9 @@ class StageConfig:
     """One stage of progressive training (paper §3.4): train the innermost ``levels`` levels."""
 
     levels: int = 1
-    steps: int = 1000
+    steps: int | None = None
+    """Steps of this stage; only the last stage may leave it unset: it then runs until
+    train.steps in total, so ``train.steps`` keeps setting the length of a progressive run."""
     batch_size: int | None = None
     """Per-process batch size of this stage (default: train.batch_size)."""
     lr: float | None = None
@@ -175,7 +177,7 @@ class StageConfig:
     steps are not done by then, so a time-limited run splits its time the same on any machine."""
 
     def __post_init__(self) -> None:
-        if self.levels < 1 or self.steps < 1:
+        if self.levels < 1 or (self.steps is not None and self.steps < 1):
             raise ValueError("levels and steps must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError("minutes must be positive")
@@ -227,6 +229,14 @@ class RunConfig:
         if self.stages and self.train.strategy == "fsdp":
             raise ValueError("train.strategy=fsdp does not support progressive stages yet; use train.strategy=ddp")
         if self.stages:
+            if any(stage.steps is None for stage in self.stages[:-1]):
+                raise ValueError("every stage but the last needs its steps (the last one may run until train.steps)")
+            earlier = sum(stage.steps for stage in self.stages[:-1])
+            if self.stages[-1].steps is None and earlier >= self.train.steps:
+                raise ValueError(
+                    f"the stages before the last take {earlier} steps, which leaves none of train.steps={self.train.steps} "
+                    "for the last one: raise train.steps or give the last stage its own steps"
+                )
             counts = [stage.levels for stage in self.stages]
             if counts != sorted(set(counts)) or counts[-1] != levels:
                 raise ValueError(
@@ -236,10 +246,11 @@ class RunConfig:
     def resolved_stages(self) -> list[StageConfig]:
         """The stage schedule with defaults filled in (one stage when none is configured)."""
         stages = self.stages or [StageConfig(levels=self.model.num_levels, steps=self.train.steps)]
+        earlier = sum(stage.steps or 0 for stage in stages[:-1])
         return [
             StageConfig(
                 levels=stage.levels,
-                steps=stage.steps,
+                steps=stage.steps or self.train.steps - earlier,
                 batch_size=stage.batch_size or self.train.batch_size,
                 lr=stage.lr or self.train.lr,
                 mixed_ratio=stage.mixed_ratio if stage.mixed_ratio is not None else self.diffusion.mixed_ratio,

@@ -124,6 +124,8 @@ class Trainer:
         for index, stage in enumerate(self.stages):
             end = ended.get(index, end + stage.steps)
             ends.append(end)
+        if not self.config.stages or self.config.stages[-1].steps is None:
+            ends[-1] = max(self.config.train.steps, ends[-2] + 1 if len(ends) > 1 else 1)
         return ends
 
     @property
@@ -310,7 +312,8 @@ class Trainer:
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
         lr = stage.lr * lr_factor(
-            self.step - self.stage_start, train.warmup_steps, stage.steps, train.lr_schedule, train.min_lr_ratio
+            self.step - self.stage_start, train.warmup_steps, self.boundaries[self.stage_index] - self.stage_start,
+            train.lr_schedule, train.min_lr_ratio
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
