@@ -26,9 +26,10 @@ from pathlib import Path
 
 # The emoji64 recipe before issue 12, spelled out so it stays reproducible after the preset moves on.
 OLD_RECIPE = [
-    "model.levels.1.channels=[32,64,64]", "model.levels.1.norm_groups=16",
+    "model.levels.0.res_blocks=[2,2,2]", "model.levels.0.attention_stages=[1,2]",
+    "model.levels.1.channels=[32,64,64]", "model.levels.1.norm_groups=16", "stages=[]",
     "train.batch_size=32", "train.lr=4e-4", "train.warmup_steps=200", "train.channels_last=false",
-    "train.ema_decay=0.999", "diffusion.loss_weighting=none", "sample.spacing=mlmdm",
+    "diffusion.loss_weighting=none", "diffusion.upsampled_residual=false", "sample.spacing=mlmdm",
 ]
 ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "new": []}
 

@@ -11,6 +11,10 @@ from ..models.presets import tiny as tiny_model
 from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig
 
 
+STAGE1_MINUTES = 8.0
+"""How long ``emoji64`` trains its 16² UNet alone before growing (or 4000 steps, if sooner)."""
+
+
 def tiny() -> RunConfig:
     """Seconds on a CPU: a 2-level 16²/8² model on the emoji set (for tests and smoke runs)."""
     return RunConfig(
@@ -23,14 +27,18 @@ def tiny() -> RunConfig:
 
 
 def emoji64() -> RunConfig:
-    """Default: unconditional 64² nested in 16² on the built-in emoji, sized for a 2-core CPU."""
+    """Default: unconditional 64² nested around 16² on the built-in emoji, the fast CPU recipe."""
+    # Each choice is measured in docs/benchmarks.md#learning-fast-on-a-cpu: progressive training
+    # (the 16² UNet alone first, for at most STAGE1_MINUTES, in batches of 8 for more updates per
+    # minute), min-SNR weighting, and an outer level that refines the upsampled inner image.
     return RunConfig(
         run_dir="runs/emoji64",
         model=emoji64_model(2),
-        diffusion=DiffusionConfig(loss_weighting="min_snr"),
+        diffusion=DiffusionConfig(loss_weighting="min_snr", upsampled_residual=True),
         data=DataConfig(resolution=64),
-        train=TrainConfig(steps=3000, batch_size=16, lr=1e-3, warmup_steps=50, log_every=25,
-                          checkpoint_every=250, sample_every=500),
+        train=TrainConfig(steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25,
+                          checkpoint_every=500, sample_every=1000),
+        stages=[StageConfig(levels=1, steps=4000, minutes=STAGE1_MINUTES), StageConfig(levels=2, batch_size=16)],
     )
 
 
@@ -77,7 +85,7 @@ def tiny_progressive() -> RunConfig:
 
 
 def emoji64_progressive() -> RunConfig:
-    """``emoji64`` trained progressively: the 16² UNet alone first, then nested in the 64² level."""
+    """``emoji64`` with a fixed-step schedule: 16² alone for 1500 steps, then nested for 1500."""
     base = emoji64()
     return replace(
         base,
