@@ -3,8 +3,9 @@
 Three runs, each given the same wall-clock budget on this machine, one after the other:
 
 - progressive: the 16² inner UNet of ``emoji64`` trained alone for half the budget, then
-  the nested 64²/16² model initialised from it (``init_from``) for the other half;
-- nested: the nested ``emoji64`` model trained for the whole budget;
+  grown into the nested 64²/16² model for the other half (``stages``, the first one
+  ending on its ``minutes``);
+- nested: the nested ``emoji64`` model trained for the whole budget (``stages=[]``);
 - single: the single-level 64² ``unet64`` (similar parameter count) for the whole budget.
 
 Each is evaluated by the Fréchet distance of effnet-lite0 features (not FID-comparable)
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from matryoshka.config.presets import emoji64
+from matryoshka.config.run import StageConfig
 from matryoshka.evaluation.evaluate import evaluate_pipeline
 from matryoshka.models.presets import unet64
 from matryoshka.pipeline import load_pipeline
@@ -48,22 +50,18 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root)
     base = emoji64()
+    growth = [StageConfig(levels=1, steps=1_000_000, minutes=args.minutes / 2), StageConfig(levels=2)]
     runs = {
-        "progressive": None,
-        "nested": replace(base, run_dir=str(root / "nested")),
-        "single": replace(base, run_dir=str(root / "single"), model=unet64()),
+        "progressive": replace(base, run_dir=str(root / "progressive"), stages=growth),
+        "nested": replace(base, run_dir=str(root / "nested"), stages=[]),
+        "single": replace(base, run_dir=str(root / "single"), model=unet64(), stages=[]),
     }
-    inner = replace(base, run_dir=str(root / "progressive-inner"), model=base.model.truncated(1),
-                    data=replace(base.data, resolution=base.data.resolution // base.model.nest_ratio))
     results = {}
-    first = train(inner, args.minutes / 2)
-    runs["progressive"] = replace(base, run_dir=str(root / "progressive"), init_from=inner.run_dir)
     for name, config in runs.items():
-        budget = args.minutes / 2 if name == "progressive" else args.minutes
-        results[name] = train(config, budget)
+        results[name] = train(config, args.minutes)
         if name == "progressive":
-            results[name] = {"steps": f"{first['steps']} (16² alone) + {results[name]['steps']} (nested)",
-                             "minutes": round(first["minutes"] + results[name]["minutes"], 2)}
+            history = json.loads((root / name / "stages.json").read_text())
+            results[name]["steps"] = f"{history[1]['start_step']} (16² alone) + {results[name]['steps'] - history[1]['start_step']} (nested)"
         pipeline = load_pipeline(config.run_dir)
         metrics = evaluate_pipeline(pipeline, "emoji", num=args.num, sampler="dpm++2m", steps=args.steps, seed=0)
         results[name]["parameters_M"] = round(sum(p.numel() for p in pipeline.model.parameters()) / 1e6, 2)

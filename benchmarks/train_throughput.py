@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --preset emoji64 --batch-size 32 --steps 10
     python benchmarks/train_throughput.py --preset mlmdm-256 --batch-size 8 --device cuda --bf16
+    python benchmarks/train_throughput.py --preset emoji64 --batch-size 16 --channels-last --set levels.0.res_blocks=[2,2,2]
 
 Times full optimizer steps (forward, loss on every level, backward, AdamW) on random
 data after warm-up steps, so it measures the model and the diffusion loss, not the
@@ -20,7 +21,9 @@ import torch
 
 from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.schedules import make_schedule
+from matryoshka.config import apply_overrides, from_dict, to_dict
 from matryoshka.models import Conditioning, NestedUNet, model_preset
+from matryoshka.models.config import ModelConfig
 
 DEFAULT_RESOLUTION = {"tiny": 16, "emoji64": 64, "unet64": 64, "mlmdm-64": 64, "mlmdm-256": 256, "mlmdm-1024": 1024}
 
@@ -37,13 +40,18 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--mixed-ratio", type=float, help="mixed-resolution batch fraction for the top level")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last weights (train.channels_last)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model config overrides, e.g. levels.1.channels=[32,64,64]")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    config = model_preset(args.preset)
+    config = from_dict(ModelConfig, apply_overrides(to_dict(model_preset(args.preset)), args.set, ModelConfig))
     config.gradient_checkpointing = args.checkpointing
     resolution = args.resolution or DEFAULT_RESOLUTION[args.preset]
     model = NestedUNet(config).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     network = torch.compile(model) if args.compile else model
     process = MatryoshkaDiffusion(
         make_schedule("squaredcos"), num_levels=config.num_levels, factor=max(2, config.nest_ratio), mixed_ratio=args.mixed_ratio
@@ -82,6 +90,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "bf16": args.bf16,
+        "channels_last": args.channels_last,
+        "overrides": args.set,
         "checkpointing": args.checkpointing,
         "compile": args.compile,
         "images_per_s": round(args.batch_size * args.steps / elapsed, 2),

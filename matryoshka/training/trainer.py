@@ -155,7 +155,7 @@ class Trainer:
         # Seeded by (seed, levels) so a grown level's initial weights do not depend on history.
         torch.manual_seed(mix_seed(train.seed, levels))
         self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
-        if train.channels_last:
+        if train.channels_last and not self.sharded:  # FSDP2 shards contiguous parameters only
             self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
         if self.sharded:
