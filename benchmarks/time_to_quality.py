@@ -7,7 +7,8 @@
 Each arm is an ``mdm train`` run stopped at every wall-clock point (``train.max_minutes``
 per segment; resuming is exact, so the segments add up to one run) and evaluated there
 with ``mdm eval``: FD_effnet-lite0 of N DPM++(2M) samples against the whole emoji set,
-at every level (the protocol of docs/evaluation.md). Arms run one after the other with
+at every level (the protocol of docs/evaluation.md); a progressive run still in its 16²
+stage has only a 16² FD. Arms run one after the other with
 all cores (the honest time-to-quality), or with ``--parallel`` side by side with one
 thread each (a fair comparison at half the speed each, in half the time). Evaluation time
 is not training time. Prints a table and writes JSON (and a plot when matplotlib is there).
@@ -127,7 +128,7 @@ def main() -> None:
     print("| arm | minutes | steps | " + " | ".join(level.split("/")[-1] + " FD" for level in levels) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in levels) + " |")
     for row in rows:
-        print(f"| {row['arm']} | {row['minutes']:g} | {row['step']} | " + " | ".join(f"{row.get(level, float('nan')):.1f}" for level in levels) + " |")
+        print(f"| {row['arm']} | {row['minutes']:g} | {row['step']} | " + " | ".join(f"{row[level]:.1f}" if level in row else "—" for level in levels) + " |")
     summary = {"threads_per_arm": threads, "parallel": args.parallel, "cores": cores, "num": args.num,
                "sampler": f"dpm++2m-{args.steps}", "arms": {name: arms[name] for name in names}, "rows": rows}
     (args.out / "time_to_quality.json").write_text(json.dumps(summary, indent=1) + "\n")

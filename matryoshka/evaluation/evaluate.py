@@ -318,9 +318,12 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
             if feature in (None, "auto"):
                 feature = reference_feature_name(reference) or resolve_feature_name("auto", inception_weights)
             extractor = build_feature_extractor(feature, inception_weights, device, feature_batch_size)
-        ref = load_reference(reference, extractor, pipeline.resolution, sizes, pipeline.config.data,
+        # The data every stage of a run trains on is pooled from data.resolution, also while a
+        # progressive run is still at its inner levels.
+        data_resolution = pipeline.config.data.resolution
+        ref = load_reference(reference, extractor, data_resolution, sizes, pipeline.config.data,
                              max_reference_images, max_features, feature_batch_size, progress)
-        ref.check_compatible(extractor, sizes, pipeline.resolution)
+        ref.check_compatible(extractor, sizes, data_resolution)
         if set(chosen) & set(NEEDS_FEATURES) and not ref.has_features:
             raise EvaluationError("KID and precision/recall need the reference's feature vectors, which these statistics "
                                   "do not hold: recompute them with `mdm eval-stats --max-features N` or use --metrics fd")
