@@ -186,7 +186,8 @@ class MatryoshkaDiffusion:
         self.level_weights = [float(w) for w in level_weights]
         self.loss_on_all_levels = loss_on_all_levels
         self.mixed_ratio = mixed_ratio
-        loss_weight(loss_target, torch.zeros(1), loss_weighting, min_snr_gamma)  # validates the name
+        if loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"unknown loss weighting {loss_weighting!r}; valid: none, min_snr")
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
         self.loss_weighting: LossWeighting = loss_weighting
