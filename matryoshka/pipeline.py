@@ -20,7 +20,7 @@ from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import make_schedule
 from .models import Conditioning, NestedUNet
-from .training.checkpoint import load_into, load_tensors, load_train_state, resolve_checkpoint
+from .checkpoints import load_into, load_tensors, load_train_state, resolve_checkpoint
 
 
 def pick_device(name: str = "auto") -> torch.device:

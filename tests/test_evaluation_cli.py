@@ -17,7 +17,7 @@ from matryoshka.evaluation import ReferenceStats, evaluate_pipeline, run_evaluat
 from matryoshka.evaluation.errors import EvaluationError
 from matryoshka.models import NestedUNet
 from matryoshka.pipeline import Pipeline, build_process, load_pipeline
-from matryoshka.training.checkpoint import save_checkpoint
+from matryoshka.checkpoints import save_checkpoint
 
 
 def mdm(*argv: str) -> int:

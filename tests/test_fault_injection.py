@@ -17,7 +17,7 @@ from matryoshka.cli.main import main
 from matryoshka.config.presets import tiny
 from matryoshka.data.config import DataConfig
 from matryoshka.pipeline import load_pipeline
-from matryoshka.training.checkpoint import (
+from matryoshka.checkpoints import (
     CheckpointError,
     is_complete,
     latest_checkpoint,
@@ -34,7 +34,7 @@ FAST = ["train.log_every=1", "train.sample_every=100000", "sample.steps=2", "sam
 # Runs the real CLI, with checkpoint writes slowed down so a kill lands inside one.
 SLOW_SAVE = """
 import sys, time
-import matryoshka.training.checkpoint as checkpoint
+import matryoshka.checkpoints as checkpoint
 original = checkpoint.save_file
 def slow_save(*args, **kwargs):
     original(*args, **kwargs)

@@ -16,7 +16,7 @@ from matryoshka.config.presets import tiny, tiny_progressive
 from matryoshka.config.run import StageConfig
 from matryoshka.data.config import DataConfig
 from matryoshka.models.presets import tiny as tiny_model
-from matryoshka.training.checkpoint import CheckpointError
+from matryoshka.checkpoints import CheckpointError
 from matryoshka.training.trainer import Trainer
 
 from .test_cli import make_image_folder, metrics

@@ -113,7 +113,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..data import DataConfigError, EmptyDatasetError
     from ..evaluation.errors import EvaluationError
-    from ..training.checkpoint import CheckpointError
+    from ..checkpoints import CheckpointError
 
     return (EvaluationError, ConfigError, CheckpointError, DataConfigError, EmptyDatasetError, FileNotFoundError,
             NotADirectoryError, ImportError)
@@ -128,7 +128,7 @@ def run_levels(run: str) -> tuple[int, list[int], object]:
     """(top-level side, level sides highest first, data config) of a run, without loading weights."""
     from ..config import load_config
     from ..config.run import RunConfig
-    from ..training.checkpoint import load_train_state, resolve_checkpoint
+    from ..checkpoints import load_train_state, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run)
     config = load_config(RunConfig, checkpoint / "config.yaml")

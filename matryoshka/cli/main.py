@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     args.raw_argv = argv
     from ..data import EmptyDatasetError
-    from ..training.checkpoint import CheckpointError
+    from ..checkpoints import CheckpointError
 
     try:
         return args.func(args)

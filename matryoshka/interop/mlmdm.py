@@ -38,7 +38,7 @@ from ..config import ConfigError, dump_yaml
 from ..config.run import DiffusionConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
 from ..data.config import DataConfig
 from ..models.config import LevelConfig, ModelConfig
-from ..training.checkpoint import fsync_path
+from ..checkpoints import fsync_path
 from .mlmdm_io import (
     CheckpointFormatError,
     LoadedWeights,

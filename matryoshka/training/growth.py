@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_into
+from ..checkpoints import CheckpointError, load_into
 
 
 def inner_prefix(total_levels: int, inner_levels: int) -> str:

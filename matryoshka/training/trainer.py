@@ -43,7 +43,7 @@ from ..models import NULL_LABEL, Conditioning, NestedUNet
 from ..models.layers import Stage
 from ..pipeline import Pipeline, build_process, load_encoder
 from ..utils.images import save_grid
-from .checkpoint import (
+from ..checkpoints import (
     latest_checkpoint,
     load_into,
     load_tensors,

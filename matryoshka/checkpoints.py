@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..config import dump_yaml
+from .config import dump_yaml
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
