@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from matryoshka.data import DataConfig, EmojiDataset, EmojiResourceError, build_dataset, export_emoji
-from matryoshka.data.emoji import EMOJI_TEST_PATH, FONT_PATH, load_emoji_table, parse_emoji_test
+from matryoshka.data.emoji import EMOJI_TEST_PATH, load_emoji_table, parse_emoji_test
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from matryoshka.data import (
     make_loader,
     print_skip_report,
 )
-from matryoshka.data import synthetic as syn
+
+from . import synthetic as syn
 
 
 def make_tree(root):

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from matryoshka.data import BadImage, load_image, to_rgb, verify_image
-from matryoshka.data import synthetic as syn
 from matryoshka.data.images import decode_rgb, resize_crop_flip
+
+from . import synthetic as syn
 
 
 def rgb_pixel(im):

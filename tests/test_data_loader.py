@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from matryoshka.data import DataConfig, ShardPlan, build_dataset, collate, make_loader
-from matryoshka.data import synthetic as syn
+
+from . import synthetic as syn
 
 
 class TinyDataset(torch.utils.data.Dataset):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from matryoshka.data import DataConfig, EmptyDatasetError, MLMDMTSVDataset, build_dataset
-from matryoshka.data import synthetic as syn
+
+from . import synthetic as syn
 
 
 def jpg(colour):
@@ -64,7 +65,7 @@ def test_index_tsv(tmp_path, monkeypatch):
 
 
 def test_shard_tsv_directly_and_from_cwd(tmp_path, monkeypatch):
-    _, files = make_layout(tmp_path)
+    make_layout(tmp_path)
     monkeypatch.chdir(tmp_path / "repo")  # as ml-mdm runs it
     ds = build_dataset(DataConfig(source="mlmdm-tsv", path="tests/test_files/images_00000.tsv", resolution=8))
     assert len(ds) == 2 and all(ds[i]["caption"] == "" for i in range(2))

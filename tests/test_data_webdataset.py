@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from matryoshka.data import DataConfig, EmptyDatasetError, WebDatasetTarDataset, build_dataset
-from matryoshka.data import synthetic as syn
 from matryoshka.data.tars import expand_braces, expand_shards
+
+from . import synthetic as syn
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

@@ -7,14 +7,9 @@ Every dataset item is ``{"image": float32 (3, R, R) in [-1, 1], "label": int
 from .base import EmptyDatasetError, ImageDataset, SkipLog, print_skip_report, skip_report
 from .build import build_dataset
 from .config import DataConfig, DataConfigError
-from .emoji import (
-    EmojiDataset,
-    EmojiResourceError,
-    EmojiTable,
-    build_emoji_table,
-    export_emoji,
-    load_emoji_table,
-)
+from .emoji import EmojiDataset, export_emoji
+from .emoji_font import EmojiResourceError
+from .emoji_table import EmojiTable, build_emoji_table, load_emoji_table
 from .imagefolder import ImageFolderDataset
 from .images import BadImage, load_image, to_rgb, verify_image
 from .loader import ResumableLoader, ShardPlan, collate, make_loader

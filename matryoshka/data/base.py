@@ -19,10 +19,12 @@ formats it as a single line.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 from PIL import Image
@@ -45,9 +47,9 @@ class SkipLog:
     def __init__(self, max_examples: int = 5):
         self.max_examples = max_examples
         self.counts: Counter = Counter()
-        self.examples: Dict[str, List[str]] = {}
+        self.examples: dict[str, list[str]] = {}
         self.warnings: Counter = Counter()
-        self.warning_examples: Dict[str, List[str]] = {}
+        self.warning_examples: dict[str, list[str]] = {}
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
         assert reason in REASONS, reason
@@ -71,11 +73,20 @@ class SkipLog:
         return sum(self.counts.values())
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded, made absolute and ``..`` removed lexically.
+
+    Like ``os.path.abspath``; ``Path.resolve`` would also follow symlinks, which would
+    change the paths shown in reports and the keys captions are matched by.
+    """
+    return Path(os.path.normpath(Path(path).expanduser().absolute()))
+
+
 def _short(where: str, limit: int = 80) -> str:
     return where if len(where) <= limit else "..." + where[-(limit - 3):]
 
 
-ItemKey = Union[int, Tuple[int, int]]
+ItemKey = int | tuple[int, int]
 
 
 class ImageDataset(Dataset):
@@ -86,13 +97,12 @@ class ImageDataset(Dataset):
     source: str = "?"
 
     def __init__(self, cfg: DataConfig):
-        cfg.validate()
         self.cfg = cfg
         self.resolution = cfg.resolution
         self.location = cfg.path or ""
         self.skip_log = SkipLog()
-        self.class_names: List[str] = []
-        self._load_fail: Optional[torch.Tensor] = None
+        self.class_names: list[str] = []
+        self._load_fail: torch.Tensor | None = None
         if Image.MAX_IMAGE_PIXELS is not None and cfg.max_image_pixels > Image.MAX_IMAGE_PIXELS:
             # let Pillow's own bomb check follow the (larger) configured limit
             Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
@@ -101,7 +111,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, i: int, rng: random.Random) -> Tuple[torch.Tensor, int, str]:
+    def _load(self, i: int, rng: random.Random) -> tuple[torch.Tensor, int, str]:
         """Return (image, label, caption) for item ``i``; raise BadImage if unusable."""
         raise NotImplementedError
 
@@ -138,10 +148,10 @@ class ImageDataset(Dataset):
         self._load_fail = fail
 
     @staticmethod
-    def _reason_text(counts: Dict[str, int]) -> str:
+    def _reason_text(counts: dict[str, int]) -> str:
         return ", ".join(f"{r}={c}" for r, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
-    def __getitem__(self, key: ItemKey) -> Dict[str, Any]:
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
         """``key`` is an index, or ``(index, seed)`` for reproducible augmentation."""
         if isinstance(key, (tuple, list)):
             i, seed = int(key[0]), int(key[1])
@@ -173,7 +183,7 @@ class ImageDataset(Dataset):
 
     # ------------------------------------------------------------------ reporting
     @property
-    def skipped(self) -> Dict[str, Any]:
+    def skipped(self) -> dict[str, Any]:
         """Summary of everything left out.
 
         ``{"total", "index_time", "load_time", "by_reason": {reason: n},
@@ -236,12 +246,8 @@ def skip_report(dataset: ImageDataset) -> str:
     return dataset.skip_report()
 
 
-def print_skip_report(dataset: ImageDataset, file: Optional[TextIO] = None) -> str:
+def print_skip_report(dataset: ImageDataset, file: TextIO | None = None) -> str:
     """Print the one-line skip report (to stderr by default) and return it."""
     line = dataset.skip_report()
     print(line, file=file if file is not None else sys.stderr)
     return line
-
-
-def label_index(names: Sequence[str]) -> Dict[str, int]:
-    return {n: i for i, n in enumerate(names)}

@@ -1,15 +1,12 @@
 """Typed configuration for the data pipeline.
 
-Only plain field types (str, int, float, bool, Optional[str]) are used so a
-generic YAML/dict loader can fill :class:`DataConfig` with ``DataConfig(**d)``
-or :meth:`DataConfig.from_dict`.
+Only plain field types (str, int, bool, str | None) are used so a generic
+YAML/dict loader can fill :class:`DataConfig` with ``DataConfig(**d)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
 
 SOURCES = ("emoji", "imagefolder", "webdataset", "mlmdm-tsv")
 CROPS = ("center", "random")
@@ -27,18 +24,29 @@ LABELS_BY_SOURCE = {
 # possible decompression bomb and skipped.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
+_BOOLS = ("hflip", "captions", "shuffle", "verify", "emoji_keep_unnamed")
+# Integer fields and their smallest allowed value.
+_INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1}
+
 
 class DataConfigError(ValueError):
-    """Raised for an invalid :class:`DataConfig` value; the message names the field."""
+    """An invalid :class:`DataConfig` value; the message starts with ``data.<field>``.
+
+    A ValueError, so the generic config loader reports it like any other invalid
+    value; a type of its own, so the CLI can tell a bad data setting from a bug.
+    """
 
     def __init__(self, field: str, message: str):
         self.field = field
-        super().__init__(f"DataConfig.{field}: {message}")
+        super().__init__(f"data.{field} {message}")
 
 
 @dataclass
 class DataConfig:
     """Where the training images come from and how they are prepared.
+
+    Every field is checked once, when the config is made (``__post_init__``,
+    which ``dataclasses.replace`` runs too); raises :class:`DataConfigError`.
 
     Fields
     ------
@@ -65,7 +73,7 @@ class DataConfig:
     """
 
     source: str = "emoji"
-    path: Optional[str] = None
+    path: str | None = None
     resolution: int = 64
     crop: str = "center"
     hflip: bool = False
@@ -76,76 +84,39 @@ class DataConfig:
     seed: int = 0
     verify: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     emoji_keep_unnamed: bool = False
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    # ------------------------------------------------------------------ checks
-    def validate(self) -> "DataConfig":
-        """Check every field; raise :class:`DataConfigError` naming the field."""
-
-        def need_choice(name: str, choices: tuple) -> None:
+        _need_choice("source", self.source, SOURCES)
+        for name in ("path", "cache_dir"):
             value = getattr(self, name)
-            if not isinstance(value, str) or value not in choices:
-                raise DataConfigError(name, f"must be one of {list(choices)}, got {value!r}")
-
-        def need_bool(name: str) -> None:
+            if value is not None and not isinstance(value, str):
+                raise DataConfigError(name, f"must be a string or null, got {value!r}")
+        if self.path is not None and not self.path.strip():
+            raise DataConfigError("path", "must not be empty (use null for the built-in emoji set)")
+        _need_choice("crop", self.crop, CROPS)
+        _need_choice("label", self.label, LABELS)
+        for name in _BOOLS:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise DataConfigError(name, f"must be true or false, got {value!r}")
-
-        def need_int(name: str, minimum: int) -> None:
+        for name, minimum in _INTS.items():
             value = getattr(self, name)
+            # bool is an int subclass, but `resolution: true` is a mistake, not 1
             if isinstance(value, bool) or not isinstance(value, int):
                 raise DataConfigError(name, f"must be an integer, got {value!r}")
             if value < minimum:
                 raise DataConfigError(name, f"must be >= {minimum}, got {value}")
-
-        def need_opt_str(name: str) -> None:
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise DataConfigError(name, f"must be a string or null, got {value!r}")
-
-        need_choice("source", SOURCES)
-        need_opt_str("path")
-        if self.path is not None and not self.path.strip():
-            raise DataConfigError("path", "must not be empty (use null for the built-in emoji set)")
-        need_int("resolution", 8)
-        need_choice("crop", CROPS)
-        need_bool("hflip")
-        need_choice("label", LABELS)
-        need_bool("captions")
-        need_int("num_workers", 0)
-        need_bool("shuffle")
-        need_int("seed", 0)
-        need_bool("verify")
-        need_int("max_image_pixels", 1)
-        need_opt_str("cache_dir")
-        need_bool("emoji_keep_unnamed")
-
         allowed = LABELS_BY_SOURCE[self.source]
         if self.label not in allowed:
             raise DataConfigError(
-                "label",
-                f"{self.label!r} is not available for source {self.source!r}; "
-                f"choose one of {list(allowed)}",
+                "label", f"must be one of {list(allowed)} for source {self.source!r}, got {self.label!r}"
             )
         if self.source != "emoji" and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
-        return self
 
-    # ----------------------------------------------------------- conversions
-    @classmethod
-    def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "DataConfig":
-        """Build from a plain mapping (e.g. parsed YAML); unknown keys are an error."""
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DataConfigError(unknown[0], f"unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def _need_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise DataConfigError(name, f"must be one of {list(choices)}, got {value!r}")

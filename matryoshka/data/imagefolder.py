@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
 
-from .base import ImageDataset
+from .base import ImageDataset, absolute
 from .config import DataConfig
 from .images import IMAGE_EXTENSIONS, BadImage, decode_text, load_image, verify_image
 
@@ -27,29 +27,29 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(self, cfg: DataConfig):
         super().__init__(cfg)
-        root = os.path.abspath(os.path.expanduser(cfg.path or ""))
-        self.root = root
-        self.location = root
-        if not os.path.exists(root):
-            raise FileNotFoundError(f"imagefolder: path {root!r} does not exist (DataConfig.path)")
-        if not os.path.isdir(root):
-            raise NotADirectoryError(f"imagefolder: path {root!r} is not a directory (DataConfig.path)")
+        root = absolute(cfg.path or "")
+        self.root = str(root)
+        self.location = self.root
+        if not root.exists():
+            raise FileNotFoundError(f"imagefolder: path {self.root!r} does not exist (data.path)")
+        if not root.is_dir():
+            raise NotADirectoryError(f"imagefolder: path {self.root!r} is not a directory (data.path)")
 
         self._found: Counter = Counter()
-        candidates: List[str] = []  # paths relative to root
-        metadata_files: List[str] = []
+        candidates: list[Path] = []  # relative to root
+        metadata_files: list[Path] = []
+        # os.walk, not Path.walk: the latter needs Python 3.12
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in sorted(filenames):
                 if fn.startswith("."):
                     continue
-                full = os.path.join(dirpath, fn)
-                rel = os.path.relpath(full, root)
-                ext = os.path.splitext(fn)[1].lower()
+                full = Path(dirpath, fn)
+                ext = full.suffix.lower()
                 if fn == "metadata.jsonl":
                     metadata_files.append(full)
                 elif ext in IMAGE_EXTENSIONS:
-                    candidates.append(rel)
+                    candidates.append(full.relative_to(root))
                     self._found["image files"] += 1
                 elif ext == ".txt":
                     self._found["caption .txt files"] += 1
@@ -58,68 +58,65 @@ class ImageFolderDataset(ImageDataset):
 
         # classes come from the candidate list, so a corrupt file never shifts labels
         if cfg.label == "folder":
-            self.class_names = sorted({rel.split(os.sep, 1)[0] for rel in candidates if os.sep in rel})
+            self.class_names = sorted({rel.parts[0] for rel in candidates if len(rel.parts) > 1})
         class_index = {c: k for k, c in enumerate(self.class_names)}
 
-        jsonl_captions: Dict[str, str] = {}
+        jsonl_captions: dict[Path, str] = {}
         if cfg.captions:
             for mf in metadata_files:
                 jsonl_captions.update(self._read_metadata(mf))
 
-        self.items: List[Tuple[str, int, str]] = []  # (relative path, label, caption)
+        self.items: list[tuple[str, int, str]] = []  # (relative path, label, caption)
         for rel in candidates:
-            full = os.path.join(root, rel)
+            full = root / rel
             label = -1
             if cfg.label == "folder":
-                if os.sep not in rel:
-                    self.skip_log.add("missing_label", rel, "image outside any class folder")
+                if len(rel.parts) == 1:
+                    self.skip_log.add("missing_label", str(rel), "image outside any class folder")
                     continue
-                label = class_index[rel.split(os.sep, 1)[0]]
+                label = class_index[rel.parts[0]]
             if cfg.verify:
                 try:
                     verify_image(full, cfg.max_image_pixels)
                 except BadImage as bad:
-                    self.skip_log.add_bad(bad, rel)
+                    self.skip_log.add_bad(bad, str(rel))
                     continue
             else:
                 try:
-                    if os.path.getsize(full) == 0:
-                        self.skip_log.add("zero_bytes", rel)
+                    if full.stat().st_size == 0:
+                        self.skip_log.add("zero_bytes", str(rel))
                         continue
                 except OSError as exc:
-                    self.skip_log.add("unreadable", rel, str(exc))
+                    self.skip_log.add("unreadable", str(rel), str(exc))
                     continue
             caption = ""
             if cfg.captions:
-                caption = self._sidecar_caption(full, rel)
+                caption = self._sidecar_caption(full)
                 if caption is None:
-                    caption = jsonl_captions.get(os.path.normpath(full), "")
-            self.items.append((rel, label, caption))
+                    caption = jsonl_captions.get(full, "")
+            self.items.append((str(rel), label, caption))
         self._finish_index()
 
     # ------------------------------------------------------------------ helpers
-    def _sidecar_caption(self, full: str, rel: str) -> Optional[str]:
-        txt = os.path.splitext(full)[0] + ".txt"
-        if not os.path.isfile(txt):
+    def _sidecar_caption(self, image: Path) -> str | None:
+        txt = image.with_suffix(".txt")
+        if not txt.is_file():
             return None
+        rel = str(txt.relative_to(self.root))
         try:
-            with open(txt, "rb") as f:
-                data = f.read()
+            data = txt.read_bytes()
         except OSError:
-            self.skip_log.warn("caption_unreadable", os.path.relpath(txt, self.root))
+            self.skip_log.warn("caption_unreadable", rel)
             return None
         text, ok = decode_text(data)
         if not ok:
-            self.skip_log.warn("caption_not_utf8", os.path.relpath(txt, self.root))
+            self.skip_log.warn("caption_not_utf8", rel)
         return text
 
-    def _read_metadata(self, path: str) -> Dict[str, str]:
-        base = os.path.dirname(path)
-        out: Dict[str, str] = {}
-        rel_meta = os.path.relpath(path, self.root)
-        with open(path, "rb") as f:
-            raw = f.read()
-        text, ok = decode_text(raw)
+    def _read_metadata(self, path: Path) -> dict[Path, str]:
+        out: dict[Path, str] = {}
+        rel_meta = str(path.relative_to(self.root))
+        text, ok = decode_text(path.read_bytes())
         if not ok:
             self.skip_log.warn("caption_not_utf8", rel_meta)
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -135,7 +132,7 @@ class ImageFolderDataset(ImageDataset):
             except (ValueError, KeyError, TypeError, AttributeError):
                 self.skip_log.warn("bad_metadata_line", f"{rel_meta}:{lineno}")
                 continue
-            out[os.path.normpath(os.path.join(base, name))] = caption.strip()
+            out[absolute(path.parent / name)] = caption.strip()
         return out
 
     def _found_summary(self) -> str:
@@ -147,12 +144,10 @@ class ImageFolderDataset(ImageDataset):
         return self.items[i][0]
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.items[i][0])
+        return str(Path(self.root, self.items[i][0]))
 
     def _load(self, i, rng):
         rel, label, caption = self.items[i]
         cfg = self.cfg
-        image = load_image(
-            os.path.join(self.root, rel), cfg.resolution, cfg.crop, cfg.hflip, rng, cfg.max_image_pixels
-        )
+        image = load_image(Path(self.root, rel), cfg.resolution, cfg.crop, cfg.hflip, rng, cfg.max_image_pixels)
         return image, label, caption

@@ -15,7 +15,7 @@ import io
 import os
 import random
 import warnings
-from typing import Optional, Union
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ REASONS = (
     "missing_label",  # a label was requested but the item has none
 )
 
-BytesOrPath = Union[str, os.PathLike, bytes, bytearray, memoryview]
+BytesOrPath = str | os.PathLike | bytes | bytearray | memoryview
 
 
 class BadImage(Exception):
@@ -85,10 +85,8 @@ def _as_file(src: BytesOrPath):
         if len(src) == 0:
             raise BadImage("zero_bytes", "empty data")
         return io.BytesIO(bytes(src))
-    path = os.fspath(src)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = Path(src).read_bytes()
     except FileNotFoundError as exc:
         raise BadImage("missing_file", str(exc)) from None
     except OSError as exc:
@@ -164,14 +162,14 @@ def resize_crop_flip(
     resolution: int,
     crop: str = "center",
     hflip: bool = False,
-    rng: Optional[random.Random] = None,
+    rng: random.Random | None = None,
 ) -> Image.Image:
     """Resize the shortest side to ``resolution`` (Lanczos), crop a square, maybe flip."""
     rng = rng or random
     w, h = im.size
     scale = resolution / min(w, h)
-    nw = max(resolution, int(round(w * scale)))
-    nh = max(resolution, int(round(h * scale)))
+    nw = max(resolution, round(w * scale))
+    nh = max(resolution, round(h * scale))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0)
     if crop == "random":
@@ -230,7 +228,7 @@ def load_image(
     resolution: int,
     crop: str = "center",
     hflip: bool = False,
-    rng: Optional[random.Random] = None,
+    rng: random.Random | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> torch.Tensor:
     """Full pipeline: file/bytes -> float32 (3, resolution, resolution) in [-1, 1]."""

@@ -22,7 +22,8 @@ index)``, so a resumed run sees exactly the same pixels.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -67,7 +68,7 @@ class ShardPlan:
         g.manual_seed(mix_seed(self.seed, epoch, 0x5EED))
         return torch.randperm(self.dataset_size, generator=g)
 
-    def rank_indices(self, epoch: int, rank: Optional[int] = None) -> torch.Tensor:
+    def rank_indices(self, epoch: int, rank: int | None = None) -> torch.Tensor:
         """Indices read by ``rank`` (default: this plan's rank) in ``epoch``; length ``per_rank``."""
         perm = self.permutation(epoch)
         if self.padding:
@@ -76,7 +77,7 @@ class ShardPlan:
         r = self.rank if rank is None else rank
         return perm[r :: self.world_size]
 
-    def position(self, sample: int) -> Tuple[int, int]:
+    def position(self, sample: int) -> tuple[int, int]:
         """(epoch, offset within this rank's epoch) of stream position ``sample``."""
         return divmod(sample, self.per_rank)
 
@@ -91,7 +92,7 @@ class ResumableSampler(Sampler):
         self.plan = plan
         self.start_sample = int(start_sample)
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = self.plan.position(self.start_sample)
         while True:
             idx = self.plan.rank_indices(epoch).tolist()
@@ -100,7 +101,7 @@ class ResumableSampler(Sampler):
             epoch, offset = epoch + 1, 0
 
 
-def collate(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """List of sample dicts -> {"image": (B,3,H,W), "label": (B,), "caption": [str], "index": (B,)}."""
     return {
         "image": torch.stack([s["image"] for s in samples]),
@@ -130,7 +131,7 @@ class ResumableLoader:
         num_workers: int = 0,
         shuffle: bool = True,
         pin_memory: bool = False,
-        prefetch_factor: Optional[int] = None,
+        prefetch_factor: int | None = None,
     ):
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -146,8 +147,8 @@ class ResumableLoader:
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
-        self._iter: Optional[Iterator] = None
-        self._loader: Optional[DataLoader] = None
+        self._iter: Iterator | None = None
+        self._loader: DataLoader | None = None
 
     # ------------------------------------------------------------------ position
     @property
@@ -156,7 +157,7 @@ class ResumableLoader:
         return self.plan.per_rank / self.batch_size
 
     @property
-    def position(self) -> Tuple[int, int]:
+    def position(self) -> tuple[int, int]:
         """(epoch, sample offset in this rank's epoch) of the next batch."""
         return self.plan.position(self.step * self.batch_size)
 
@@ -168,7 +169,7 @@ class ResumableLoader:
     def offset(self) -> int:
         return self.position[1]
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         epoch, offset = self.position
         return {
             "step": self.step,
@@ -181,9 +182,9 @@ class ResumableLoader:
             "dataset_size": self.plan.dataset_size,
         }
 
-    def indices_for_step(self, step: int) -> List[int]:
+    def indices_for_step(self, step: int) -> list[int]:
         """Dataset indices of the batch at global ``step`` (before bad-item substitution)."""
-        out: List[int] = []
+        out: list[int] = []
         pos = step * self.batch_size
         while len(out) < self.batch_size:
             epoch, offset = self.plan.position(pos)
@@ -195,7 +196,7 @@ class ResumableLoader:
     # ----------------------------------------------------------------- iteration
     def _start(self) -> None:
         sampler = ResumableSampler(self.plan, self.step * self.batch_size)
-        kwargs: Dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs["persistent_workers"] = False
             if self.prefetch_factor is not None:
@@ -211,10 +212,10 @@ class ResumableLoader:
         )
         self._iter = iter(self._loader)
 
-    def __iter__(self) -> "ResumableLoader":
+    def __iter__(self) -> ResumableLoader:
         return self
 
-    def __next__(self) -> Dict[str, Any]:
+    def __next__(self) -> dict[str, Any]:
         if self._iter is None:
             self._start()
         batch = next(self._iter)
@@ -230,7 +231,7 @@ class ResumableLoader:
     def __del__(self):  # pragma: no cover - best effort
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit the worker machinery may already be gone
             pass
 
 
@@ -244,7 +245,7 @@ def make_loader(
     num_workers: int = 0,
     shuffle: bool = True,
     pin_memory: bool = False,
-    prefetch_factor: Optional[int] = None,
+    prefetch_factor: int | None = None,
 ) -> ResumableLoader:
     """Infinite, deterministic, sharded, resumable batch iterator over ``dataset``.
 

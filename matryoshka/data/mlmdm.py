@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from pathlib import Path
 
-from .base import ImageDataset
+from .base import ImageDataset, absolute
 from .config import DataConfig
 from .images import BadImage, decode_text, load_image, verify_image
 from .tars import TarScan, read_member, scan_tar
@@ -35,37 +35,21 @@ from .tars import TarScan, read_member, scan_tar
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-def _ancestors(path: str) -> List[str]:
-    out = []
-    cur = os.path.dirname(path)
-    while True:
-        parent = os.path.dirname(cur)
-        if parent == cur:
-            break
-        out.append(parent)
-        cur = parent
-    return out
-
-
-def resolve_path(name: str, referrer: str, extra_bases: Sequence[str] = ()) -> Optional[str]:
+def resolve_path(name: str, referrer: str, extra_bases: Sequence[str] = ()) -> str | None:
     """Find ``name`` (as written in the TSV ``referrer``) on disk; None if not found."""
-    name = os.path.expanduser(name.strip())
-    if os.path.isabs(name):
-        return name if os.path.exists(name) else None
-    ref_dir = os.path.dirname(os.path.abspath(referrer))
-    bases = [ref_dir, os.getcwd()] + _ancestors(os.path.join(ref_dir, "x"))
-    for extra in extra_bases:
-        bases += [extra] + _ancestors(os.path.join(extra, "x"))
-    seen = set()
-    for base in bases:
-        if base in seen:
-            continue
-        seen.add(base)
-        cand = os.path.normpath(os.path.join(base, name))
-        if os.path.exists(cand):
-            return cand
-    cand = os.path.join(ref_dir, os.path.basename(name))
-    return cand if os.path.exists(cand) else None
+    wanted = Path(name.strip()).expanduser()
+    if wanted.is_absolute():
+        return str(wanted) if wanted.exists() else None
+    ref_dir = absolute(referrer).parent
+    bases = [ref_dir, Path.cwd(), *ref_dir.parents]
+    for extra in map(Path, extra_bases):
+        bases += [extra, *extra.parents]
+    for base in dict.fromkeys(bases):  # each base once, in order
+        cand = absolute(base / wanted)
+        if cand.exists():
+            return str(cand)
+    cand = ref_dir / wanted.name
+    return str(cand) if cand.exists() else None
 
 
 class MLMDMTSVDataset(ImageDataset):
@@ -73,11 +57,11 @@ class MLMDMTSVDataset(ImageDataset):
 
     def __init__(self, cfg: DataConfig):
         super().__init__(cfg)
-        index = os.path.abspath(os.path.expanduser(cfg.path or ""))
+        index = str(absolute(cfg.path or ""))
         self.index_path = index
         self.location = index
-        if not os.path.isfile(index):
-            raise FileNotFoundError(f"mlmdm-tsv: TSV file {index!r} does not exist (DataConfig.path)")
+        if not Path(index).is_file():
+            raise FileNotFoundError(f"mlmdm-tsv: TSV file {index!r} does not exist (data.path)")
         header, rows = self._read_tsv(index)
         cols = [h.strip().lower() for h in header]
         if "tar" in cols and "file" in cols:
@@ -98,20 +82,18 @@ class MLMDMTSVDataset(ImageDataset):
                 "'filename') or a shard TSV (columns 'tar', 'file', 'caption')"
             )
         self.shard_tsvs = shard_tsvs
-        self._tars: Dict[str, TarScan] = {}
-        self.tar_paths: List[str] = []
-        self._tar_ids: Dict[str, int] = {}
+        self._tars: dict[str, TarScan] = {}
+        self.tar_paths: list[str] = []
+        self._tar_ids: dict[str, int] = {}
         self._found: Counter = Counter()
         # items: (tar id, member name, offset, size, caption)
-        self.items: List[Tuple[int, str, int, int, str]] = []
+        self.items: list[tuple[int, str, int, int, str]] = []
         for tsv in shard_tsvs:
             self._index_shard(tsv, index)
         self._finish_index()
 
-    def _read_tsv(self, path: str) -> Tuple[List[str], List[List[str]]]:
-        with open(path, "rb") as f:
-            raw = f.read()
-        text, ok = decode_text(raw)
+    def _read_tsv(self, path: str) -> tuple[list[str], list[list[str]]]:
+        text, ok = decode_text(Path(path).read_bytes())
         if not ok:
             self.skip_log.warn("caption_not_utf8", path)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"')
@@ -144,7 +126,7 @@ class MLMDMTSVDataset(ImageDataset):
                 self.skip_log.add("bad_row", where, f"{len(row)} columns")
                 continue
             tar_name, member = row[ti].strip(), row[fi].strip()
-            tar = resolve_path(tar_name, tsv, [os.path.dirname(index)])
+            tar = resolve_path(tar_name, tsv, [str(Path(index).parent)])
             if tar is None:
                 self.skip_log.add("missing_file", f"{tar_name}:{member}", f"tar not found (row {where})")
                 continue

@@ -14,14 +14,14 @@ import re
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
 
 
 @dataclass
 class TarScan:
     path: str
-    members: Dict[str, Tuple[int, int]]  # name -> (data offset, size), in file order
-    error: Optional[str] = None  # why the scan stopped early (None: whole shard read)
+    members: dict[str, tuple[int, int]]  # name -> (data offset, size), in file order
+    error: str | None = None  # why the scan stopped early (None: whole shard read)
     compressed: bool = False
 
 
@@ -29,9 +29,9 @@ def scan_tar(path: str) -> TarScan:
     """Index the regular-file members of a tar. Never raises for a bad shard:
     a missing, unreadable, compressed or truncated shard is reported in ``error``
     (members fully contained in the file before the damage are kept)."""
-    members: Dict[str, Tuple[int, int]] = {}
+    members: dict[str, tuple[int, int]] = {}
     try:
-        size = os.path.getsize(path)
+        size = Path(path).stat().st_size
         with open(path, "rb") as f:
             magic = f.read(6)
     except OSError as exc:
@@ -57,8 +57,8 @@ def scan_tar(path: str) -> TarScan:
     return TarScan(path, members)
 
 
-_FDS: "OrderedDict[str, int]" = OrderedDict()
-_FDS_PID: Optional[int] = None
+_FDS: OrderedDict[str, int] = OrderedDict()
+_FDS_PID: int | None = None
 MAX_OPEN_SHARDS = 64
 
 
@@ -90,7 +90,7 @@ def read_member(path: str, offset: int, size: int) -> bytes:
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-def expand_braces(pattern: str) -> List[str]:
+def expand_braces(pattern: str) -> list[str]:
     """Expand ``{000..009}`` (zero padding kept), ``{a..e}`` and ``{x,y,z}``; several
     groups multiply out, e.g. ``shard-{0..1}-{a,b}.tar`` gives four names."""
     m = _BRACE.search(pattern)
@@ -101,7 +101,8 @@ def expand_braces(pattern: str) -> List[str]:
     if rng:
         a, b = int(rng.group(1)), int(rng.group(2))
         step = int(rng.group(3) or 1) or 1
-        width = max(len(rng.group(1)), len(rng.group(2))) if rng.group(1).startswith("0") or rng.group(2).startswith("0") else 0
+        padded = rng.group(1).startswith("0") or rng.group(2).startswith("0")
+        width = max(len(rng.group(1)), len(rng.group(2))) if padded else 0
         seq = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
         options = [str(v).zfill(width) for v in seq]
     elif re.fullmatch(r"[A-Za-z]\.\.[A-Za-z]", body):
@@ -109,23 +110,25 @@ def expand_braces(pattern: str) -> List[str]:
         options = [chr(c) for c in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
     else:
         options = body.split(",")
-    out: List[str] = []
+    out: list[str] = []
     for opt in options:
         out.extend(expand_braces(head + opt + tail))
     return out
 
 
-def expand_shards(spec: str) -> List[str]:
+def expand_shards(spec: str) -> list[str]:
     """Shard list from a spec: brace patterns, glob patterns, or a directory
     (all ``*.tar`` in it, sorted). Several specs may be joined with ``::``.
     Names that match nothing are returned as they are (reported as missing later)."""
-    shards: List[str] = []
+    shards: list[str] = []
     for part in spec.split("::"):
-        part = os.path.expanduser(part.strip())
+        part = part.strip()
         if not part:
             continue
-        if os.path.isdir(part):
-            shards.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+        part = str(Path(part).expanduser())
+        if Path(part).is_dir():
+            # glob.glob, not Path.glob: only glob.glob leaves out hidden files
+            shards.extend(sorted(glob.glob(str(Path(part, "*.tar")))))
             continue
         for name in expand_braces(part):
             if glob.has_magic(name):

@@ -16,9 +16,8 @@ a truncated shard keeps its complete members and is counted as ``truncated_shard
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
 
 from .base import ImageDataset
 from .config import DataConfig
@@ -27,14 +26,14 @@ from .tars import expand_shards, read_member, scan_tar
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
-Member = Tuple[int, int, int]  # (shard number, offset, size)
+Member = tuple[int, int, int]  # (shard number, offset, size)
 
 
-def split_key(name: str) -> Tuple[str, str]:
+def split_key(name: str) -> tuple[str, str]:
     """``a/b/0001.seg.png`` -> (``a/b/0001``, ``seg.png``)."""
-    head, base = os.path.split(name)
-    stem, dot, ext = base.partition(".")
-    return (os.path.join(head, stem) if head else stem), ext.lower()
+    head, sep, base = name.rpartition("/")  # tar member names use "/" on every platform
+    stem, _, ext = base.partition(".")
+    return head + sep + stem, ext.lower()
 
 
 class WebDatasetTarDataset(ImageDataset):
@@ -44,15 +43,15 @@ class WebDatasetTarDataset(ImageDataset):
         super().__init__(cfg)
         self.shards = expand_shards(cfg.path or "")
         if not self.shards:
-            raise FileNotFoundError(f"webdataset: pattern {cfg.path!r} matches no shard (DataConfig.path)")
+            raise FileNotFoundError(f"webdataset: pattern {cfg.path!r} matches no shard (data.path)")
         self._found: Counter = Counter()
         # items: (shard number, key, image member, label, caption)
-        self.items: List[Tuple[int, str, Member, int, str]] = []
+        self.items: list[tuple[int, str, Member, int, str]] = []
         labels_seen = set()
         for sn, shard in enumerate(self.shards):
             scan = scan_tar(shard)
             if scan.error is not None:
-                if not os.path.exists(shard):
+                if not Path(shard).exists():
                     self.skip_log.add("unreadable_shard", shard, "file not found")
                 elif scan.members:
                     self.skip_log.add("truncated_shard", shard, scan.error)
@@ -60,7 +59,7 @@ class WebDatasetTarDataset(ImageDataset):
                     self.skip_log.add("unreadable_shard", shard, scan.error)
             if scan.members or scan.error is None:
                 self._found["readable shards"] += 1
-            samples: Dict[str, Dict[str, Member]] = {}
+            samples: dict[str, dict[str, Member]] = {}
             for name, (off, size) in scan.members.items():
                 key, ext = split_key(name)
                 samples.setdefault(key, {}).setdefault(ext, (sn, off, size))
@@ -79,7 +78,7 @@ class WebDatasetTarDataset(ImageDataset):
         sn, off, size = member
         return read_member(self.shards[sn], off, size)
 
-    def _make_item(self, sn: int, shard: str, key: str, parts: Dict[str, Member]):
+    def _make_item(self, sn: int, shard: str, key: str, parts: dict[str, Member]):
         cfg = self.cfg
         where = f"{shard}:{key}"
         ext = next((e for e in IMAGE_KEYS if e in parts), None)
@@ -107,7 +106,7 @@ class WebDatasetTarDataset(ImageDataset):
         caption = self._read_caption(parts, where) if cfg.captions else ""
         return (sn, f"{key}.{ext}", image, label, caption)
 
-    def _read_cls(self, member: Optional[Member], where: str) -> Optional[int]:
+    def _read_cls(self, member: Member | None, where: str) -> int | None:
         if member is None:
             self.skip_log.add("missing_label", where, "no .cls member")
             return None
@@ -120,7 +119,7 @@ class WebDatasetTarDataset(ImageDataset):
             self.skip_log.add("missing_label", where, f"bad .cls: {exc}")
             return None
 
-    def _read_caption(self, parts: Dict[str, Member], where: str) -> str:
+    def _read_caption(self, parts: dict[str, Member], where: str) -> str:
         try:
             if "txt" in parts:
                 text, ok = decode_text(self._read(parts["txt"]))

@@ -1,19 +1,21 @@
-"""Small synthetic files for tests and smoke runs: images in awkward modes,
-broken images, and writers for the tar / TSV layouts the sources read."""
+"""Small synthetic files for the data tests: images in awkward modes, broken
+images, and writers for the tar / TSV layouts the sources read."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 import tarfile
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
-def solid_image(mode: str, size: Tuple[int, int] = (40, 30), value=None) -> Image.Image:
+def solid_image(mode: str, size: tuple[int, int] = (40, 30), value=None) -> Image.Image:
     """A one-colour image in ``mode`` (RGB, RGBA, LA, L, P, CMYK, I;16, ...)."""
     w, h = size
     if mode == "I;16":
@@ -27,7 +29,7 @@ def solid_image(mode: str, size: Tuple[int, int] = (40, 30), value=None) -> Imag
     return Image.new(mode, size, default.get(mode, 0) if value is None else value)
 
 
-def gradient_image(size: Tuple[int, int] = (48, 32)) -> Image.Image:
+def gradient_image(size: tuple[int, int] = (48, 32)) -> Image.Image:
     """An RGB image whose red channel increases left to right and green top to bottom."""
     w, h = size
     x = np.linspace(0, 255, w, dtype=np.float64)[None, :].repeat(h, 0)
@@ -42,7 +44,7 @@ def encode(im: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def truncated_png(size: Tuple[int, int] = (64, 64)) -> bytes:
+def truncated_png(size: tuple[int, int] = (64, 64)) -> bytes:
     rng = np.random.default_rng(0)
     data = encode(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)), "PNG")
     return data[: len(data) // 2]
@@ -53,21 +55,24 @@ def corrupt_bytes(n: int = 200) -> bytes:
     return b"this is not an image " * (n // 21 + 1)
 
 
-def write(path: Union[str, os.PathLike], data: Union[bytes, str, Image.Image], fmt: Optional[str] = None) -> str:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if isinstance(data, Image.Image):
-        data.save(path, format=fmt)
-    else:
-        with open(path, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+def _parent_made(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def write_tar(path: Union[str, os.PathLike], members: Union[Mapping[str, bytes], Iterable[Tuple[str, bytes]]]) -> str:
+def write(path: str | os.PathLike, data: bytes | str | Image.Image, fmt: str | None = None) -> str:
+    path = _parent_made(path)
+    if isinstance(data, Image.Image):
+        data.save(path, format=fmt)
+    else:
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return str(path)
+
+
+def write_tar(path: str | os.PathLike, members: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> str:
     """Write a plain tar with the given ``name -> bytes`` members (in order)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    path = _parent_made(path)
     items = members.items() if isinstance(members, Mapping) else members
     with tarfile.open(path, "w") as tf:
         for name, data in items:
@@ -75,22 +80,19 @@ def write_tar(path: Union[str, os.PathLike], members: Union[Mapping[str, bytes],
             info.size = len(data)
             info.mtime = 0
             tf.addfile(info, io.BytesIO(data))
-    return path
+    return str(path)
 
 
-def write_tsv(path: Union[str, os.PathLike], header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
-    import csv
-
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def write_tsv(path: str | os.PathLike, header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    path = _parent_made(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, delimiter="\t", quotechar='"', lineterminator="\n")
         w.writerow(list(header))
         for row in rows:
             w.writerow(list(row))
-    return path
+    return str(path)
 
 
-def write_jsonl(path: Union[str, os.PathLike], records: Iterable[Dict]) -> str:
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> str:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return write(path, lines)
