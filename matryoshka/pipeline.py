@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .config import load_config
+from .config.presets import load_run_config
 from .config.run import RunConfig
 from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
@@ -33,7 +33,8 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
     """The diffusion process over the model's pyramid (or its innermost ``num_levels``)."""
     diffusion = config.diffusion
     levels = num_levels or config.model.num_levels
-    weights = diffusion.level_weights[-levels:] if diffusion.level_weights else None
+    # The config lists levels innermost first; the process orders them as its outputs, highest first.
+    weights = diffusion.level_loss_weights[:levels][::-1] if diffusion.level_loss_weights else None
     return MatryoshkaDiffusion(
         make_schedule(diffusion.schedule, diffusion.num_steps),
         num_levels=levels,
@@ -160,7 +161,7 @@ class Pipeline:
 def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
     """Load a run directory (its latest checkpoint) or one checkpoint directory for sampling."""
     checkpoint = resolve_checkpoint(path)
-    config = load_config(RunConfig, checkpoint / "config.yaml")
+    config = load_run_config(checkpoint / "config.yaml")
     state = load_train_state(checkpoint / "state.pt")
     num_levels = int(state.get("num_levels", config.model.num_levels))
     model = NestedUNet(config.model.truncated(num_levels))

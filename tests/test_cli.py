@@ -10,6 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from matryoshka.cli.main import main
+from matryoshka.pipeline import load_pipeline
+from matryoshka.utils.images import to_uint8
 
 FAST = ["train.log_every=1", "train.sample_every=1000", "train.warmup_steps=3", "sample.steps=3", "sample.num=2"]
 
@@ -88,12 +90,28 @@ def test_training_writes_outputs_and_reports_skipped_files(tmp_path, folder, cap
     assert {p.name for p in (run / "samples").iterdir()} >= {"step_00000002_16px.png", "step_00000004_8px.png"}
 
 
+def _pngs(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))])
+
+
 def test_class_conditional_training_and_sampling(tmp_path, folder):
     run = tmp_path / "run"
-    assert train(run, folder, "train.steps=2", "data.label=folder", "model.num_classes=2") == 0
-    out = tmp_path / "out"
-    assert main(["sample", str(run), "--num", "2", "--steps", "2", "--class", "cats", "--guidance", "3", "--out", str(out)]) == 0
-    assert len(list((out / "16px").glob("*.png"))) == 2
+    assert train(run, folder, "train.steps=3", "train.lr=0.01", "train.warmup_steps=1", "data.label=folder",
+                 "model.num_classes=2") == 0
+    written = {}
+    for name in ("cats", "dogs"):
+        out = tmp_path / name
+        assert main(["sample", str(run), "--num", "2", "--steps", "2", "--class", name, "--guidance", "3",
+                     "--sampler", "ddim", "--seed", "5", "--out", str(out)]) == 0
+        written[name] = _pngs(out / "16px")
+    assert written["cats"].shape == (2, 16, 16, 3)
+    # The label reaches the model: the same seed gives other images for another class,
+    # and the CLI's images are the pipeline's for that class index (folders sort: cats=0, dogs=1).
+    pipe = load_pipeline(run)
+    for name, index in (("cats", 0), ("dogs", 1)):
+        expected = pipe.generate(num=2, sampler="ddim", steps=2, guidance=3.0, seed=5, cond=pipe.condition(2, [index]))
+        assert np.abs(to_uint8(expected[0]).astype(int) - written[name].astype(int)).max() <= 1
+    assert np.abs(written["cats"].astype(int) - written["dogs"].astype(int)).max() > 2
 
 
 def test_bad_config_key_and_values_are_clear_errors(tmp_path, capsys):

@@ -85,3 +85,24 @@ def test_killing_one_rank_ends_the_job_with_an_error(tmp_path, folder):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+RANK0_WORK = """
+import time, torch, torch.distributed as dist
+from matryoshka.training.distributed import init_distributed
+context = init_distributed("cpu", timeout_minutes=0.05)  # 3 s: any ordinary collective wait longer fails
+result = context.run_on_main(lambda: time.sleep(8) or "sampled")
+flag = torch.tensor([float(context.rank)])
+dist.all_reduce(flag)  # the ranks are still in step afterwards
+print(f"rank {context.rank}: {result} {flag.item()}")
+dist.destroy_process_group()
+"""
+
+
+def test_rank0_work_longer_than_the_collective_timeout_does_not_kill_the_job(tmp_path):
+    script = tmp_path / "rank0_work.py"
+    script.write_text(RANK0_WORK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: sampled 1.0" in result.stdout and "rank 1: None 1.0" in result.stdout

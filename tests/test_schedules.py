@@ -93,25 +93,6 @@ def test_shift_identity_and_errors():
         base.shifted(0)
 
 
-def test_continuous_time():
-    s = squaredcos()
-    t = torch.arange(1, T + 1)
-    # Grid points reproduce the integer-time values.
-    torch.testing.assert_close(s.log_snr_at(t.double() / T), s.log_snr(t))
-    # Midpoints interpolate log-SNR linearly.
-    mid = s.log_snr_at((t[:-1].double() + 0.5) / T)
-    torch.testing.assert_close(mid, 0.5 * (s.log_snr(t[:-1]) + s.log_snr(t[1:])))
-    # First interval: sigma^2 linear from 0 to sigma_1^2; log-SNR -> +inf at u = 0.
-    assert s.log_snr_at(0.0).item() == math.inf
-    assert s.gamma_at(0.0).item() == 1.0
-    sig2_1 = 1 - s.gamma(1).item()
-    assert s.sigma_at(0.25 / T).item() ** 2 == pytest.approx(0.25 * sig2_1, rel=1e-9)
-    u = torch.linspace(0, 1, 5001, dtype=torch.float64)
-    assert bool((s.log_snr_at(u).diff() < 0).all())
-    torch.testing.assert_close(s.alpha_at(u) ** 2 + s.sigma_at(u) ** 2, torch.ones_like(u))
-    with pytest.raises(ValueError):
-        s.log_snr_at(1.5)
-
 
 def test_integer_accessor_rejects_floats():
     with pytest.raises(TypeError):

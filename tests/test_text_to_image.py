@@ -12,6 +12,8 @@ from matryoshka.config.presets import tiny
 from matryoshka.config.run import TextConfig
 from matryoshka.data.config import DataConfig
 from matryoshka.pipeline import load_pipeline
+from matryoshka.utils.images import to_uint8
+from matryoshka.training.batches import batch_conditioning, sample_randomness, top_images
 from matryoshka.training.trainer import Trainer
 
 TEXT = ["model.text_dim=384", "text.encoder=minilm", "text.max_length=16", "data.captions=true"]
@@ -51,6 +53,27 @@ def test_train_and_sample_with_prompts_and_guidance(tmp_path, captioned, capsys)
     assert "give --prompt" in capsys.readouterr().err
 
 
+def test_negative_prompt_replaces_the_empty_prompt_in_guidance(tmp_path, captioned):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={captioned}", *TEXT,
+                 "train.steps=3", "train.lr=0.01", "train.warmup_steps=1", "train.sample_every=100"]) == 0
+    common = ["sample", str(run), "--prompt", "red square", "--num", "2", "--steps", "2", "--sampler", "ddim",
+              "--guidance", "4", "--seed", "3"]
+    written = {}
+    for name, extra in (("plain", []), ("negative", ["--negative-prompt", "blue circle"])):
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        written[name] = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name / "16px").glob("*.png"))])
+    # The CLI guides against the negative prompt's embedding: the pipeline with that unconditional branch.
+    pipe = load_pipeline(run)
+    cond = pipe.condition(2, prompts=["red square"])
+    negative = pipe.encode(["blue circle"] * 2)
+    uncond = cond.unconditional()
+    uncond.text, uncond.text_mask = negative.text, negative.text_mask
+    expected = pipe.generate(num=2, sampler="ddim", steps=2, guidance=4.0, seed=3, cond=cond, uncond=uncond)[0]
+    assert np.abs(to_uint8(expected).astype(int) - written["negative"].astype(int)).max() <= 1
+    assert np.abs(written["negative"].astype(int) - written["plain"].astype(int)).max() > 2
+
+
 def test_caption_dropout_rate_matches_probability(tmp_path, captioned):
     base = tiny()
     config = replace(base, run_dir=str(tmp_path / "r"), model=replace(base.model, text_dim=384),
@@ -64,10 +87,11 @@ def test_caption_dropout_rate_matches_probability(tmp_path, captioned):
     for step in range(150):
         trainer.step = step
         batch = next(trainer.batches)
-        _, _, drop = trainer._sample_randomness(batch, trainer._images(batch))
+        images = top_images(batch, trainer.device, 0, config.model.nest_ratio)
+        _, _, drop = sample_randomness(trainer.process, batch["index"].tolist(), images, 0, step, 0.3)
         dropped += int(drop.sum())
         total += drop.numel()
     assert abs(dropped / total - 0.3) < 0.03
     batch = next(trainer.batches)
-    cond = trainer._conditioning(batch, torch.tensor([True] * 6 + [False] * 6))
+    cond = batch_conditioning(batch, torch.tensor([True] * 6 + [False] * 6), False, trainer.embed_captions, trainer.device)
     assert not cond.text_mask[:6].any() and cond.text_mask[6:].any(dim=1).all()

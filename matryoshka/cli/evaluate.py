@@ -126,12 +126,11 @@ def _fail(command: str, error: BaseException) -> int:
 
 def run_levels(run: str) -> tuple[int, list[int], object]:
     """(top-level side, level sides highest first, data config) of a run, without loading weights."""
-    from ..config import load_config
-    from ..config.run import RunConfig
     from ..checkpoints import load_train_state, resolve_checkpoint
+    from ..config.presets import load_run_config
 
     checkpoint = resolve_checkpoint(run)
-    config = load_config(RunConfig, checkpoint / "config.yaml")
+    config = load_run_config(checkpoint / "config.yaml")
     levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", config.model.num_levels))
     ratio = config.model.nest_ratio
     resolution = config.data.resolution // ratio ** (config.model.num_levels - levels)
@@ -169,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import default_cache_dir, format_table, parse_metrics, resolve_settings, run_evaluation
+    from ..evaluation.evaluate import format_table, parse_metrics, run_evaluation
+    from ..evaluation.sampling import default_cache_dir, resolve_settings
     from ..pipeline import load_pipeline
 
     metrics = parse_metrics(args.metrics)

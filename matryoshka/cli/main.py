@@ -6,11 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import load_config
-from ..config.presets import RUN_PRESETS, describe_presets
+from ..config.presets import DEFAULT_PRESET, describe_presets, load_run_config
 from ..config.run import RunConfig
-
-DEFAULT_PRESET = "emoji64"
 
 
 class UserError(Exception):
@@ -29,11 +26,11 @@ def resolve_train_config(source: str | None, overrides: list[str], resume: str |
         saved = Path(resume).expanduser() / "config.yaml"
         if not saved.is_file():
             raise UserError(f"--resume {resume}: no config.yaml there (is it a run directory?)")
-        return load_config(RunConfig, saved, [*overrides, f"run_dir={resume}"]), True
-    config = load_config(RunConfig, source or DEFAULT_PRESET, overrides, RUN_PRESETS)
+        return load_run_config(saved, [*overrides, f"run_dir={resume}"]), True
+    config = load_run_config(source, overrides)
     saved = Path(config.run_dir).expanduser() / "config.yaml"
     if saved.is_file():
-        return load_config(RunConfig, saved, overrides), True
+        return load_run_config(saved, overrides), True
     return config, False
 
 

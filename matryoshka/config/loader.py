@@ -100,6 +100,7 @@ def load_config(
     source: str | os.PathLike | Mapping[str, Any] | None = None,
     overrides: Iterable[str] = (),
     presets: PresetMap | None = None,
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> T:
     """Build config ``cls`` from defaults, a preset or YAML file, and overrides.
 
@@ -107,7 +108,8 @@ def load_config(
     is a dict, a dataclass, or a callable returning either), a path to a YAML file, or a
     mapping. A file (or preset) may start from another with a top-level ``preset: NAME`` key
     (a preset name or a YAML path relative to the file); its own keys are deep-merged over
-    that base. ``overrides`` are applied last.
+    that base. ``upgrade`` rewrites the keys of configs saved by older versions before the
+    ``overrides``, which are applied last.
     """
     presets = presets if presets is not None else {}
     use_preset_key = PRESET_KEY not in fields(cls)
@@ -119,4 +121,6 @@ def load_config(
         data = _expand(copy.deepcopy(dict(source)), "the given mapping", presets, use_preset_key, None, ())
     else:
         data = _resolve(source, presets, use_preset_key, None, ())
+    if upgrade is not None:
+        data = upgrade(data)
     return from_dict(cls, apply_overrides(data, overrides, cls))

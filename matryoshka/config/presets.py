@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Callable
+from pathlib import Path
 
 from ..data.config import DataConfig
 from ..models.presets import emoji64 as emoji64_model
 from ..models.presets import tiny as tiny_model
-from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig
+from .loader import load_config
+from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig, upgrade_run_data
 
 
 STAGE1_MINUTES = 8.0
@@ -94,6 +96,7 @@ def emoji64_progressive() -> RunConfig:
     )
 
 
+DEFAULT_PRESET = "emoji64"
 RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "emoji64": emoji64,
@@ -106,3 +109,8 @@ RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
 
 def describe_presets() -> list[tuple[str, str]]:
     return [(name, (factory.__doc__ or "").strip().splitlines()[0]) for name, factory in RUN_PRESETS.items()]
+
+
+def load_run_config(source: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """A run config from a preset name or YAML file (default ``emoji64``) and overrides."""
+    return load_config(RunConfig, source or DEFAULT_PRESET, overrides, RUN_PRESETS, upgrade=upgrade_run_data)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..data.config import DataConfig
 from ..models.config import ModelConfig
+from .errors import ConfigError
 
 Prediction = Literal["eps", "x0", "v"]
 
@@ -24,8 +25,8 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0
     upsampled_residual: bool = False
     """Outer levels predict a correction to the upsampled x0 estimate of the level below."""
-    level_weights: list[float] = field(default_factory=list)
-    """Loss weight per level, highest resolution first (empty: all 1)."""
+    level_loss_weights: list[float] = field(default_factory=list)
+    """Loss weight per level, innermost (lowest resolution) first like ``model.levels``; empty: all 1."""
     loss_on_all_levels: bool = True
     mixed_ratio: float | None = None
     """Fraction of the batch whose top level is computed (paper §3.3); None = all."""
@@ -35,8 +36,8 @@ class DiffusionConfig:
             raise ValueError("num_steps must be at least 2")
         if self.mixed_ratio is not None and not 0 < self.mixed_ratio <= 1:
             raise ValueError("mixed_ratio must be in (0, 1]")
-        if any(w < 0 for w in self.level_weights):
-            raise ValueError("level_weights must be non-negative")
+        if any(w < 0 for w in self.level_loss_weights):
+            raise ValueError("level_loss_weights must be non-negative")
         if self.min_snr_gamma <= 0:
             raise ValueError("min_snr_gamma must be positive")
 
@@ -219,8 +220,8 @@ class RunConfig:
                 f"data.resolution={self.data.resolution} makes the innermost level {inner}px, which its "
                 f"{self.model.levels[0].downsampling}x downsampling (model.levels.0.channels) cannot divide"
             )
-        if self.diffusion.level_weights and len(self.diffusion.level_weights) != levels:
-            raise ValueError(f"diffusion.level_weights needs {levels} values (one per level)")
+        if self.diffusion.level_loss_weights and len(self.diffusion.level_loss_weights) != levels:
+            raise ValueError(f"diffusion.level_loss_weights needs {levels} values (one per level, innermost first)")
         if self.data.label != "none" and not self.model.num_classes:
             raise ValueError(f"data.label={self.data.label!r} gives class labels: set model.num_classes")
         if (self.text.encoder != "none") != bool(self.model.text_dim):
@@ -264,3 +265,20 @@ class RunConfig:
     @property
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.resolved_stages())
+
+
+def upgrade_run_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Keys of configs saved by earlier versions: dropped where harmless, refused where meaning changed."""
+    model, diffusion = data.get("model"), data.get("diffusion")
+    if isinstance(model, dict) and model.get("spatial_dims", 2) == 2:
+        model.pop("spatial_dims", None)  # always 2: images, and video through per-frame 2-D layers
+    if isinstance(diffusion, dict) and "level_weights" in diffusion:
+        old = diffusion.pop("level_weights")
+        if old:
+            innermost_first = list(reversed(old)) if isinstance(old, list) else old
+            raise ConfigError(
+                "diffusion.level_weights (highest resolution first) is replaced by diffusion.level_loss_weights, "
+                f"innermost level first like model.levels: write diffusion.level_loss_weights={innermost_first}",
+                "diffusion.level_weights",
+            )
+    return data

@@ -56,7 +56,7 @@ class NoiseSchedule:
     def gamma(self, t: int | Tensor) -> Tensor:
         t = torch.as_tensor(t)
         if t.is_floating_point():
-            raise TypeError("integer timesteps expected; use gamma_at for continuous time")
+            raise TypeError("integer timesteps expected")
         # MPS has no float64; everywhere else keep the table's precision.
         dtype = torch.float32 if t.device.type == "mps" else torch.float64
         return self.gammas.to(device=t.device, dtype=dtype)[t]
@@ -70,37 +70,6 @@ class NoiseSchedule:
     def log_snr(self, t: int | Tensor) -> Tensor:
         g = self.gamma(t)
         return torch.log(g) - torch.log1p(-g)
-
-    # ----- continuous time ----------------------------------------------------
-    def log_snr_at(self, u: float | Tensor) -> Tensor:
-        """log-SNR at continuous time u in [0, 1], linear in log-SNR between grid points.
-
-        On the first interval [0, 1/T] log-SNR is +inf at the left end, so there
-        sigma^2 is interpolated linearly instead (from 0 to sigma_1^2); this keeps
-        the curve continuous and monotone with log-SNR -> +inf as u -> 0.
-        """
-        u = torch.as_tensor(u, dtype=torch.float64)
-        if bool(((u < 0) | (u > 1)).any()):
-            raise ValueError("continuous time must lie in [0, 1]")
-        lam = self.log_snrs.to(u.device)
-        pos = u * self.num_steps
-        i = pos.floor().long().clamp(max=self.num_steps - 1)
-        frac = pos - i
-        # Table with the infinite entry replaced, so both branches stay finite.
-        finite = torch.cat([lam[1:2], lam[1:]])
-        linear = (1 - frac) * finite[i] + frac * finite[i + 1]
-        s1 = 1.0 - self.gammas[1].item()
-        first = torch.log1p(-frac * s1) - torch.log(frac * s1)
-        return torch.where(i == 0, first, linear)
-
-    def gamma_at(self, u: float | Tensor) -> Tensor:
-        return torch.sigmoid(self.log_snr_at(u))
-
-    def alpha_at(self, u: float | Tensor) -> Tensor:
-        return self.gamma_at(u).sqrt()
-
-    def sigma_at(self, u: float | Tensor) -> Tensor:
-        return torch.sigmoid(-self.log_snr_at(u)).sqrt()
 
     # ----- resolution shift ---------------------------------------------------
     def shifted(self, ratio: float, power: float = 1.0) -> NoiseSchedule:

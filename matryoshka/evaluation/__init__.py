@@ -5,14 +5,13 @@ from .evaluate import (
     METRICS,
     NEEDS_FEATURES,
     EvaluationError,
-    SampleCache,
-    SampleSettings,
     evaluate_pipeline,
     format_table,
     parse_metrics,
     run_evaluation,
 )
 from .features import FEATURE_NETWORKS, FeatureExtractor, build_feature_extractor, resolve_feature_name
+from .sampling import SampleCache, SampleSettings
 from .reference import LevelStats, ReferenceStats, compute_reference_stats, pool_levels
 from .stats import FeatureStats, frechet_distance, kernel_distance, precision_recall
 

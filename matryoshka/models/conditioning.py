@@ -69,12 +69,3 @@ class Conditioning:
         mask = None if self.text_mask is None else torch.zeros_like(self.text_mask)
         text = None if self.text is None else torch.zeros_like(self.text)
         return Conditioning(labels=labels, text=text, text_mask=mask, micro=dict(self.micro))
-
-    def select(self, index: torch.Tensor | slice) -> Conditioning:
-        """Rows ``index`` of every field (used to drop conditions or split batches)."""
-        pick = {name: None if value is None else value[index] for name, value in self._tensors().items()}
-        return Conditioning(**pick, micro={key: value[index] for key, value in self.micro.items()})
-
-    def to(self, device: torch.device | str) -> Conditioning:
-        moved = {name: None if value is None else value.to(device) for name, value in self._tensors().items()}
-        return Conditioning(**moved, micro={key: value.to(device) for key, value in self.micro.items()})

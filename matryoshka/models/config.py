@@ -85,8 +85,6 @@ class ModelConfig:
     """If > 0, a linear ``lm_proj`` maps tokens to this width before cross-attention (ml-mdm)."""
     text_attention_mask: bool = True
     """Honour the padding mask in cross-attention (ml-mdm's released 64² model does not)."""
-    spatial_dims: int = 2
-    """2 for images; the layers are written for N-d so a space-time variant can reuse them."""
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -94,8 +92,6 @@ class ModelConfig:
             raise ValueError("levels must contain at least one UNet level")
         if not 1 <= len(self.levels) <= 4:
             raise ValueError(f"between 1 and 4 nested levels are supported, got {len(self.levels)}")
-        if self.spatial_dims not in (1, 2, 3):
-            raise ValueError("spatial_dims must be 1, 2 or 3")
         if self.num_classes < 0 or self.text_dim < 0 or self.text_proj_dim < 0:
             raise ValueError("num_classes, text_dim and text_proj_dim must be >= 0")
         ratios = {level.downsampling for level in self.levels[1:]}

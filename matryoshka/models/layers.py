@@ -14,8 +14,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -25,8 +23,6 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def broadcast_to_spatial(vector: torch.Tensor, dims: int) -> torch.Tensor:
-    return vector.reshape(*vector.shape, *([1] * dims))
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -55,20 +51,19 @@ class SinusoidalEmbedding(nn.Module):
 class ResNet(nn.Module):
     """GN -> SiLU -> conv -> GN * (1 + scale) + shift -> SiLU -> dropout -> zero conv, plus skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, embed_dim: int, groups: int, dropout: float, dims: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, embed_dim: int, groups: int, dropout: float) -> None:
         super().__init__()
-        self.dims = dims
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_layer = nn.Linear(embed_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_init(conv_nd(dims, out_ch, out_ch, 3, padding=1))
-        self.conv3 = conv_nd(dims, in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv3 = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = broadcast_to_spatial(self.time_layer(F.silu(emb)), self.dims).chunk(2, dim=1)
+        scale, shift = self.time_layer(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = F.silu(self.norm2(h) * (1 + scale) + shift)
         h = self.conv2(self.dropout(h))
         return h + (x if self.conv3 is None else self.conv3(x))
@@ -82,23 +77,23 @@ class Attention(nn.Module):
     [h*C/heads, (h+1)*C/heads) of q, k and v.
     """
 
-    def __init__(self, channels: int, heads: int, groups: int, cond_dim: int, ffn: bool, dims: int) -> None:
+    def __init__(self, channels: int, heads: int, groups: int, cond_dim: int, ffn: bool) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(groups, channels)
-        self.qkv = conv_nd(dims, channels, 3 * channels, 1)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         if cond_dim > 0:
             self.norm_cond = nn.LayerNorm(cond_dim)
             self.kv_cond = nn.Linear(cond_dim, 2 * channels)
         else:
             self.norm_cond = self.kv_cond = None
-        self.proj_out = zero_init(conv_nd(dims, channels, channels, 1))
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
         self.ffn = (
             nn.Sequential(
                 nn.GroupNorm(groups, channels),
-                conv_nd(dims, channels, 4 * channels, 1),
+                nn.Conv2d(channels, 4 * channels, 1),
                 nn.GELU(),
-                zero_init(conv_nd(dims, 4 * channels, channels, 1)),
+                zero_init(nn.Conv2d(4 * channels, channels, 1)),
             )
             if ffn
             else None
@@ -134,7 +129,7 @@ class Attention(nn.Module):
         has_tokens = mask.any(dim=1)
         safe_mask = mask | ~has_tokens[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])
-        return out * broadcast_to_spatial(has_tokens.to(out.dtype), 3)
+        return out * has_tokens.to(out.dtype)[:, None, None, None]
 
 
 class Stage(nn.Module):
@@ -156,17 +151,15 @@ class Stage(nn.Module):
         dropout: float,
         cond_dim: int,
         ffn: bool,
-        dims: int,
         checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.dims = dims
         self.checkpointing = checkpointing
-        self.resnets = nn.ModuleList(ResNet(c, out_ch, embed_dim, groups, dropout, dims) for c in in_channels)
+        self.resnets = nn.ModuleList(ResNet(c, out_ch, embed_dim, groups, dropout) for c in in_channels)
         self.attention_layers = attention_layers
         self.attn = (
             nn.ModuleList(
-                Attention(out_ch, heads, groups, cond_dim, ffn, dims)
+                Attention(out_ch, heads, groups, cond_dim, ffn)
                 for _ in range(len(in_channels) * attention_layers)
             )
             if attention_layers
@@ -174,7 +167,7 @@ class Stage(nn.Module):
         )
         self.resample_mode = resample
         stride = 2 if resample == "down" else 1
-        self.resample = conv_nd(dims, out_ch, out_ch, 3, stride=stride, padding=1) if resample else None
+        self.resample = nn.Conv2d(out_ch, out_ch, 3, stride=stride, padding=1) if resample else None
 
     def _run(self, module: nn.Module, *args):
         if self.checkpointing and self.training and torch.is_grad_enabled():

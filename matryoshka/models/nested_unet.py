@@ -16,7 +16,7 @@ from torch import nn
 
 from .conditioning import Conditioning
 from .config import LevelConfig, ModelConfig
-from .layers import SinusoidalEmbedding, Stage, conv_nd, zero_init
+from .layers import SinusoidalEmbedding, Stage, zero_init
 
 
 @dataclass
@@ -36,7 +36,7 @@ class NestedUNet(nn.Module):
         level: LevelConfig = config.levels[-1]
         self.level = level
         self.is_innermost = config.num_levels == 1
-        dims, embed_dim = config.spatial_dims, config.embed_dim
+        embed_dim = config.embed_dim
         cond_dim = config.cross_attention_dim
 
         self.temb = SinusoidalEmbedding(embed_dim)
@@ -55,11 +55,10 @@ class NestedUNet(nn.Module):
             dropout=level.dropout,
             cond_dim=cond_dim,
             ffn=level.attention_ffn,
-            dims=dims,
             checkpointing=config.gradient_checkpointing,
         )
         width = level.channels[0]
-        self.conv_in = conv_nd(dims, config.in_channels, width, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels, width, 3, padding=1)
         skip_widths = [width]
         self.down_blocks = nn.ModuleList()
         last_stage = len(level.channels) - 1
@@ -83,8 +82,8 @@ class NestedUNet(nn.Module):
         else:
             self.inner_unet = NestedUNet(config.truncated(config.num_levels - 1))
             inner_width = config.levels[-2].channels[0]
-            self.in_adapter = zero_init(conv_nd(dims, width, inner_width, 3, padding=1))
-            self.out_adapter = zero_init(conv_nd(dims, inner_width, width, 3, padding=1))
+            self.in_adapter = zero_init(nn.Conv2d(width, inner_width, 3, padding=1))
+            self.out_adapter = zero_init(nn.Conv2d(inner_width, width, 3, padding=1))
 
         self.up_blocks = nn.ModuleList()
         for stage in reversed(range(len(level.channels))):
@@ -98,7 +97,7 @@ class NestedUNet(nn.Module):
                 Stage(inputs, out_ch, embed_dim, level.stage_attention_layers(stage), resample, **stage_options)
             )
         self.norm_out = nn.GroupNorm(level.norm_groups, width)
-        self.conv_out = zero_init(conv_nd(dims, width, config.out_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(width, config.out_channels, 3, padding=1))
 
     # ------------------------------------------------------------------ conditioning
     @property

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+# Sampling grids or evaluating thousands of images at 256² on rank 0 can take far longer than the
+# collective timeout that catches a dead rank; the other ranks wait for it in a gloo group with this one.
+RANK0_WORK_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -15,6 +22,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    rank0_work_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -35,6 +43,14 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def run_on_main(self, work: Callable[[], T]) -> T | None:
+        """Run ``work`` on rank 0 while the other ranks wait as long as it takes (None on them)."""
+        try:
+            return work() if self.is_main else None
+        finally:
+            if self.enabled:  # also when rank 0 failed, so the others are released and see the failure
+                dist.barrier(group=self.rank0_work_group)
 
     def mean(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
         """Average scalars over ranks (for logging)."""
@@ -70,6 +86,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> Dis
             timeout=timedelta(minutes=timeout_minutes),
             **({"device_id": torch.device("cuda", local_rank)} if use_cuda else {}),
         )
+    context.rank0_work_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
     return context
 
 

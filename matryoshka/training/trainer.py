@@ -23,40 +23,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..checkpoints import latest_checkpoint, load_train_state, remove_partial_checkpoints
+from ..checkpoints import save_checkpoint
 from ..config import dump_yaml
 from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset, make_loader
 from ..data.loader import mix_seed
-from ..models import NULL_LABEL, Conditioning, NestedUNet
-from ..models.layers import Stage
+from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
 from ..utils.images import save_grid
-from ..checkpoints import (
-    latest_checkpoint,
-    load_into,
-    load_tensors,
-    load_train_state,
-    remove_partial_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from .batches import batch_conditioning, sample_randomness, top_images
 from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
+from .parallel import shard, wrap
 from .lr import lr_factor
+from .metrics import MetricsLog
 from .precision import use_bf16
+from .stages import stage_boundaries
+from .state import full_weights, init_inner_from, load_optimizer_state, load_weights, optimizer_state
 
 
 class TrainingStopped(RuntimeError):
@@ -76,30 +63,32 @@ class Trainer:
         self.run_dir = Path(config.run_dir).expanduser()
         self.device = self.dist.device(config.train.device)
         self.stages = config.resolved_stages()
+        self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
 
         self.dataset = build_dataset(config.data)
         self._check_labels()
         self.text_encoder = load_encoder(config, self.device)
-        self.text_cache = None
-        if self.text_encoder is not None and config.text.cache_dir:
-            from ..text import TextEmbeddingCache
+        self.embed_captions = None
+        if self.text_encoder is not None:
+            self.embed_captions = self.text_encoder.encode
+            if config.text.cache_dir:
+                from ..text import TextEmbeddingCache
 
-            self.text_cache = TextEmbeddingCache(Path(config.text.cache_dir).expanduser(), self.text_encoder)
+                cache_dir = Path(config.text.cache_dir).expanduser()
+                self.embed_captions = TextEmbeddingCache(cache_dir, self.text_encoder).get
         self.bf16 = use_bf16(config.train.precision, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-        self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
-        self._warned: set[str] = set()
 
         checkpoint = latest_checkpoint(self.run_dir)
-        state = load_train_state(checkpoint / "state.pt") if checkpoint else None
-        self.step = int(state["step"]) if state else 0
+        state = load_train_state(checkpoint / "state.pt") if checkpoint else {}
+        self.step = int(state.get("step", 0))
         # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
-        self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", [])) if state else []
-        self.train_seconds = float(state.get("train_seconds", 0.0)) if state else 0.0
+        self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self._build(int(state["num_levels"]) if state else self.stage.levels)
         self.resumed_from = None
         if checkpoint is not None:
@@ -107,7 +96,7 @@ class Trainer:
         elif config.init_from:
             self._init_from(config.init_from)
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ stages
     def _check_labels(self) -> None:
         classes = len(getattr(self.dataset, "class_names", []) or [])
         wanted = self.config.model.num_classes
@@ -118,15 +107,8 @@ class Trainer:
 
     @property
     def boundaries(self) -> list[int]:
-        """The step at which each stage ends: after its steps, or where its minutes ran out."""
-        ended = {entry["stage"]: entry["end_step"] for entry in self.stage_history if "end_step" in entry}
-        ends, end = [], 0
-        for index, stage in enumerate(self.stages):
-            end = ended.get(index, end + stage.steps)
-            ends.append(end)
-        if not self.config.stages or self.config.stages[-1].steps is None:
-            ends[-1] = max(self.config.train.steps, ends[-2] + 1 if len(ends) > 1 else 1)
-        return ends
+        last_is_open = not self.config.stages or self.config.stages[-1].steps is None
+        return stage_boundaries(self.stages, self.stage_history, self.config.train.steps, last_is_open)
 
     @property
     def total_steps(self) -> int:
@@ -149,6 +131,11 @@ class Trainer:
     def num_levels(self) -> int:
         return self.model.config.num_levels
 
+    @property
+    def sharded(self) -> bool:
+        return self.dist.enabled and self.config.train.strategy == "fsdp"
+
+    # ------------------------------------------------------------------ model, optimizer, state
     def _build(self, levels: int) -> None:
         """Model, EMA, optimizer and process for a model with the innermost ``levels`` levels."""
         train = self.config.train
@@ -159,8 +146,9 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
         if self.sharded:
-            self._shard(self.model)
-            self._shard(self.ema.model)
+            bf16_params = self.device.type == "cuda" and self.bf16
+            shard(self.model, bf16_params)
+            shard(self.ema.model, bf16_params)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
         )
@@ -178,45 +166,13 @@ class Trainer:
             parameter.requires_grad_(True)
         if frozen_levels:
             inner_module(self.model, levels, frozen_levels).requires_grad_(False)
-        self.network = self._wrap(self.model)
+        self.network = wrap(self.model, self.dist, self.sharded, self.config.train.compile)
         self.batches = None  # the loader is (re)made for the stage's batch size
 
-    @property
-    def sharded(self) -> bool:
-        return self.dist.enabled and self.config.train.strategy == "fsdp"
-
-    def _shard(self, model: NestedUNet) -> None:
-        """FSDP2: each Stage is its own shard unit, then the rest of the model."""
-        policy = MixedPrecisionPolicy()
-        if self.device.type == "cuda" and not isinstance(self.autocast, nullcontext):
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for module in model.modules():
-            if isinstance(module, Stage):
-                fully_shard(module, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-
-    def _wrap(self, model: NestedUNet) -> torch.nn.Module:
-        network: torch.nn.Module = model
-        if self.dist.enabled and not self.sharded:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            network = DistributedDataParallel(model, device_ids=device_ids)
-        if self.config.train.compile:
-            network = torch.compile(network)
-        return network
-
-    def _load_weights(self, module: NestedUNet, path: Path) -> None:
-        tensors = load_tensors(path)
-        if not self.sharded:
-            load_into(module, tensors, path)
-            return
-        load_into(NestedUNet(module.config).to("meta"), tensors, path)  # shape check with clear messages
-        set_model_state_dict(module, tensors, options=StateDictOptions(full_state_dict=True))
-
     def _resume(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        self._load_weights(self.model, checkpoint / "model.safetensors")
-        self._load_weights(self.ema.model, checkpoint / "ema.safetensors")
-        # Optimizer state is stored keyed by parameter name, so it loads under any strategy and rank count.
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        load_weights(self.model, checkpoint / "model.safetensors", self.sharded)
+        load_weights(self.ema.model, checkpoint / "ema.safetensors", self.sharded)
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.ema.updates = int(state["ema_updates"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self._configure_stage()
@@ -224,17 +180,8 @@ class Trainer:
 
     def _init_from(self, source: str) -> None:
         """Initialise the innermost levels from another run's EMA weights (e.g. a 64² model)."""
-        checkpoint = resolve_checkpoint(source)
-        levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", 1))
-        tensors = load_tensors(checkpoint / "ema.safetensors")
-        if self.sharded:
-            full = {**self._full_weights(self.model), **{inner_prefix(self.num_levels, levels) + k: v for k, v in tensors.items()}}
-            load_inner(NestedUNet(self.model.config).to("meta"), self.num_levels, tensors, levels, str(checkpoint))
-            for module in (self.model, self.ema.model):
-                set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True))
-            return
-        load_inner(self.model, self.num_levels, tensors, levels, str(checkpoint))
-        load_inner(self.ema.model, self.num_levels, tensors, levels, str(checkpoint))
+        for module in (self.model, self.ema.model):
+            init_inner_from(module, source, self.sharded)
 
     def _grow(self, levels: int) -> None:
         """Move to a model with ``levels`` levels, keeping weights, EMA and Adam moments."""
@@ -245,22 +192,10 @@ class Trainer:
         self.ema.updates = old_ema.updates
         carry_optimizer_state(old_optimizer, old_model, self.optimizer, self.model, inner_prefix(levels, old_levels))
 
-    def _full_weights(self, module: NestedUNet) -> dict[str, torch.Tensor]:
-        """Unsharded CPU weights (a collective under FSDP: every rank must call it)."""
-        if not self.sharded:
-            return {name: value.detach().cpu() for name, value in module.state_dict().items()}
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        objects = [full]
-        torch.distributed.broadcast_object_list(objects, src=0)
-        return objects[0]
-
     def _train_state(self) -> dict[str, Any]:
-        optimizer = get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
         return {
             "step": self.step,
-            "optimizer": optimizer,
+            "optimizer": optimizer_state(self.model, self.optimizer),
             "ema_updates": self.ema.updates,
             "nonfinite_total": self.nonfinite_total,
             "num_levels": self.num_levels,
@@ -273,47 +208,11 @@ class Trainer:
         return self.stage.batch_size * self.config.train.grad_accum * self.dist.world_size
 
     # ------------------------------------------------------------------ one step
-    def _sample_randomness(self, batch: dict, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Timestep, noise pyramid and condition-dropout draw of each sample, from (seed, step, index)."""
-        shapes = [level.shape[1:] for level in self.process.pyramid(images[:1])]
-        steps, noise, drop = [], [[] for _ in shapes], []
-        for index in batch["index"].tolist():
-            generator = torch.Generator(self.device).manual_seed(mix_seed(self.config.train.seed, self.step, index))
-            steps.append(self.process.sample_timesteps(1, generator, self.device))
-            for level, shape in enumerate(shapes):
-                noise[level].append(torch.randn(shape, generator=generator, device=self.device))
-            drop.append(torch.rand(1, generator=generator, device=self.device))
-        return torch.cat(steps), [torch.stack(level) for level in noise], torch.cat(drop) < self.config.train.cond_drop_prob
-
-    def _conditioning(self, batch: dict, drop: torch.Tensor) -> Conditioning | None:
-        """Labels and/or caption embeddings, with the dropped samples' conditions made null."""
-        labels = text = mask = None
-        if self.config.model.num_classes:
-            labels = batch["label"].to(self.device)
-            labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
-        if self.text_encoder is not None:
-            from ..text import null_mask_rows
-
-            captions = list(batch["caption"])
-            source = self.text_cache.get if self.text_cache is not None else self.text_encoder.encode
-            embedding = null_mask_rows(source(captions, device=self.device), drop)
-            text, mask = embedding.tokens, embedding.mask
-        if labels is None and text is None:
-            return None
-        return Conditioning(labels=labels, text=text, text_mask=mask)
-
-    def _images(self, batch: dict) -> torch.Tensor:
-        """Data at the top resolution of the current stage's model."""
-        images = batch["image"].to(self.device, non_blocking=True)
-        missing = self.config.model.num_levels - self.num_levels
-        factor = self.config.model.nest_ratio**missing
-        return F.avg_pool2d(images, factor) if factor > 1 else images
-
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
+        stage_length = self.boundaries[self.stage_index] - self.stage_start
         lr = stage.lr * lr_factor(
-            self.step - self.stage_start, train.warmup_steps, self.boundaries[self.stage_index] - self.stage_start,
-            train.lr_schedule, train.min_lr_ratio
+            self.step - self.stage_start, train.warmup_steps, stage_length, train.lr_schedule, train.min_lr_ratio
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -322,9 +221,11 @@ class Trainer:
         for micro in range(train.grad_accum):
             batch = next(self.batches)
             torch.manual_seed(mix_seed(train.seed, self.step, micro, self.dist.rank))  # network dropout
-            images = self._images(batch)
-            t, noise, drop = self._sample_randomness(batch, images)
-            cond = self._conditioning(batch, drop)
+            missing = self.config.model.num_levels - self.num_levels
+            images = top_images(batch, self.device, missing, self.config.model.nest_ratio)
+            indices = batch["index"].tolist()
+            t, noise, drop = sample_randomness(self.process, indices, images, train.seed, self.step, train.cond_drop_prob)
+            cond = batch_conditioning(batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device)
             last = micro == train.grad_accum - 1
             sync = self.network.no_sync() if self.dist.enabled and not self.sharded and not last else nullcontext()
             with sync:
@@ -354,7 +255,8 @@ class Trainer:
             self._grow(self.stage.levels)
         if not self.stage_history or self.stage_history[-1]["stage"] != self.stage_index:
             self.stage_history.append(
-                {"stage": self.stage_index, "levels": self.num_levels, "start_step": self.step, "start_seconds": self.train_seconds}
+                {"stage": self.stage_index, "levels": self.num_levels, "start_step": self.step,
+                 "start_seconds": self.train_seconds}
             )
         if self.batches is None:
             self.batches = make_loader(
@@ -380,8 +282,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path | None:
-        """Gather full weights and optimizer state (collective), then write once on rank 0."""
-        model, ema, state = self._full_weights(self.model), self._full_weights(self.ema.model), self._train_state()
+        """Gather full weights and optimizer state to rank 0 (collective), which writes them once."""
+        model = full_weights(self.model, self.sharded)
+        ema = full_weights(self.ema.model, self.sharded)
+        state = self._train_state()
         path = None
         if self.dist.is_main:
             try:
@@ -401,16 +305,21 @@ class Trainer:
         self.dist.barrier()
         return path
 
-    def save_samples(self) -> list[Path]:
-        """Sample grids from the EMA weights (an unsharded copy on rank 0 under FSDP)."""
+    def _ema_pipeline(self) -> Pipeline | None:
+        """The EMA model as a pipeline on rank 0 (unsharded there under FSDP); None elsewhere."""
         model = self.ema.model
         if self.sharded:
-            weights = self._full_weights(model)
+            weights = full_weights(model, sharded=True)  # a collective: every rank calls it
             if not self.dist.is_main:
-                return []
+                return None
             model = NestedUNet(model.config).to(self.device)
             model.load_state_dict(weights)
-        pipeline = Pipeline(model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
+        if not self.dist.is_main:
+            return None
+        return Pipeline(model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
+
+    def save_samples(self, pipeline: Pipeline) -> list[Path]:
+        """Grids of ``sample.num`` samples, one image per level."""
         num = self.config.sample.num
         prompts = self.config.sample.prompts
         if self.text_encoder is not None and not prompts:
@@ -421,52 +330,39 @@ class Trainer:
             for level in levels
         ]
 
-    def evaluate(self) -> dict[str, float]:
-        """Quality metrics of the EMA model at every level (rank 0), e.g. fd_effnet-lite0/64x64."""
+    def evaluate(self, pipeline: Pipeline) -> dict[str, float]:
+        """Quality metrics at every level, e.g. fd_effnet-lite0/64x64."""
         from ..evaluation import evaluate_pipeline
 
         settings = self.config.eval
-        pipeline = Pipeline(self.ema.model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
-        prompts = self.config.sample.prompts or None
         return evaluate_pipeline(
             pipeline, settings.reference, num=settings.num, feature=settings.feature, metrics=tuple(settings.metrics),
-            sampler=settings.sampler, steps=settings.steps, batch_size=settings.batch_size, seed=self.config.sample.seed,
-            prompts=prompts,
+            sampler=settings.sampler, steps=settings.steps, batch_size=settings.batch_size,
+            seed=self.config.sample.seed, prompts=self.config.sample.prompts or None,
         )
+
+    def _samples_and_evaluation(self, sample: bool, evaluate: bool) -> None:
+        """Rank 0 samples/evaluates while the other ranks wait without a collective timeout."""
+        if not (sample or evaluate):
+            return
+        pipeline = self._ema_pipeline()
+
+        def work() -> None:
+            if sample:
+                try:
+                    self.save_samples(pipeline)
+                except OSError as error:
+                    self.metrics.warn(f"could not write samples: {error}")
+            if evaluate:
+                self.metrics.write({"step": self.step, **self.evaluate(pipeline)})
+
+        self.dist.run_on_main(work)
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(self.run_dir)
         dump_yaml(self.config, self.run_dir / "config.yaml")
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
-
-    def _log(self, record: dict[str, Any], writer) -> None:
-        try:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        writer.add_scalar(key, value, record["step"])
-        except OSError as error:  # a full disk must not kill training before the next checkpoint attempt
-            self._warn(f"could not write metrics: {error}")
-
-    def _warn(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            tqdm.write(f"warning: {message}")
-
-    def _open_writer(self):
-        if not self.dist.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional at run time
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
+        self.metrics.keep_until(self.step)
 
     # ------------------------------------------------------------------ the loop
     def _progress_bar(self) -> tqdm:
@@ -475,10 +371,21 @@ class Trainer:
         if not self.config.train.max_minutes:
             return tqdm(total=self.total_steps, initial=self.step, unit="step", **options)
         seconds = round(60 * self.config.train.max_minutes)
-        return tqdm(total=seconds, unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]", **options)
+        bar_format = "{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]"
+        return tqdm(total=seconds, unit="s", bar_format=bar_format, **options)
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
+
+    def _log_step(self, loss: float, level_logs: dict[str, float], grad_norm: float, lr: float, rate: float) -> dict:
+        averaged = self.dist.mean({"loss": loss, **level_logs}, self.device)
+        record = {
+            "step": self.step, **averaged, "lr": lr, "grad_norm": grad_norm, "images_per_s": rate,
+            "nonfinite_steps": self.nonfinite_total, "stage": self.stage_history[-1]["stage"],
+            "levels": self.num_levels,
+        }
+        self.metrics.write(record)
+        return averaged
 
     def train(self) -> Path | None:
         """Train through every stage; returns the final checkpoint."""
@@ -486,7 +393,7 @@ class Trainer:
         if self.dist.is_main:
             self._prepare_run_dir()
         self.dist.barrier()
-        writer = self._open_writer()
+        self.metrics.open(self.step)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         last_time, last_step = time.perf_counter(), self.step
         deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
@@ -513,30 +420,21 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (self.step - last_step) * self.global_batch() / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
-                    averaged = self.dist.mean({"loss": loss, **level_logs}, self.device)
-                    record = {"step": self.step, **averaged, "lr": lr, "grad_norm": grad_norm, "images_per_s": rate,
-                              "nonfinite_steps": self.nonfinite_total, "stage": self.stage_history[-1]["stage"],
-                              "levels": self.num_levels}
-                    if self.dist.is_main:
-                        self._log(record, writer)
+                    averaged = self._log_step(loss, level_logs, grad_norm, lr, rate)
                     bar.set_postfix(step=self.step, loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                if (self.dist.is_main or self.sharded) and not (diverged or stop_signal) and (
-                    self.step % train.sample_every == 0 or done or boundary
-                ):
-                    try:
-                        self.save_samples()
-                    except OSError as error:
-                        self._warn(f"could not write samples: {error}")
-                evaluate_now = self.config.eval.every and (self.step % self.config.eval.every == 0 or done)
-                if evaluate_now and self.dist.is_main and not self.sharded and not (diverged or stop_signal):
-                    self._log({"step": self.step, **self.evaluate()}, writer)
+                healthy = not (diverged or stop_signal)
+                evaluate_every = self.config.eval.every
+                self._samples_and_evaluation(
+                    sample=healthy and (self.step % train.sample_every == 0 or done or boundary),
+                    evaluate=healthy and bool(evaluate_every) and (self.step % evaluate_every == 0 or done),
+                )
                 if self.step % train.checkpoint_every == 0 or done or boundary:
                     # Skipped steps never updated the weights, so this holds the last finite ones.
                     checkpoint = self.save()
                 if diverged:
                     raise TrainingStopped(
-                        f"stopped: {self.nonfinite_in_a_row} non-finite steps in a row (weights were not updated by them); "
-                        f"the checkpoint holds the last finite weights. Lower train.lr or check the data.",
+                        f"stopped: {self.nonfinite_in_a_row} non-finite steps in a row (weights were not updated by "
+                        "them); the checkpoint holds the last finite weights. Lower train.lr or check the data.",
                         checkpoint,
                         exit_code=3,
                     )
@@ -551,6 +449,5 @@ class Trainer:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if writer is not None:
-                writer.close()
+            self.metrics.close()
         return checkpoint or latest_checkpoint(self.run_dir)

@@ -1,0 +1,60 @@
+"""From a data batch to what one training step needs: images, per-sample randomness, conditioning.
+
+Each sample's timestep, noise and condition dropout come from (seed, step, dataset index),
+so they do not depend on how the global batch is split over processes or micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.loader import mix_seed
+from ..diffusion.process import MatryoshkaDiffusion
+from ..models import NULL_LABEL, Conditioning
+
+
+def top_images(batch: dict, device: torch.device, missing_levels: int, nest_ratio: int) -> torch.Tensor:
+    """The batch at the top resolution of a model that lacks the outermost ``missing_levels``."""
+    images = batch["image"].to(device, non_blocking=True)
+    factor = nest_ratio**missing_levels
+    return F.avg_pool2d(images, factor) if factor > 1 else images
+
+
+def sample_randomness(
+    process: MatryoshkaDiffusion,
+    indices: list[int],
+    images: torch.Tensor,
+    seed: int,
+    step: int,
+    cond_drop_prob: float,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Timestep, noise pyramid and condition-dropout flag of each sample."""
+    device = images.device
+    shapes = [level.shape[1:] for level in process.pyramid(images[:1])]
+    steps, noise, drop = [], [[] for _ in shapes], []
+    for index in indices:
+        generator = torch.Generator(device).manual_seed(mix_seed(seed, step, index))
+        steps.append(process.sample_timesteps(1, generator, device))
+        for level, shape in enumerate(shapes):
+            noise[level].append(torch.randn(shape, generator=generator, device=device))
+        drop.append(torch.rand(1, generator=generator, device=device))
+    return torch.cat(steps), [torch.stack(level) for level in noise], torch.cat(drop) < cond_drop_prob
+
+
+def batch_conditioning(
+    batch: dict, drop: torch.Tensor, class_conditional: bool, embed_captions, device: torch.device
+) -> Conditioning | None:
+    """Labels and/or caption embeddings (``embed_captions(captions, device=)``), dropped ones made null."""
+    labels = text = mask = None
+    if class_conditional:
+        labels = batch["label"].to(device)
+        labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+    if embed_captions is not None:
+        from ..text import null_mask_rows
+
+        embedding = null_mask_rows(embed_captions(list(batch["caption"]), device=device), drop)
+        text, mask = embedding.tokens, embedding.mask
+    if labels is None and text is None:
+        return None
+    return Conditioning(labels=labels, text=text, text_mask=mask)

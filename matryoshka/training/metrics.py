@@ -1,0 +1,55 @@
+"""The run's metrics: ``metrics.jsonl`` (one JSON record per logged step) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """Written by rank 0 only; write errors (a full disk) warn instead of stopping training."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard_dir = run_dir / "tensorboard"
+        self.enabled = enabled
+        self.writer = None
+        self._warned: set[str] = set()
+
+    def keep_until(self, step: int) -> None:
+        """Drop records logged after ``step`` (the checkpoint a run resumes from)."""
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def open(self, step: int) -> None:
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: it takes a second to load
+
+            self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, record["step"])
+        except OSError as error:  # a full disk must not kill training before the next checkpoint attempt
+            self.warn(f"could not write metrics: {error}")
+
+    def warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            tqdm.write(f"warning: {message}")

@@ -1,0 +1,71 @@
+"""Weights and optimizer state of a model that may be sharded by FSDP2, as full CPU tensors.
+
+Checkpoints always hold full, unsharded tensors keyed by parameter name, so a run saved
+under one strategy and rank count resumes under any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..checkpoints import load_into, load_tensors, load_train_state, resolve_checkpoint
+from ..models import NestedUNet
+from .growth import load_inner
+
+_FULL = StateDictOptions(full_state_dict=True)
+# Gathered to rank 0 only (cpu_offload keeps the full copy off the other ranks).
+_FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_weights(module: NestedUNet, sharded: bool) -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights; under FSDP a collective whose result only rank 0 holds."""
+    if not sharded:
+        return {name: value.detach().cpu() for name, value in module.state_dict().items()}
+    return get_model_state_dict(module, options=_FULL_ON_MAIN)
+
+
+def set_full_weights(module: NestedUNet, tensors: dict[str, torch.Tensor], sharded: bool, source: str | Path) -> None:
+    """Load full weights, checked against the model's names and shapes with clear messages."""
+    if not sharded:
+        load_into(module, tensors, source)
+        return
+    load_into(NestedUNet(module.config).to("meta"), tensors, source)
+    set_model_state_dict(module, tensors, options=_FULL)
+
+
+def load_weights(module: NestedUNet, path: Path, sharded: bool) -> None:
+    set_full_weights(module, load_tensors(path), sharded, path)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name (full tensors, on rank 0 under FSDP)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_MAIN)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=_FULL)
+
+
+def init_inner_from(module: NestedUNet, source: str | Path, sharded: bool) -> None:
+    """Load another run's EMA weights into the innermost levels of ``module`` (e.g. a 64² model)."""
+    checkpoint = resolve_checkpoint(source)
+    levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", 1))
+    tensors = load_tensors(checkpoint / "ema.safetensors")
+    if not sharded:
+        load_inner(module, module.config.num_levels, tensors, levels, str(checkpoint))
+        return
+    # Every rank read the file: merge it into a full copy of this model's weights, then reshard.
+    merged = NestedUNet(module.config)
+    merged.load_state_dict(get_model_state_dict(module, options=_FULL))
+    load_inner(merged, module.config.num_levels, tensors, levels, str(checkpoint))
+    set_model_state_dict(module, merged.state_dict(), options=_FULL)
