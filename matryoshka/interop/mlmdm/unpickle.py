@@ -36,29 +36,14 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from .errors import CheckpointFormatError, UnsafeCheckpointError
 
 __all__ = [
-    "MlmdmError",
-    "UnsafeCheckpointError",
-    "CheckpointFormatError",
     "LoadedWeights",
     "PickledRecord",
     "read_weights",
     "to_plain",
 ]
-
-
-class MlmdmError(ConfigError):
-    """An ml-mdm file or option we cannot convert faithfully (a ``ValueError``)."""
-
-
-class UnsafeCheckpointError(MlmdmError):
-    """The pickle references code outside the allow-list; nothing from it was executed."""
-
-
-class CheckpointFormatError(MlmdmError):
-    """The file is not a checkpoint we understand (or is corrupt)."""
 
 
 # ----------------------------------------------------------------------------- records
@@ -172,6 +157,7 @@ def to_plain(value: Any, _depth: int = 0) -> Any:
             if number is not None:
                 return number
         if value.pickled_name.startswith("pathlib.") and all(isinstance(a, str) for a in value.args):
+            # Joined as text, not rebuilt with pathlib, so a Windows path saved on Windows reads as written.
             return os.path.join(*value.args) if value.args else ""
         state = value.state
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], Mapping):
@@ -228,7 +214,7 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {file}")
     size = file.stat().st_size
-    with open(file, "rb") as handle:
+    with file.open("rb") as handle:
         head = handle.read(16)
     if _looks_like_safetensors(head, size):
         return _read_safetensors(file)
@@ -243,8 +229,9 @@ def _read_safetensors(file: Path) -> LoadedWeights:
             keys = list(handle.keys())
             metadata = handle.metadata() or {}
             if _diffusers_layout(keys):
+                example = next(k for k in keys if _diffusers_layout([k]))
                 raise CheckpointFormatError(
-                    f"{file} uses the diffusers module layout (e.g. '{next(k for k in keys if _diffusers_layout([k]))}'), "
+                    f"{file} uses the diffusers module layout (e.g. '{example}'), "
                     "as in the diffusers community port tolgacangoz/matryoshka-diffusion-models; only ml-mdm's own "
                     "parameter names are supported (convert Apple's vis_model.pth instead; see docs/mlmdm.md)"
                 )
@@ -262,7 +249,7 @@ def _read_torch(file: Path, zipped: bool) -> LoadedWeights:
     if zipped:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
-        except Exception as error:  # noqa: BLE001 - a corrupt archive or pickle
+        except Exception as error:  # a corrupt archive or pickle: torch raises many kinds
             raise CheckpointFormatError(f"cannot read {file} as a torch checkpoint: {error}") from error
         refused = sorted(name for name in names if not _admitted(name))
         if refused:
@@ -290,7 +277,7 @@ def _read_torch(file: Path, zipped: bool) -> LoadedWeights:
             f"refusing to load {file}: torch's weights-only unpickler rejected it ({_reason(error)}). "
             "Nothing from the file was executed."
         ) from error
-    except Exception as error:  # noqa: BLE001 - corrupt or unsupported file
+    except Exception as error:  # a corrupt or unsupported file: torch raises many kinds
         raise CheckpointFormatError(f"cannot read {file} as a torch checkpoint: {error}") from error
     return _unwrap(obj, file, records)
 

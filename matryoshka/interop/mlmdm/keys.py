@@ -8,27 +8,31 @@ from __future__ import annotations
 
 import re
 
-_OURS_TO_MLMDM = [
+_Rules = list[tuple[re.Pattern[str], str]]
+
+_OURS_TO_MLMDM: _Rules = [
     (re.compile(r"(^|\.)temb\.layer([12])\."), r"\1temb_layer\2."),
     (re.compile(r"(^|\.)cond_layers\.(\w+)\.layer1\."), r"\1cond_layers.\2.0."),
     (re.compile(r"(^|\.)cond_layers\.(\w+)\.layer2\."), r"\1cond_layers.\2.1."),
 ]
-_MLMDM_TO_OURS = [
+_MLMDM_TO_OURS: _Rules = [
     (re.compile(r"(^|\.)temb_layer([12])\."), r"\1temb.layer\2."),
     (re.compile(r"(^|\.)cond_layers\.(\w+)\.0\."), r"\1cond_layers.\2.layer1."),
     (re.compile(r"(^|\.)cond_layers\.(\w+)\.1\."), r"\1cond_layers.\2.layer2."),
 ]
 
 
-def _rename(key: str, rules) -> str:
+def _rename(key: str, rules: _Rules) -> str:
     for pattern, replacement in rules:
         key = pattern.sub(replacement, key)
     return key
 
 
 def to_mlmdm_key(key: str) -> str:
+    """Our parameter name -> ml-mdm's."""
     return _rename(key, _OURS_TO_MLMDM)
 
 
 def from_mlmdm_key(key: str) -> str:
+    """ml-mdm's parameter name -> ours."""
     return _rename(key, _MLMDM_TO_OURS)
