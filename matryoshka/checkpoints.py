@@ -11,6 +11,7 @@ one and is replaced atomically after the rename.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .config import dump_yaml
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+SAMPLING_FILES = ("model.safetensors", "ema.safetensors", "config.yaml")
+"""Enough to sample: what a model is made of is also in the weights' metadata (see checkpoint_info)."""
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -78,7 +81,13 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        metadata = {"format": "matryoshka", "step": str(step)}
+        # Sampling reads these from the weights alone: no state.pt, and no training data for class names.
+        metadata = {
+            "format": "matryoshka",
+            "step": str(step),
+            "num_levels": str(train_state["num_levels"]),
+            "class_names": json.dumps(list(train_state.get("class_names", []))),
+        }
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors", metadata)
         save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors", metadata)
         buffer = io.BytesIO()
@@ -158,7 +167,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}")
-    if path.is_dir() and is_complete(path):
+    if path.is_dir() and (is_complete(path) or all((path / name).is_file() for name in SAMPLING_FILES)):
         return path
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -178,6 +187,29 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path} has NaN or Inf values in {len(bad)} tensors, e.g. {', '.join(bad[:3])}")
     return tensors
+
+
+def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
+    """Step, number of levels and class names of a checkpoint, from its weights' metadata.
+
+    Checkpoints written before the metadata held them fall back to ``state.pt``; their class
+    names are unknown (an empty list).
+    """
+    try:
+        with safe_open(str(checkpoint / "ema.safetensors"), framework="pt") as weights:
+            metadata = weights.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read weights from {checkpoint / 'ema.safetensors'}: {error}") from error
+    if "num_levels" in metadata:
+        return {
+            "step": int(metadata.get("step", 0)),
+            "num_levels": int(metadata["num_levels"]),
+            "class_names": [str(name) for name in json.loads(metadata.get("class_names", "[]"))],
+        }
+    if not (checkpoint / "state.pt").is_file():
+        raise CheckpointError(f"{checkpoint} has neither level metadata in its weights nor a state.pt")
+    state = load_train_state(checkpoint / "state.pt")
+    return {"step": int(state.get("step", 0)), "num_levels": state.get("num_levels"), "class_names": []}
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

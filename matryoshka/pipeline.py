@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,7 @@ from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import make_schedule
 from .models import Conditioning, NestedUNet
-from .checkpoints import load_into, load_tensors, load_train_state, resolve_checkpoint
+from .checkpoints import checkpoint_info, load_into, load_tensors, resolve_checkpoint
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -73,6 +73,8 @@ class Pipeline:
     checkpoint: Path | None = None
     step: int = 0
     text_encoder: object | None = None
+    class_names: list[str] = field(default_factory=list)
+    """Names of the class labels, as saved with the run when it was trained (empty if unknown)."""
 
     @property
     def device(self) -> torch.device:
@@ -162,12 +164,13 @@ def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.de
     """Load a run directory (its latest checkpoint) or one checkpoint directory for sampling."""
     checkpoint = resolve_checkpoint(path)
     config = load_run_config(checkpoint / "config.yaml")
-    state = load_train_state(checkpoint / "state.pt")
-    num_levels = int(state.get("num_levels", config.model.num_levels))
+    info = checkpoint_info(checkpoint)
+    num_levels = int(info["num_levels"] or config.model.num_levels)
     model = NestedUNet(config.model.truncated(num_levels))
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
     load_into(model, load_tensors(weights), weights)
     model = model.to(pick_device(device) if isinstance(device, str) else device).eval()
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return Pipeline(model, build_process(config, num_levels), config, checkpoint, int(state.get("step", 0)))
+    process = build_process(config, num_levels)
+    return Pipeline(model, process, config, checkpoint, info["step"], class_names=info["class_names"])

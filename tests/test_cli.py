@@ -1,6 +1,7 @@
 """End to end through the real command line on the ``tiny`` preset."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,16 @@ def test_class_conditional_training_and_sampling(tmp_path, folder):
         expected = pipe.generate(num=2, sampler="ddim", steps=2, guidance=3.0, seed=5, cond=pipe.condition(2, [index]))
         assert np.abs(to_uint8(expected[0]).astype(int) - written[name].astype(int)).max() <= 1
     assert np.abs(written["cats"].astype(int) - written["dogs"].astype(int)).max() > 2
+
+    # Class names are saved with the run: sampling needs neither the training folder nor state.pt.
+    alone = tmp_path / "alone"
+    shutil.copytree(run / "checkpoints" / "step_00000003", alone)
+    (alone / "state.pt").unlink()
+    config = (alone / "config.yaml").read_text().replace(str(folder), str(tmp_path / "gone"))
+    (alone / "config.yaml").write_text(config)
+    assert main(["sample", str(alone), "--num", "2", "--steps", "2", "--class", "dogs", "--guidance", "3",
+                 "--sampler", "ddim", "--seed", "5", "--out", str(tmp_path / "alone-dogs")]) == 0
+    assert np.array_equal(_pngs(tmp_path / "alone-dogs" / "16px"), written["dogs"])
 
 
 def test_bad_config_key_and_values_are_clear_errors(tmp_path, capsys):

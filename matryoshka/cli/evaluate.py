@@ -126,12 +126,12 @@ def _fail(command: str, error: BaseException) -> int:
 
 def run_levels(run: str) -> tuple[int, list[int], object]:
     """(top-level side, level sides highest first, data config) of a run, without loading weights."""
-    from ..checkpoints import load_train_state, resolve_checkpoint
+    from ..checkpoints import checkpoint_info, resolve_checkpoint
     from ..config.presets import load_run_config
 
     checkpoint = resolve_checkpoint(run)
     config = load_run_config(checkpoint / "config.yaml")
-    levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", config.model.num_levels))
+    levels = int(checkpoint_info(checkpoint)["num_levels"] or config.model.num_levels)
     ratio = config.model.nest_ratio
     resolution = config.data.resolution // ratio ** (config.model.num_levels - levels)
     factor = max(ratio, 2)

@@ -55,14 +55,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _class_index(pipe, label: str) -> int:
+    """A class index, or a class name as saved with the run at training time."""
     if label.lstrip("-").isdigit():
         return int(label)
-    from ..data import build_dataset
-
-    names = list(getattr(build_dataset(pipe.config.data), "class_names", []))
-    if label in names:
-        return names.index(label)
-    raise UserError(f"unknown class '{label}'; classes: {', '.join(names) or '(none)'}")
+    if not pipe.class_names:
+        raise UserError(
+            f"--class {label!r}: this checkpoint does not record its class names (trained before they were "
+            f"saved with runs): give the class index 0..{pipe.model.config.num_classes - 1} instead"
+        )
+    if label in pipe.class_names:
+        return pipe.class_names.index(label)
+    raise UserError(f"unknown class '{label}'; classes: {', '.join(pipe.class_names)}")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

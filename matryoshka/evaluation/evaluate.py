@@ -91,11 +91,8 @@ def reference_feature_name(reference) -> str | None:
 
 
 def _class_names(pipeline, class_names):
-    if class_names is not None:
-        return list(class_names)
-    from ..data import build_dataset
-
-    return list(getattr(build_dataset(pipeline.config.data), "class_names", []) or [])
+    """Names for CLIP texts: given, or saved with the run (the training data may have changed since)."""
+    return list(class_names) if class_names is not None else list(getattr(pipeline, "class_names", []))
 
 
 def clip_texts(labels: np.ndarray, prompt: str | None, class_names: Sequence[str] | None,

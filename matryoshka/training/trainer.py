@@ -202,6 +202,7 @@ class Trainer:
             "stage": self.stage_index,
             "stage_history": self.stage_history,
             "train_seconds": self.train_seconds,
+            "class_names": list(getattr(self.dataset, "class_names", None) or []),
         }
 
     def global_batch(self) -> int:
