@@ -1,6 +1,5 @@
 """`mdm eval` and `mdm eval-stats` end to end on a tiny model, and the in-training hook."""
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from matryoshka.cli.evaluate import add_parsers
 from matryoshka.config.presets import tiny
 from matryoshka.data import DataConfig
 from matryoshka.evaluation import ReferenceStats, evaluate_pipeline, run_evaluation
@@ -18,13 +16,11 @@ from matryoshka.evaluation.errors import EvaluationError
 from matryoshka.models import NestedUNet
 from matryoshka.pipeline import Pipeline, build_process, load_pipeline
 from matryoshka.checkpoints import save_checkpoint
+from matryoshka.cli.main import main
 
 
 def mdm(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="mdm")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main([str(a) for a in argv])
 
 
 def make_folder(root: Path, count: int = 10, side: int = 20) -> Path:
@@ -94,7 +90,7 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
     # a reference folder directly (statistics computed on the fly), default report path
     assert mdm("eval", run, "--reference", folder, "--num", 4, "--steps", 2, "--batch-size", 4, "--metrics", "fd",
                "--feature", "effnet-lite0", "--no-cache", "--quiet") == 0
-    assert list((run / "eval").glob("step_00000007_dpm++2m2_g1_seed0_n4_effnet-lite0.json"))
+    assert list((run / "eval").glob("step_00000007_dpm++2m2_g1_seed0_n4_effnet-lite0_*_fd.json"))
 
 
 def test_eval_explains_bad_inputs(setup, capsys, tmp_path):

@@ -1,16 +1,18 @@
 """``mdm eval`` and ``mdm eval-stats``: sample quality metrics at every pyramid level.
 
-Wire into the main parser with ``add_parsers(commands)`` (the object returned by
-``parser.add_subparsers``). Each command's ``func`` returns the exit status: 0, or 2 after
-printing one ``mdm <command>: error: ...`` line for a problem with the inputs.
+Wired into the main parser with ``add_parsers(commands)``; errors follow the CLI-wide rule
+of ``cli/errors.py`` (one line and exit status 2 for a problem with the inputs).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import sys
+import re
 from pathlib import Path
+
+from ..evaluation.errors import EvaluationError
 
 DEFAULT_NUM = 1000
 
@@ -109,21 +111,6 @@ def add_parsers(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..config import ConfigError
-    from ..data import DataConfigError, EmptyDatasetError
-    from ..evaluation.errors import EvaluationError
-    from ..checkpoints import CheckpointError
-
-    return (EvaluationError, ConfigError, CheckpointError, DataConfigError, EmptyDatasetError, FileNotFoundError,
-            NotADirectoryError, ImportError)
-
-
-def _fail(command: str, error: BaseException) -> int:
-    print(f"mdm {command}: error: {error}", file=sys.stderr)
-    return 2
-
-
 def run_levels(run: str) -> tuple[int, list[int], object]:
     """(top-level side, level sides highest first, data config) of a run, without loading weights."""
     from ..checkpoints import checkpoint_info, resolve_checkpoint
@@ -149,30 +136,39 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _default_report_path(report: dict, pipeline) -> Path:
+def _default_report_path(report: dict, pipeline, metrics: tuple[str, ...]) -> Path:
+    """One report per checkpoint, sampling, reference and metrics: other evaluations never overwrite it."""
     checkpoint = Path(pipeline.checkpoint)
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
     sampling = report["sampling"]
     feature = (report.get("feature") or {}).get("name", "clip")
+    source = (report.get("reference") or {}).get("source") or "none"
+    reference = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(source)).name).strip("-")[:24] or "ref"
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:6]
     name = (f"{checkpoint.name}_{sampling['sampler']}{sampling['steps']}_g{sampling['guidance']:g}_seed{sampling['seed']}"
-            f"_n{report['num']}_{feature}.json")
+            f"_n{report['num']}_{feature}_{reference}-{digest}_{'-'.join(metrics)}.json")
     return run_dir / "eval" / name
+
+
+def _check_report_path(out: str | None) -> None:
+    """Before any sampling: a folder named as the report would otherwise fail only at the very end."""
+    if out is None:
+        return
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise EvaluationError(f"--out {path} is a folder; give the report's file name, e.g. {path / 'report.json'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise EvaluationError(f"--out {path}: {path.parent} is a file, not a folder")
 
 
 # ----------------------------------------------------------------------------- commands
 def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        return _eval(args)
-    except _user_errors() as error:
-        return _fail("eval", error)
-
-
-def _eval(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import format_table, parse_metrics, run_evaluation
     from ..evaluation.sampling import default_cache_dir, resolve_settings
     from ..pipeline import load_pipeline
 
     metrics = parse_metrics(args.metrics)
+    _check_report_path(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else None
     pipeline = load_pipeline(args.run, use_ema=args.ema, device=args.device)
     settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size, prompts)
@@ -185,7 +181,7 @@ def _eval(args: argparse.Namespace) -> int:
         pr_k=args.pr_k, max_features=args.max_features, max_reference_images=args.max_reference_images,
         clip_model=args.clip_model, clip_prompt=args.clip_prompt, prompts=prompts, progress=not args.quiet,
     )
-    out = Path(args.out).expanduser() if args.out else _default_report_path(report, pipeline)
+    out = Path(args.out).expanduser() if args.out else _default_report_path(report, pipeline, metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
@@ -194,13 +190,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_stats(args: argparse.Namespace) -> int:
-    try:
-        return _eval_stats(args)
-    except _user_errors() as error:
-        return _fail("eval-stats", error)
-
-
-def _eval_stats(args: argparse.Namespace) -> int:
     from ..evaluation.errors import EvaluationError
     from ..evaluation.features import build_feature_extractor
     from ..evaluation.reference import compute_reference_stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     args.raw_argv = argv
-    from ..data import EmptyDatasetError
-    from ..checkpoints import CheckpointError
-
-    try:
-        return args.func(args)
-    except (UserError, ValueError, CheckpointError, FileNotFoundError, EmptyDatasetError) as error:
-        print(f"mdm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

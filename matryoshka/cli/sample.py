@@ -3,9 +3,86 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shlex
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63), got {value}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1 = no guidance), got {text}")
+    return value
+
+
+GRID_LIMIT = 64
+"""Images per grid; a larger ``--num`` is written batch by batch without holding them all."""
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"--prompt-file {path}: no such file")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if any(not prompt.strip() for prompt in prompts):
+        raise UserError("--prompt: a prompt is empty (for the unconditional branch use --negative-prompt '')")
+    return prompts
+
+
+def _output_folder(out: str | None, pipe) -> Path:
+    """A folder of its own for this sampling: ``--out`` if new or empty, else the next RUN/samples/sample_STEP_NNN."""
+    if out is not None:
+        folder = Path(out).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder} is a file, not a folder")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise UserError(f"--out {folder} already holds files; each sampling gets a folder of its own (with the "
+                            "settings.json that made its images): choose another --out, or leave it out")
+    else:
+        checkpoint = Path(pipe.checkpoint)
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+        index = 1
+        while (folder := run_dir / "samples" / f"sample_{pipe.step:08d}_{index:03d}").exists():
+            index += 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _command_line(args: argparse.Namespace, steps: int, sampler: str, guidance: float, prompts: list[str]) -> str:
+    """The ``mdm sample`` call that makes these images again."""
+    parts = ["mdm", "sample", args.run, "--num", str(args.num), "--steps", str(steps), "--sampler", sampler,
+             "--guidance", f"{guidance:g}", "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+    parts += [f"--prompt={prompt}" for prompt in prompts]
+    if args.negative_prompt is not None:
+        parts.append(f"--negative-prompt={args.negative_prompt}")
+    if args.class_label is not None:
+        parts += ["--class", args.class_label]
+    if args.spacing:
+        parts += ["--spacing", args.spacing]
+    if not args.ema:
+        parts.append("--no-ema")
+    return shlex.join(parts)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -14,43 +91,62 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..pipeline import load_pipeline
     from ..utils.images import save_grid, save_images
 
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        path = Path(args.prompt_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"--prompt-file {path}: no such file")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = _read_prompts(args)
     pipe = load_pipeline(args.run, use_ema=args.ema, device=args.device)
     if prompts and not pipe.model.config.text_dim:
         raise UserError("this model has no text conditioning; --prompt needs a text-to-image model")
     if pipe.model.config.text_dim and not prompts:
         raise UserError("this is a text-to-image model: give --prompt TEXT (or --prompt-file FILE)")
+    defaults = pipe.config.sample
+    steps = defaults.steps if args.steps is None else args.steps
+    sampler = args.sampler or defaults.sampler
+    guidance = defaults.guidance if args.guidance is None else args.guidance
     # With prompts, --num images per prompt, one grid row per prompt.
     total = args.num * max(1, len(prompts))
-    per_sample_prompts = [p for p in prompts for _ in range(args.num)] or None
-    labels = [_class_index(pipe, args.class_label)] if args.class_label is not None else None
-    cond = pipe.condition(total, labels, per_sample_prompts)
-    uncond = None
-    if args.negative_prompt is not None:
-        negative = pipe.encode([args.negative_prompt] * total)
-        uncond = cond.unconditional()
-        uncond.text, uncond.text_mask = negative.text, negative.text_mask
-    steps = args.steps or pipe.config.sample.steps
-    bar = tqdm(total=steps, desc="sampling", unit="step")
+    per_sample_prompts = [p for p in prompts for _ in range(args.num)]
+    label = _class_index(pipe, args.class_label) if args.class_label is not None else None
+    num_classes = pipe.model.config.num_classes
+    out = _output_folder(args.out, pipe)
     options = {"spacing": args.spacing} if args.spacing else {}
-    levels = pipe.generate(num=total, sampler=args.sampler, steps=steps, guidance=args.guidance, cond=cond,
-                           uncond=uncond, seed=args.seed, callback=lambda *_: bar.update(1), **options)
-    bar.close()
-    out = Path(args.out or (pipe.checkpoint.parent.parent / "samples" / f"sample_{pipe.step:08d}")).expanduser()
+    batches = range(0, total, args.batch_size)
+    kept: list[list] = []
+    with tqdm(total=steps * len(batches), desc="sampling", unit="step", dynamic_ncols=True) as bar:
+        for batch, start in enumerate(batches):
+            count = min(args.batch_size, total - start)
+            labels = None
+            if num_classes:  # one class, or all of them in turn
+                labels = [label] * count if label is not None else [(start + i) % num_classes for i in range(count)]
+            elif label is not None:
+                labels = [label]
+            cond = pipe.condition(count, labels, per_sample_prompts[start : start + count] or None)
+            uncond = None
+            if args.negative_prompt is not None:
+                negative = pipe.encode([args.negative_prompt] * count)
+                uncond = cond.unconditional()
+                uncond.text, uncond.text_mask = negative.text, negative.text_mask
+            # Batch b is seeded with seed + b: the first batch is the same whatever --num is.
+            levels = pipe.generate(num=count, sampler=sampler, steps=steps, guidance=guidance, cond=cond,
+                                   uncond=uncond, seed=args.seed + batch, callback=lambda *_: bar.update(1), **options)
+            for index, level in enumerate(levels):
+                save_images(level, out / f"{level.shape[-1]}px", prefix="", start=start)
+                if start < GRID_LIMIT:
+                    if batch == 0:
+                        kept.append([])
+                    kept[index].append(level[: GRID_LIMIT - start].cpu())
     columns = args.num if prompts else None
-    for level in levels:
-        side = level.shape[-1]
-        save_images(level, out / f"{side}px", prefix="")
-        save_grid(level, out / f"grid_{side}px.png", columns=columns)
+    grids = [save_grid(torch.cat(level), out / f"grid_{level[0].shape[-1]}px.png", columns=columns) for level in kept]
     if prompts:
         (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-    print(f"wrote {total} samples at {', '.join(f'{level.shape[-1]}px' for level in levels)} to {out} "
-          f"(grids: {', '.join(str(out / f'grid_{level.shape[-1]}px.png') for level in levels)})")
+    settings = {
+        "command": _command_line(args, steps, sampler, guidance, prompts),
+        "checkpoint": str(pipe.checkpoint), "step": pipe.step, "ema": args.ema, "num": total,
+        "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed, "batch_size": args.batch_size,
+        "spacing": args.spacing or defaults.spacing, "prompts": prompts, "negative_prompt": args.negative_prompt,
+        "class": args.class_label, "levels": [f"{level[0].shape[-1]}px" for level in kept],
+    }
+    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {total} samples at {', '.join(settings['levels'])} to {out} "
+          f"(grids: {', '.join(str(grid) for grid in grids)}; settings: {out / 'settings.json'})")
     return 0
 
 
@@ -71,17 +167,19 @@ def _class_index(pipe, label: str) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample", help="sample images from a run or checkpoint")
     sample.add_argument("run", help="run directory or checkpoint directory")
-    sample.add_argument("--num", type=int, default=16, help="images (per prompt, with prompts)")
-    sample.add_argument("--steps", type=int)
+    sample.add_argument("--num", type=_count, default=16, help="images (per prompt, with prompts)")
+    sample.add_argument("--steps", type=_count, help="default: the run's sample.steps")
     sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
     sample.add_argument("--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)")
-    sample.add_argument("--guidance", type=float)
+    sample.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale (1: none)")
     sample.add_argument("--class", dest="class_label", help="class index or name")
     sample.add_argument("--prompt", action="append", help="text prompt (repeat for several; one grid row each)")
     sample.add_argument("--prompt-file", dest="prompt_file", help="file with one prompt per line")
     sample.add_argument("--negative-prompt", dest="negative_prompt", help="prompt for the unconditional branch of guidance")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", help="output directory (default: RUN/samples/sample_STEP)")
+    sample.add_argument("--seed", type=_seed, default=0, help="seed of the first batch (batch b uses seed + b)")
+    sample.add_argument("--batch-size", dest="batch_size", type=_count, default=16,
+                        help="images generated at once; each batch is written before the next starts")
+    sample.add_argument("--out", help="a new or empty folder (default: the next RUN/samples/sample_STEP_NNN)")
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)

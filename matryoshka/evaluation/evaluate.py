@@ -252,7 +252,22 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
     }
     if scorer is not None:
         report["clip"] = {"model": scorer.name, "prompt": clip_prompt, "convention": "100 * max(cos, 0), mean"}
+    report["warnings"] = _sample_size_warnings(num, None if ref is None else min(ref.levels[s].count for s in sizes),
+                                               measure)
     return report
+
+
+FEW_IMAGES = 100
+"""Below this many images on either side, FD and KID are too noisy (and biased) to compare runs."""
+
+
+def _sample_size_warnings(num: int, reference_count: int | None, measured: bool) -> list[str]:
+    if not measured:
+        return []
+    sides = [("generated samples", num), ("reference images", reference_count)]
+    return [f"only {count} {what}: FD/KID from fewer than {FEW_IMAGES} images are dominated by noise and bias; "
+            "compare only numbers measured with the same counts" for what, count in sides
+            if count is not None and count < FEW_IMAGES]
 
 
 def evaluate_pipeline(pipeline, reference, num: int = 1000, feature: str | FeatureExtractor = "effnet-lite0",
@@ -285,4 +300,5 @@ def format_table(report: dict[str, Any]) -> str:
     sampling = report["sampling"]
     lines.append(f"N={report['num']} samples, {sampling['sampler']} {sampling['steps']} steps, guidance {sampling['guidance']:g}, "
                  f"seed {sampling['seed']}, checkpoint step {report['step']}")
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n".join(lines)

@@ -37,11 +37,12 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
     return path
 
 
-def save_images(images: torch.Tensor, directory: str | Path, prefix: str) -> list[Path]:
+def save_images(images: torch.Tensor, directory: str | Path, prefix: str, start: int = 0) -> list[Path]:
+    """One PNG per image, numbered from ``start`` (so batches can be written as they come)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, pixels in enumerate(to_uint8(images)):
+    for index, pixels in enumerate(to_uint8(images), start=start):
         path = directory / f"{prefix}{index:04d}.png"
         Image.fromarray(pixels).save(path)
         paths.append(path)
