@@ -91,7 +91,7 @@ def import_mlmdm(src: Path) -> types.SimpleNamespace:
 
 def mlmdm_unet_config(m: types.SimpleNamespace, config: ModelConfig) -> object:
     """ml-mdm's (Nested)UNetConfig for our model config (the inverse of matryoshka.interop.mlmdm)."""
-    if config.num_classes or config.spatial_dims != 2:
+    if config.num_classes:
         raise SystemExit("ml-mdm has no class-conditional or non-2-d UNet")
     section = None
     for index, level in enumerate(config.levels):  # innermost first
