@@ -122,3 +122,14 @@ def test_eval_reports_of_other_references_or_metrics_do_not_overwrite_each_other
     reports = sorted((run / "eval").glob("*.json"))
     assert len(reports) == 3
     assert "only 4 generated samples" in capsys.readouterr().out  # FD from 4 images comes with a warning
+
+
+def test_data_export_needs_a_new_or_empty_folder(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    assert main(["data", "emoji", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.png").write_bytes(b"x")
+    assert main(["data", "emoji", "--out", str(tmp_path / "full")]) == 2
+    assert "already holds files" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config.presets import describe_presets
+from .errors import UserError
 
 
 def cmd_presets(_args: argparse.Namespace) -> int:
@@ -17,7 +19,12 @@ def cmd_presets(_args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from ..data.emoji import export_emoji
 
-    summary = export_emoji(args.out, size=args.size, label=args.label)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} already holds files: export into a new or empty folder")
+    summary = export_emoji(out, size=args.size, label=args.label)
     print(f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
           f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})")
     return 0

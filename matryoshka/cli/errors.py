@@ -43,8 +43,8 @@ def run_command(name: str, command: Callable[[], int]) -> int:
         print(f"\nmdm {name}: interrupted; what was written so far is kept", file=sys.stderr)
         return INTERRUPTED
     except _user_errors() as error:
-        sys.stdout.flush()
-        print(f"\nmdm {name}: error: {one_line(error)}", file=sys.stderr)
+        sys.stdout.flush()  # progress bars are closed by now: the error starts on a line of its own
+        print(f"mdm {name}: error: {one_line(error)}", file=sys.stderr)
         return USER_ERROR
     except Exception:  # noqa: BLE001 - a bug: show everything, and say so
         traceback.print_exc()
