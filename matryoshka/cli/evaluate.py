@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..evaluation.errors import EvaluationError
+from . import arguments
 
 DEFAULT_NUM = 1000
 
@@ -27,20 +28,6 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", default="auto", choices=["auto", "inception", "effnet-lite0"],
                         help="feature network: inception (FID-standard; needs its weights), effnet-lite0 (offline, "
@@ -49,8 +36,8 @@ def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-weights", metavar="PATH",
                         help="pt_inception-2015-12-05-6726825d.pth (default: $MATRYOSHKA_INCEPTION_WEIGHTS, the torch "
                              "hub cache, or a download)")
-    parser.add_argument("--feature-batch-size", type=_positive, default=64)
-    parser.add_argument("--max-features", type=_non_negative, default=10_000,
+    parser.add_argument("--feature-batch-size", type=arguments.positive_int, default=64)
+    parser.add_argument("--max-features", type=arguments.non_negative_int, default=10_000,
                         help="feature vectors kept per level for KID and precision/recall (a seeded subset; 0: none, "
                              "which leaves FD only; default 10000)")
     parser.add_argument("--device", default="auto")
@@ -65,23 +52,23 @@ def add_parsers(subparsers) -> None:
     evaluate.add_argument("--reference", required=True, metavar="DATA_OR_STATS",
                           help="image folder, 'emoji' (built-in set), 'train' (the run's training data) or a .npz "
                                "from `mdm eval-stats`")
-    evaluate.add_argument("--num", type=_positive, default=DEFAULT_NUM, help=f"samples to generate (default {DEFAULT_NUM})")
+    evaluate.add_argument("--num", type=arguments.positive_int, default=DEFAULT_NUM, help=f"samples to generate (default {DEFAULT_NUM})")
     evaluate.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd (fid), kid, pr, clip (default fd,kid,pr)")
     _feature_arguments(evaluate)
     evaluate.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: the run's sample.sampler")
-    evaluate.add_argument("--steps", type=_positive, help="default: the run's sample.steps")
-    evaluate.add_argument("--guidance", type=float, help="default: the run's sample.guidance")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--batch-size", type=_positive, default=16, help="samples generated at once")
+    evaluate.add_argument("--steps", type=arguments.positive_int, help="default: the run's sample.steps")
+    evaluate.add_argument("--guidance", type=arguments.guidance, help="default: the run's sample.guidance")
+    evaluate.add_argument("--seed", type=arguments.seed, default=0)
+    evaluate.add_argument("--batch-size", type=arguments.positive_int, default=16, help="samples generated at once")
     evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     evaluate.add_argument("--cache", metavar="DIR",
                           help="keep generated samples here so an interrupted run continues "
                                "(default: RUN/eval/samples/<checkpoint and settings>)")
     evaluate.add_argument("--no-cache", action="store_true", help="keep samples in memory only")
-    evaluate.add_argument("--max-reference-images", type=_positive, help="use a seeded subset of the reference data")
-    evaluate.add_argument("--kid-subset-size", type=_positive, default=1000)
-    evaluate.add_argument("--kid-subsets", type=_positive, default=100)
-    evaluate.add_argument("--pr-k", type=_positive, default=3, help="k of the k-NN balls of precision/recall")
+    evaluate.add_argument("--max-reference-images", type=arguments.positive_int, help="use a seeded subset of the reference data")
+    evaluate.add_argument("--kid-subset-size", type=arguments.positive_int, default=1000)
+    evaluate.add_argument("--kid-subsets", type=arguments.positive_int, default=100)
+    evaluate.add_argument("--pr-k", type=arguments.positive_int, default=3, help="k of the k-NN balls of precision/recall")
     evaluate.add_argument("--prompts", metavar="FILE",
                           help="text-to-image models: prompts to generate from, one per line (sample i uses line i mod "
                                "count), e.g. the reference captions for a COCO-style FID")
@@ -101,11 +88,11 @@ def add_parsers(subparsers) -> None:
     _feature_arguments(stats)
     stats.add_argument("--run", metavar="RUN_OR_CHECKPOINT",
                        help="take the resolution and level sides (and the data for 'train') from this run")
-    stats.add_argument("--resolution", type=_positive, help="top-level side (default: the run's, else 64)")
+    stats.add_argument("--resolution", type=arguments.positive_int, help="top-level side (default: the run's, else 64)")
     stats.add_argument("--levels", type=_sizes, metavar="S1,S2,...",
                        help="level sides to pool to, e.g. 64,16 (default: the run's levels, else the resolution only)")
-    stats.add_argument("--max-images", type=_positive, help="use a seeded subset of the data")
-    stats.add_argument("--batch-size", type=_positive, default=64)
+    stats.add_argument("--max-images", type=arguments.positive_int, help="use a seeded subset of the data")
+    stats.add_argument("--batch-size", type=arguments.positive_int, default=64)
     stats.add_argument("--quiet", action="store_true", help="no progress bar")
     stats.set_defaults(func=cmd_eval_stats)
 
@@ -127,8 +114,6 @@ def run_levels(run: str) -> tuple[int, list[int], object]:
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per non-empty line of a UTF-8 file."""
-    from ..evaluation.errors import EvaluationError
-
     lines = [line.strip() for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line]
     if not prompts:
@@ -190,7 +175,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_stats(args: argparse.Namespace) -> int:
-    from ..evaluation.errors import EvaluationError
     from ..evaluation.features import build_feature_extractor
     from ..evaluation.reference import compute_reference_stats
     from ..pipeline import pick_device

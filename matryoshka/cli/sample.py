@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 from pathlib import Path
 
 import torch
 
+from . import arguments
 from .errors import UserError
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2^63), got {value}")
-    return value
-
-
-def _guidance(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1 = no guidance), got {text}")
-    return value
 
 
 GRID_LIMIT = 64
@@ -167,17 +146,17 @@ def _class_index(pipe, label: str) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample", help="sample images from a run or checkpoint")
     sample.add_argument("run", help="run directory or checkpoint directory")
-    sample.add_argument("--num", type=_count, default=16, help="images (per prompt, with prompts)")
-    sample.add_argument("--steps", type=_count, help="default: the run's sample.steps")
+    sample.add_argument("--num", type=arguments.positive_int, default=16, help="images (per prompt, with prompts)")
+    sample.add_argument("--steps", type=arguments.positive_int, help="default: the run's sample.steps")
     sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
     sample.add_argument("--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)")
-    sample.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale (1: none)")
+    sample.add_argument("--guidance", type=arguments.guidance, help="classifier-free guidance scale (1: none)")
     sample.add_argument("--class", dest="class_label", help="class index or name")
     sample.add_argument("--prompt", action="append", help="text prompt (repeat for several; one grid row each)")
     sample.add_argument("--prompt-file", dest="prompt_file", help="file with one prompt per line")
     sample.add_argument("--negative-prompt", dest="negative_prompt", help="prompt for the unconditional branch of guidance")
-    sample.add_argument("--seed", type=_seed, default=0, help="seed of the first batch (batch b uses seed + b)")
-    sample.add_argument("--batch-size", dest="batch_size", type=_count, default=16,
+    sample.add_argument("--seed", type=arguments.seed, default=0, help="seed of the first batch (batch b uses seed + b)")
+    sample.add_argument("--batch-size", dest="batch_size", type=arguments.positive_int, default=16,
                         help="images generated at once; each batch is written before the next starts")
     sample.add_argument("--out", help="a new or empty folder (default: the next RUN/samples/sample_STEP_NNN)")
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
