@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .convert import add_parser as add_convert_parser
     from .evaluate import add_parsers as add_eval_parsers
+    from .serve import add_parser as add_serve_parser
 
     add_convert_parser(commands)
     add_eval_parsers(commands)
+    add_serve_parser(commands)
     return parser
 
 
