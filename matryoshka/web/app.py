@@ -91,12 +91,13 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
                 with gr.Row():
                     schedule = gr.Image(plot(first, first.default_steps), type="pil", format="png", interactive=False,
                                         label="Noise schedule of each level (dots: the sampler's steps)",
-                                        elem_id="schedule")
-                    path = gr.Image(type="filepath", interactive=False, elem_id="path",
+                                        height=340, elem_id="schedule")
+                    path = gr.Image(type="filepath", interactive=False, height=340, elem_id="path",
                                     label="Denoising path: the x0 estimate of every level, step by step")
                 command = gr.Code(label="The same images from the command line", language="shell",
                                   interactive=False, elem_id="command")
-                details = gr.JSON(label="Settings of this result", elem_id="details")
+                with gr.Accordion("Settings of this result", open=False):
+                    details = gr.JSON(label="Settings of this result", elem_id="details")
                 download = gr.File(label="Download (every image of every level, grids, settings)",
                                    interactive=False, elem_id="download")
 

@@ -36,8 +36,8 @@ def pyramid_items(levels: list[Tensor], what: str) -> list[tuple[Image.Image, st
 
 
 def strip(levels: list[Tensor], gap: int = 8) -> Image.Image:
-    """All levels side by side at the top level's grid size: one frame of the denoising video."""
-    grids = [make_grid(level) for level in levels]
+    """All levels side by side at the top level's enlarged grid size: one frame of the denoising video."""
+    grids = [level_grid(levels[0])] + [make_grid(level) for level in levels[1:]]
     width, height = grids[0].size
     canvas = Image.new("RGB", (len(grids) * width + (len(grids) - 1) * gap, height), "white")
     for index, grid in enumerate(grids):
