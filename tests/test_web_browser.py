@@ -73,6 +73,12 @@ def page(browser, server, request):
     page.close()
 
 
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
 def status(page) -> str:
     return page.inner_text("#status")
 
@@ -112,7 +118,7 @@ def test_text_model_takes_a_prompt(page, server):
     page.wait_for_selector("#prompt textarea")
     assert not page.is_visible("#class")
     page.get_by_text("red square", exact=True).first.click()  # a training prompt as an example
-    assert page.input_value("#prompt textarea") == "red square"
+    expect(page.locator("#prompt textarea")).to_have_value("red square", timeout=TIMEOUT_MS)
     page.fill("#prompt textarea", "green star")
     page.click("#generate")
     wait_for_status(page, "Done")

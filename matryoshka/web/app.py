@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 UPDATE_EVERY = 0.25
 """Seconds between live updates: the page cannot draw faster, the sampler may step faster."""
 QUEUE_SIZE = 32
+KEEP_RESULTS = 3600.0
+"""Seconds a result's GIF and zip stay in the server's folder."""
 
 INTRO = """# Matryoshka Diffusion
 One diffusion process over an image pyramid: every level is denoised jointly, each on its own
@@ -35,7 +39,8 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
         raise ValueError("no models to serve")
     first = next(iter(models.values()))
     stops: dict[str, threading.Event] = {}  # session -> its running generation's stop signal
-    # Results live in one folder per server; gradio copies what it shows into its own cache.
+    # Results live in one folder per server, removed at exit; gradio copies what it shows into
+    # its own cache, so older results are pruned as new ones come.
     outputs = Path(tempfile.mkdtemp(prefix="mdm-serve-"))
 
     def find(source: str | None) -> ServedModel:
@@ -165,6 +170,7 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
             except Exception as error:  # the page gets one line, the server log the traceback
                 log.exception("generation failed")
                 raise gr.Error(f"Generation failed: {str(error).splitlines()[0]}") from None
+            _prune(outputs)
             name = uuid.uuid4().hex[:12]
             video = denoising_gif(frames, outputs / f"path-{name}.gif")
             archive = write_download(event.levels, summary, outputs / f"mdm-seed{settings.seed}-{name}.zip")
@@ -186,8 +192,17 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
 
         # Not limited: a stop must never wait in the queue behind the generation it stops.
         stop.click(request_stop, None, [status], cancels=[job], concurrency_limit=None, api_visibility="private")
+    weakref.finalize(demo, shutil.rmtree, outputs, ignore_errors=True)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo
+
+
+def _prune(folder: Path, age: float = KEEP_RESULTS) -> None:
+    """Delete results older than ``age`` seconds (gradio serves its own copies)."""
+    cutoff = time.time() - age
+    for old in folder.iterdir():
+        if old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
 
 
 def _maybe_int(value: float | None) -> int | None:
