@@ -20,7 +20,13 @@ from matryoshka.utils.images import to_uint8
 from matryoshka.web.catalog import load_models
 from matryoshka.web.generation import Cancelled, Finished, Frame, generate, stream
 from matryoshka.web.settings import ALL_CLASSES, Settings, SettingsError, parse_settings
-from matryoshka.web.visuals import denoising_gif, keep_frame, schedule_plot, strip, write_download
+from matryoshka.web.visuals import (
+    denoising_gif,
+    keep_frame,
+    schedule_plot,
+    strip,
+    write_download,
+)
 
 from .web_runs import train_class_run, train_text_run
 
@@ -38,8 +44,8 @@ def models(runs):
 
 
 def settings(model, **changes) -> Settings:
-    values = dict(prompt="", negative_prompt="", class_choice=None, sampler="ddim", steps=3, guidance=1.0,
-                  interval_from=0.0, interval_to=1.0, seed=0, random_seed=False, num=2)
+    values = {"prompt": "", "negative_prompt": "", "class_choice": None, "sampler": "ddim", "steps": 3, "guidance": 1.0,
+              "interval_from": 0.0, "interval_to": 1.0, "seed": 0, "random_seed": False, "num": 2}
     values.update(changes)
     return parse_settings(model, **values)
 

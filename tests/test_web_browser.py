@@ -6,7 +6,6 @@ on purpose. A failing test leaves a screenshot in tmp/artifacts/ (or MATRYOSHKA_
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil

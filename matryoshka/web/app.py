@@ -19,7 +19,14 @@ from ..diffusion import SAMPLERS, sampling_timesteps
 from .catalog import ServedModel, describe
 from .generation import Cancelled, Finished, stream
 from .settings import ALL_CLASSES, Settings, SettingsError, parse_settings
-from .visuals import denoising_gif, keep_frame, pyramid_items, schedule_plot, strip, write_download
+from .visuals import (
+    denoising_gif,
+    keep_frame,
+    pyramid_items,
+    schedule_plot,
+    strip,
+    write_download,
+)
 
 log = logging.getLogger(__name__)
 UPDATE_EVERY = 0.25
