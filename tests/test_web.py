@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -28,18 +30,18 @@ from matryoshka.web.visuals import (
     write_download,
 )
 
-from .web_runs import train_class_run, train_text_run
+from .web_runs import train_class_run, train_plain_run, train_text_run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
-    return {"class": train_class_run(root), "text": train_text_run(root)}
+    return {"class": train_class_run(root), "text": train_text_run(root), "plain": train_plain_run(root)}
 
 
 @pytest.fixture(scope="module")
 def models(runs):
-    loaded = load_models([str(runs["class"]), str(runs["text"])])
+    loaded = load_models([str(path) for path in runs.values()])
     return {kind: loaded[str(path)] for kind, path in runs.items()}
 
 
@@ -77,6 +79,17 @@ def test_text_model_needs_a_prompt_and_takes_no_class(models):
         settings(models["text"], prompt="   ")
     with pytest.raises(SettingsError, match="Class: this model takes no class"):
         settings(models["text"], prompt="red square", class_choice="cats")
+
+
+def test_unconditional_model_takes_no_guidance_class_or_text(models):
+    plain = models["plain"]
+    assert not plain.conditional and plain.class_names == []
+    with pytest.raises(SettingsError, match="Guidance: this model is unconditional, so guidance must stay 1"):
+        settings(plain, guidance=3.0)
+    with pytest.raises(SettingsError, match="Class: this model takes no class"):
+        settings(plain, class_choice="cats")
+    assert settings(plain, class_choice=ALL_CLASSES).command().endswith("--guidance 1 --seed 0")
+    assert [level.shape[-1] for level in generate(settings(plain))] == [16, 8]
 
 
 def test_classes_by_name_or_index_and_random_seeds(models):
@@ -180,6 +193,17 @@ def test_unservable_runs_fail_at_start_with_one_line(runs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"mdm serve: error: cannot serve {path}: ") and reason in err
         assert err.count("\n") == 1
+
+
+def test_old_results_are_pruned(tmp_path):
+    from matryoshka.web.app import KEEP_RESULTS, _prune
+
+    old, new = tmp_path / "old.zip", tmp_path / "new.zip"
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (time.time() - KEEP_RESULTS - 10,) * 2)
+    _prune(tmp_path)
+    assert not old.exists() and new.exists()
 
 
 def test_import_matryoshka_does_not_import_gradio():

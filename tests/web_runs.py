@@ -1,4 +1,4 @@
-"""Tiny runs for the web tests: a class-conditional one and a text one, trained for two steps."""
+"""Tiny runs for the web tests (class-conditional, text, unconditional), trained for two steps."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def train_class_run(root: Path) -> Path:
     images, run = make_images(root / "images"), root / "class"
     assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={images}",
                  "data.label=folder", "model.num_classes=2", *FAST]) == 0
+    return run
+
+
+def train_plain_run(root: Path) -> Path:
+    """Unconditional."""
+    images, run = make_images(root / "plain-images"), root / "plain"
+    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={images}", *FAST]) == 0
     return run
 
 

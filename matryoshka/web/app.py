@@ -3,14 +3,14 @@ schedule, the denoising path, a download and the command line that repeats a res
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
 import math
-import shutil
 import tempfile
 import threading
 import time
 import uuid
-import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -46,9 +46,10 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
         raise ValueError("no models to serve")
     first = next(iter(models.values()))
     stops: dict[str, threading.Event] = {}  # session -> its running generation's stop signal
-    # Results live in one folder per server, removed at exit; gradio copies what it shows into
-    # its own cache, so older results are pruned as new ones come.
-    outputs = Path(tempfile.mkdtemp(prefix="mdm-serve-"))
+    # Results go to one temporary folder per user; gradio serves its own copies, so results
+    # older than an hour are pruned as new ones come (also those left by a killed server).
+    outputs = Path(tempfile.gettempdir()) / f"mdm-serve-{getpass.getuser()}"
+    outputs.mkdir(mode=0o700, exist_ok=True)
 
     def find(source: str | None) -> ServedModel:
         if source is None:
@@ -199,7 +200,6 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
 
         # Not limited: a stop must never wait in the queue behind the generation it stops.
         stop.click(request_stop, None, [status], cancels=[job], concurrency_limit=None, api_visibility="private")
-    weakref.finalize(demo, shutil.rmtree, outputs, ignore_errors=True)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo
 
@@ -208,8 +208,9 @@ def _prune(folder: Path, age: float = KEEP_RESULTS) -> None:
     """Delete results older than ``age`` seconds (gradio serves its own copies)."""
     cutoff = time.time() - age
     for old in folder.iterdir():
-        if old.stat().st_mtime < cutoff:
-            old.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another server may prune at the same time
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def _maybe_int(value: float | None) -> int | None:
