@@ -111,6 +111,13 @@ class Pipeline:
             return labels_cond
         return Conditioning(labels=None if labels_cond is None else labels_cond.labels, text=text.text, text_mask=text.text_mask)
 
+    def negative(self, cond: Conditioning, prompt: str) -> Conditioning:
+        """The unconditional branch of guidance with ``prompt`` instead of the empty text."""
+        negative = self.encode([prompt] * cond.batch_size)
+        uncond = cond.unconditional()
+        uncond.text, uncond.text_mask = negative.text, negative.text_mask
+        return uncond
+
     def _labels(self, num: int, labels: list[int] | torch.Tensor | None) -> Conditioning | None:
         num_classes = self.model.config.num_classes
         if not num_classes:

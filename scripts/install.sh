@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# chromium: the browser of the web demo's tests (tests/test_web_browser.py), driven by Playwright.
 need=()
-for pkg in fonts-noto-color-emoji unicode-data; do
+for pkg in fonts-noto-color-emoji unicode-data chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

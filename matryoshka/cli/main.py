@@ -11,13 +11,14 @@ from .errors import run_command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdm", description="Matryoshka Diffusion Models: train and sample.")
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import convert, data, evaluate, sample, train
+    from . import convert, data, evaluate, sample, serve, train
 
     train.add_parser(commands)
     sample.add_parser(commands)
     data.add_parsers(commands)
     convert.add_parser(commands)
     evaluate.add_parsers(commands)
+    serve.add_parser(commands)
     return parser
 
 

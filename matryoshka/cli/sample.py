@@ -98,11 +98,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             elif label is not None:
                 labels = [label]
             cond = pipe.condition(count, labels, per_sample_prompts[start : start + count] or None)
-            uncond = None
-            if args.negative_prompt is not None:
-                negative = pipe.encode([args.negative_prompt] * count)
-                uncond = cond.unconditional()
-                uncond.text, uncond.text_mask = negative.text, negative.text_mask
+            uncond = pipe.negative(cond, args.negative_prompt) if args.negative_prompt is not None else None
             # Batch b is seeded with seed + b: the first batch is the same whatever --num is.
             levels = pipe.generate(num=count, sampler=sampler, steps=steps, guidance=guidance, cond=cond,
                                    uncond=uncond, seed=args.seed + batch, callback=lambda *_: bar.update(1), **options)
