@@ -24,9 +24,22 @@ from .checkpoints import checkpoint_info, load_into, load_tensors, resolve_check
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present, else the CPU) or a device that exists on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine (use cpu or auto)")
+    return device
 
 
 def build_process(config: RunConfig, num_levels: int | None = None) -> MatryoshkaDiffusion:

@@ -133,3 +133,38 @@ def test_data_export_needs_a_new_or_empty_folder(tmp_path, capsys):
     (tmp_path / "full" / "x.png").write_bytes(b"x")
     assert main(["data", "emoji", "--out", str(tmp_path / "full")]) == 2
     assert "already holds files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "xyz"], "unknown device 'xyz'"),
+        (["--device", "cuda:7"], "cuda:7"),
+        (["--class", "0"], "not class-conditional"),
+        (["--steps", "5000"], "has 1000 steps"),
+        (["--negative-prompt", "blurry"], "needs a text-to-image model"),
+        (["--prompt", "a cat"], "no text conditioning"),
+    ],
+)
+def test_impossible_requests_are_refused_before_anything_is_written(run, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["sample", str(run), "--num", "1", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unreadable_prompt_file_and_file_paths_where_folders_belong(run, tmp_path, capsys):
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    assert main(["sample", str(run), "--prompt-file", str(binary)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["eval", str(run), "--reference", "train", "--num", "4", "--cache", str(a_file / "cache")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["eval-stats", "emoji", "--out", str(a_file / "stats.npz")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(run), "--port", "99999"])
+    assert exit_info.value.code == 2 and "1..65535" in capsys.readouterr().err

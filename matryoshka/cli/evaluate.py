@@ -142,8 +142,7 @@ def _check_report_path(out: str | None) -> None:
     path = Path(out).expanduser()
     if path.is_dir():
         raise EvaluationError(f"--out {path} is a folder; give the report's file name, e.g. {path / 'report.json'}")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise EvaluationError(f"--out {path}: {path.parent} is a file, not a folder")
+    arguments.folder_or_new(path.parent, "--out")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -158,6 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.run, use_ema=args.ema, device=args.device)
     settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size, prompts)
     cache = None if args.no_cache else (args.cache or default_cache_dir(pipeline, settings, args.ema))
+    if cache is not None:
+        cache = arguments.folder_or_new(cache, "--cache")
     report = run_evaluation(
         pipeline, args.reference, args.num, metrics, args.feature,
         sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
@@ -195,6 +196,7 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
     extractor = build_feature_extractor(args.feature, args.inception_weights, pick_device(args.device), args.feature_batch_size)
     stats = compute_reference_stats(args.data, extractor, resolution, sizes, args.max_images, args.max_features,
                                     args.batch_size, run_data=data, progress=not args.quiet)
+    arguments.folder_or_new(Path(args.out).expanduser().parent, "--out")
     path = stats.save(args.out)
     kept = {s: 0 if level.features is None else len(level.features) for s, level in stats.levels.items()}
     print(f"wrote {path}: {stats.meta['images']} images from {stats.source}, levels "

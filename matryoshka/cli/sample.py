@@ -23,7 +23,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompt_file).expanduser()
         if not path.is_file():
             raise UserError(f"--prompt-file {path}: no such file")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"--prompt-file {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if any(not prompt.strip() for prompt in prompts):
         raise UserError("--prompt: a prompt is empty (for the unconditional branch use --negative-prompt '')")
     return prompts
@@ -85,6 +89,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     per_sample_prompts = [p for p in prompts for _ in range(args.num)]
     label = _class_index(pipe, args.class_label) if args.class_label is not None else None
     num_classes = pipe.model.config.num_classes
+    if steps > pipe.process.schedule.num_steps:
+        raise UserError(f"--steps {steps}: the model's schedule has {pipe.process.schedule.num_steps} steps")
+    if args.negative_prompt is not None and not pipe.model.config.text_dim:
+        raise UserError("--negative-prompt needs a text-to-image model")
     out = _output_folder(args.out, pipe)
     options = {"spacing": args.spacing} if args.spacing else {}
     batches = range(0, total, args.batch_size)
@@ -95,8 +103,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             labels = None
             if num_classes:  # one class, or all of them in turn
                 labels = [label] * count if label is not None else [(start + i) % num_classes for i in range(count)]
-            elif label is not None:
-                labels = [label]
             cond = pipe.condition(count, labels, per_sample_prompts[start : start + count] or None)
             uncond = pipe.negative(cond, args.negative_prompt) if args.negative_prompt is not None else None
             # Batch b is seeded with seed + b: the first batch is the same whatever --num is.
@@ -127,12 +133,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _class_index(pipe, label: str) -> int:
     """A class index, or a class name as saved with the run at training time."""
+    num_classes = pipe.model.config.num_classes
+    if not num_classes:
+        raise UserError("--class: this model is not class-conditional")
     if label.lstrip("-").isdigit():
-        return int(label)
+        index = int(label)
+        if not 0 <= index < num_classes:
+            raise UserError(f"--class {index}: this model has classes 0..{num_classes - 1}")
+        return index
     if not pipe.class_names:
         raise UserError(
             f"--class {label!r}: this checkpoint does not record its class names (trained before they were "
-            f"saved with runs): give the class index 0..{pipe.model.config.num_classes - 1} instead"
+            f"saved with runs): give the class index 0..{num_classes - 1} instead"
         )
     if label in pipe.class_names:
         return pipe.class_names.index(label)

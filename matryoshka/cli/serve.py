@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import arguments
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``serve`` on the ``mdm`` sub-command parsers."""
@@ -22,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     serve.add_argument("models", nargs="+", metavar="RUN_OR_CHECKPOINT", help="run directories or checkpoint directories")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: this machine only; 0.0.0.0 lets anyone who can reach it in)")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--port", type=arguments.port, default=7860)
     serve.add_argument("--device", default="auto")
     serve.set_defaults(func=cmd_serve)
     return serve
