@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +105,43 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         fsync_path(root)
-        pointer = root / f".latest-{os.getpid()}"
-        pointer.write_text(final.name + "\n")
-        fsync_path(pointer)
-        os.replace(pointer, root / "latest")
-        fsync_path(root)
+        point_latest(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     prune_checkpoints(root, keep)
     return final
+
+
+def point_latest(checkpoint: Path) -> None:
+    """Make ``checkpoints/latest`` name ``checkpoint``, atomically."""
+    root = checkpoint.parent
+    pointer = root / f".latest-{os.getpid()}"
+    pointer.write_text(checkpoint.name + "\n")
+    fsync_path(pointer)
+    os.replace(pointer, root / "latest")
+    fsync_path(root)
+
+
+def set_aside(checkpoint: Path, reason: str) -> Path:
+    """Rename ``step_N`` to ``step_N.<reason>``: kept for the user, but no longer seen as a checkpoint.
+
+    Resuming from an earlier checkpoint must not leave later (or damaged) ones in place: pruning
+    keeps the highest steps and would delete the new checkpoints instead, and a lost ``latest``
+    pointer would make a scan pick the abandoned one.
+    """
+    target, count = checkpoint.with_name(f"{checkpoint.name}.{reason}"), 1
+    while target.exists():
+        count += 1
+        target = checkpoint.with_name(f"{checkpoint.name}.{reason}-{count}")
+    checkpoint.rename(target)
+    return target
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``step_N`` directory name, None for any other name."""
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -212,12 +240,31 @@ def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
     return {"step": int(state.get("step", 0)), "num_levels": state.get("num_levels"), "class_names": []}
 
 
+def _load_failure(error: Exception) -> str:
+    """PyTorch's reason for refusing a file, without its advice to retry with ``weights_only=False``.
+
+    That advice means running whatever code the file holds: never something to suggest for a
+    file that failed the safe reader.
+    """
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line and "Check the documentation" not in line]
+    return lines[0] if lines else type(error).__name__
+
+
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """Read ``state.pt`` without unpickling code (``weights_only=True``)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the one-line refusal
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"refusing or unable to read training state {path}: {error}") from error
+        raise CheckpointError(
+            f"refusing or unable to read training state {path}: {_load_failure(error)} "
+            "(an mdm state.pt holds only tensors and plain values: this one is damaged or foreign)"
+        ) from None
 
 
 def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -13,10 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from matryoshka.cli.main import main
-from matryoshka.config.presets import tiny
-from matryoshka.data.config import DataConfig
-from matryoshka.pipeline import load_pipeline
 from matryoshka.checkpoints import (
     CheckpointError,
     is_complete,
@@ -25,6 +21,10 @@ from matryoshka.checkpoints import (
     load_tensors,
     load_train_state,
 )
+from matryoshka.cli.main import main
+from matryoshka.config.presets import tiny
+from matryoshka.data.config import DataConfig
+from matryoshka.pipeline import load_pipeline
 from matryoshka.training.trainer import Trainer, TrainingStopped
 
 from .test_cli import make_image_folder, metrics
@@ -146,8 +146,10 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path, folder):
     state = run / "checkpoints" / "step_00000002" / "state.pt"
     state.write_bytes(pickle.dumps({"step": 2, "payload": Exploit()}))
     with pytest.raises(CheckpointError, match="refusing or unable to read"):
-        load_pipeline(run)
-    assert main(["sample", str(run), "--num", "1"]) == 2
+        load_train_state(state)
+    # Resuming reads state.pt (sampling no longer needs it): refused, and nothing is run.
+    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST,
+                 "train.steps=3"]) == 2
     assert not marker.exists()
 
 

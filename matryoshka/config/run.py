@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,6 +11,18 @@ from ..models.config import ModelConfig
 from .errors import ConfigError
 
 Prediction = Literal["eps", "x0", "v"]
+MAX_RESOLUTION = 4096
+"""Beyond this a single training image at the top level takes hundreds of MB of activations per layer."""
+MAX_LR = 1.0
+"""AdamW steps move each weight by about lr: above 1 every update overwrites the weights."""
+
+
+def _require_finite(values: dict[str, Any]) -> None:
+    """YAML accepts .inf and .nan for floats; no training setting means anything with them."""
+    for name, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -32,6 +45,7 @@ class DiffusionConfig:
     """Fraction of the batch whose top level is computed (paper §3.3); None = all."""
 
     def __post_init__(self) -> None:
+        _require_finite(vars(self))
         if self.num_steps < 2:
             raise ValueError("num_steps must be at least 2")
         if self.mixed_ratio is not None and not 0 < self.mixed_ratio <= 1:
@@ -83,12 +97,20 @@ class TrainConfig:
     """How several processes (torchrun) share the work: replicated weights (DDP) or sharded (FSDP2)."""
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
+        _require_finite(vars(self))
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "sample_every", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(
+                f"lr must be in (0, {MAX_LR}], got {self.lr} (AdamW learning rates are about 1e-5 to 1e-2)"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_minutes < 0:
             raise ValueError("max_minutes must be >= 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -179,14 +201,15 @@ class StageConfig:
     steps are not done by then, so a time-limited run splits its time the same on any machine."""
 
     def __post_init__(self) -> None:
+        _require_finite(vars(self))
         if self.levels < 1 or (self.steps is not None and self.steps < 1):
             raise ValueError("levels and steps must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError("minutes must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError("lr must be positive")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"lr must be in (0, {MAX_LR}], got {self.lr}")
         if self.mixed_ratio is not None and not 0 < self.mixed_ratio <= 1:
             raise ValueError("mixed_ratio must be in (0, 1]")
 
@@ -207,6 +230,13 @@ class RunConfig:
     """Run or checkpoint whose (EMA) weights initialise the innermost levels of a new run."""
 
     def __post_init__(self) -> None:
+        if not self.run_dir.strip():
+            raise ValueError("run_dir is empty: name the directory of the run, e.g. run_dir=runs/my-run")
+        if self.data.resolution > MAX_RESOLUTION:
+            raise ValueError(
+                f"data.resolution={self.data.resolution} is beyond the supported {MAX_RESOLUTION} "
+                "(its activations would not fit in any accelerator's memory)"
+            )
         levels, ratio = self.model.num_levels, self.model.nest_ratio
         total = ratio ** (levels - 1)
         if self.data.resolution % total:

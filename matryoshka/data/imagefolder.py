@@ -33,14 +33,17 @@ class ImageFolderDataset(ImageDataset):
         if not root.exists():
             raise FileNotFoundError(f"imagefolder: path {self.root!r} does not exist (data.path)")
         if not root.is_dir():
-            raise NotADirectoryError(f"imagefolder: path {self.root!r} is not a directory (data.path)")
+            raise NotADirectoryError(f"imagefolder: data.path {self.root!r} is a file, not a folder of images")
 
         self._found: Counter = Counter()
         candidates: list[Path] = []  # relative to root
         metadata_files: list[Path] = []
+        # Symlinked folders are followed, but each real folder only once: a link to an ancestor
+        # would otherwise be walked until the path is too long, and its images trained on each time.
+        seen = {_identity(root)}
         # os.walk, not Path.walk: the latter needs Python 3.12
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and self._first_visit(dirpath, d, seen)]
             for fn in sorted(filenames):
                 if fn.startswith("."):
                     continue
@@ -98,6 +101,17 @@ class ImageFolderDataset(ImageDataset):
         self._finish_index()
 
     # ------------------------------------------------------------------ helpers
+    def _first_visit(self, parent: str, name: str, seen: set[tuple[int, int]]) -> bool:
+        try:
+            identity = _identity(Path(parent, name))
+        except OSError:  # a dangling link: nothing to read there
+            return False
+        if identity in seen:
+            self._found["folders seen before (symlinks)"] += 1
+            return False
+        seen.add(identity)
+        return True
+
     def _sidecar_caption(self, image: Path) -> str | None:
         txt = image.with_suffix(".txt")
         if not txt.is_file():
@@ -151,3 +165,9 @@ class ImageFolderDataset(ImageDataset):
         cfg = self.cfg
         image = load_image(Path(self.root, rel), cfg.resolution, cfg.crop, cfg.hflip, rng, cfg.max_image_pixels)
         return image, label, caption
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """The real folder behind a path, however it is linked to."""
+    info = path.stat()
+    return info.st_dev, info.st_ino

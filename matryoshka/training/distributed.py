@@ -35,7 +35,7 @@ class DistContext:
     def device(self, requested: str) -> torch.device:
         if requested == "auto":
             requested = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(requested)
+        device = check_device(requested)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", self.local_rank)
         return device
@@ -63,11 +63,48 @@ class DistContext:
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if it is true on any (e.g. a stop signal seen by one rank)."""
+        return bool(self.max(float(flag), device))
+
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest of the ranks' values, on every rank (e.g. the exit code of a failed rank)."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return value
+        packed = torch.tensor([float(value)], device=device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return float(packed.item())
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object) on every rank, e.g. its refusal message."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.rank0_work_group)
+        return box[0]
+
+
+def check_device(requested: str) -> torch.device:
+    """``train.device`` as a device that exists here, or a ValueError saying why not."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(
+            f"train.device={requested!r} is not a device name (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(
+                f"train.device={requested!r}: no CUDA device is available here; use train.device=auto or cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"train.device={requested!r}: there are only {count} CUDA devices here (cuda:0 to cuda:{count - 1})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={requested!r}: MPS is not available here; use train.device=auto or cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"train.device={requested!r}: training runs on cpu, cuda or mps")
+    return device
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> DistContext:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,22 @@ class MetricsLog:
         self.writer = None
         self._warned: set[str] = set()
 
-    def keep_until(self, step: int) -> None:
-        """Drop records logged after ``step`` (the checkpoint a run resumes from)."""
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+    def keep_until(self, step: int) -> list[str]:
+        """Drop records logged after ``step`` (the checkpoint a run resumes from); returns them.
+
+        A line that is not a record (cut short by a kill during a write) is dropped too.
+        """
+        if not self.path.exists():
+            return []
+        kept, dropped = [], []
+        for line in self.path.read_text(errors="replace").splitlines():
+            record = _parse(line)
+            if record is not None and record["step"] <= step:
+                kept.append(line)
+            elif line.strip():
+                dropped.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        return dropped
 
     def open(self, step: int) -> None:
         if self.enabled:
@@ -41,7 +53,7 @@ class MetricsLog:
             return
         try:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
             if self.writer is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)):
@@ -53,3 +65,17 @@ class MetricsLog:
         if message not in self._warned:
             self._warned.add(message)
             tqdm.write(f"warning: {message}")
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and Infinity are not JSON: a diverged step's loss is written as null."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

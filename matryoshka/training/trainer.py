@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -25,8 +26,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import latest_checkpoint, load_train_state, remove_partial_checkpoints
-from ..checkpoints import save_checkpoint
+from ..checkpoints import (
+    CheckpointError,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_tensors,
+    load_train_state,
+    point_latest,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    set_aside,
+)
 from ..config import dump_yaml
 from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset, make_loader
@@ -38,12 +49,15 @@ from .batches import batch_conditioning, sample_randomness, top_images
 from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
-from .parallel import shard, wrap
 from .lr import lr_factor
+from .memory import check_model_fits
 from .metrics import MetricsLog
+from .parallel import shard, wrap
 from .precision import use_bf16
 from .stages import stage_boundaries
-from .state import full_weights, init_inner_from, load_optimizer_state, load_weights, optimizer_state
+from .state import full_weights, init_inner_from, load_optimizer_state, optimizer_state, set_full_weights
+
+STATE_KEYS = ("step", "num_levels", "optimizer", "ema_updates")
 
 
 class TrainingStopped(RuntimeError):
@@ -55,8 +69,27 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
+def _all_finite(tensors) -> bool:
+    """One synchronisation for all tensors (FSDP2 parameters: this rank's shard)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()) if local else True
+
+
+def read_checkpoint(checkpoint: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Training state and weights of a checkpoint; CheckpointError if any file is damaged."""
+    state = load_train_state(checkpoint / "state.pt")
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{checkpoint / 'state.pt'} is not an mdm training state (no {', '.join(missing)})")
+    weights = {name: load_tensors(checkpoint / f"{name}.safetensors") for name in ("model", "ema")}
+    return state, weights
+
+
 class Trainer:
-    def __init__(self, config: RunConfig, dist: DistContext | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, config: RunConfig, dist: DistContext | None = None, quiet: bool = False, resume_from: Path | None = None
+    ) -> None:
+        """``resume_from``: a checkpoint of this run to go back to instead of the newest one."""
         self.config = config
         self.dist = dist or DistContext()
         self.quiet = quiet or not self.dist.is_main
@@ -64,6 +97,9 @@ class Trainer:
         self.device = self.dist.device(config.train.device)
         self.stages = config.resolved_stages()
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
+        self.notes: list[str] = []
+        """What the trainer decided about the run directory, for the command to print."""
+        self._check_paths()
 
         self.dataset = build_dataset(config.data)
         self._check_labels()
@@ -83,8 +119,9 @@ class Trainer:
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
 
-        checkpoint = latest_checkpoint(self.run_dir)
-        state = load_train_state(checkpoint / "state.pt") if checkpoint else {}
+        # Checkpoints after the one resumed from (damaged, or abandoned by going back), renamed at train().
+        self._set_aside: list[tuple[Path, str]] = []
+        checkpoint, state, weights = self._find_checkpoint(resume_from)
         self.step = int(state.get("step", 0))
         # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
         self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", []))
@@ -92,9 +129,58 @@ class Trainer:
         self._build(int(state["num_levels"]) if state else self.stage.levels)
         self.resumed_from = None
         if checkpoint is not None:
-            self._resume(checkpoint, state)
+            self._resume(checkpoint, state, weights)
         elif config.init_from:
             self._init_from(config.init_from)
+
+    def _check_paths(self) -> None:
+        data = self.config.data
+        if data.source == "imagefolder" and data.path:
+            images, run = Path(data.path).expanduser().resolve(), self.run_dir.resolve()
+            if run == images or images in run.parents:
+                raise ValueError(
+                    f"run_dir {run} is inside data.path {images}: its sample grids would become training images; "
+                    "put the run outside the image folder"
+                )
+        cpus = os.cpu_count() or 1
+        if data.num_workers > max(32, 4 * cpus):
+            raise ValueError(f"data.num_workers={data.num_workers} processes for {cpus} CPUs: use at most {4 * cpus}")
+
+    def _find_checkpoint(self, resume_from: Path | None) -> tuple[Path | None, dict[str, Any], dict[str, Any]]:
+        """The checkpoint to resume: ``resume_from``, else the newest one that reads back intact."""
+        if resume_from is not None:
+            state, weights = read_checkpoint(resume_from)  # named by the user: a damaged one is an error
+            later = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) > checkpoint_step(resume_from)]
+            self._set_aside = [(c, "superseded") for c in later]
+            if later:
+                self.notes.append(
+                    f"going back to {resume_from.name}: the later {', '.join(c.name for c in later)} will be kept "
+                    "as *.superseded (no longer resumed or pruned); their metrics go to metrics.jsonl.superseded"
+                )
+            return resume_from, state, weights
+        latest = latest_checkpoint(self.run_dir)
+        candidates = [latest] if latest else []
+        candidates += [c for c in reversed(list_checkpoints(self.run_dir)) if c != latest]
+        damaged: list[str] = []
+        for checkpoint in candidates:
+            try:
+                state, weights = read_checkpoint(checkpoint)
+            except CheckpointError as error:
+                damaged.append(str(error))
+                self._set_aside.append((checkpoint, "damaged"))
+                continue
+            if damaged:
+                self.notes.append(
+                    f"warning: {'; '.join(damaged)}. Resuming from {checkpoint.name}, the newest intact checkpoint; "
+                    f"the damaged ones are kept as *.damaged"
+                )
+            return checkpoint, state, weights
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.run_dir / 'checkpoints'}: {'; '.join(damaged)}. "
+                "Move that folder away to start the run afresh"
+            )
+        return None, {}, {}
 
     # ------------------------------------------------------------------ stages
     def _check_labels(self) -> None:
@@ -139,6 +225,7 @@ class Trainer:
     def _build(self, levels: int) -> None:
         """Model, EMA, optimizer and process for a model with the innermost ``levels`` levels."""
         train = self.config.train
+        check_model_fits(self.config.model.truncated(levels), self.device, self.dist.world_size, self.sharded)
         # Seeded by (seed, levels) so a grown level's initial weights do not depend on history.
         torch.manual_seed(mix_seed(train.seed, levels))
         self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
@@ -169,10 +256,14 @@ class Trainer:
         self.network = wrap(self.model, self.dist, self.sharded, self.config.train.compile)
         self.batches = None  # the loader is (re)made for the stage's batch size
 
-    def _resume(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        load_weights(self.model, checkpoint / "model.safetensors", self.sharded)
-        load_weights(self.ema.model, checkpoint / "ema.safetensors", self.sharded)
+    def _resume(self, checkpoint: Path, state: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        set_full_weights(self.model, weights["model"], self.sharded, checkpoint / "model.safetensors")
+        set_full_weights(self.ema.model, weights["ema"], self.sharded, checkpoint / "ema.safetensors")
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        # The saved param groups carry the old hyper-parameters: the config's are the ones to use
+        # (e.g. weight_decay changed for an existing run); lr is set at every step.
+        for group in self.optimizer.param_groups:
+            group.update(betas=tuple(self.config.train.betas), weight_decay=self.config.train.weight_decay)
         self.ema.updates = int(state["ema_updates"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self._configure_stage()
@@ -242,6 +333,7 @@ class Trainer:
         # Every rank sees the same all-reduced gradients, so they agree on skipping.
         if math.isfinite(grad_norm) and math.isfinite(total):
             self.optimizer.step()
+            self._stop_if_weights_not_finite(lr)
             self.ema.update(self.model)
             self.nonfinite_in_a_row = 0
         else:
@@ -249,6 +341,27 @@ class Trainer:
             self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total, level_logs, grad_norm, lr
+
+    def _stop_if_weights_not_finite(self, lr: float) -> None:
+        """A finite gradient can still make non-finite weights: an lr or weight decay that overflows them.
+
+        Undoing an AdamW step exactly is impossible, and a copy of every weight and moment to
+        restore would double the memory of training. So the run stops here, before the EMA or a
+        checkpoint sees the weights: the last checkpoint holds finite ones. Resuming it unchanged
+        would replay the same deterministic steps into the same update, hence the advice.
+        """
+        if not self.dist.any(not _all_finite(list(self.model.parameters())), self.device):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        previous = latest_checkpoint(self.run_dir)
+        kept = f"the last checkpoint {previous.name} is intact" if previous else "no checkpoint was written"
+        raise TrainingStopped(
+            f"stopped: step {self.step + 1} made the weights NaN/Inf although its loss and gradients were finite "
+            f"(lr {lr:.3g}, weight_decay {self.config.train.weight_decay:g}); nothing of it was saved and {kept}. "
+            "Lower train.lr (or train.weight_decay) and run the same command again",
+            previous,
+            exit_code=3,
+        )
 
     def _ensure_stage(self) -> None:
         """Grow the model when the next step belongs to a stage with more levels."""
@@ -283,27 +396,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path | None:
-        """Gather full weights and optimizer state to rank 0 (collective), which writes them once."""
+        """Gather full weights and optimizer state to rank 0 (collective), which writes them once.
+
+        Non-finite weights are never written: with ``keep_checkpoints=1`` the save would prune
+        the last good checkpoint, and ``latest`` would point every later resume at NaNs.
+        """
         model = full_weights(self.model, self.sharded)
         ema = full_weights(self.ema.model, self.sharded)
         state = self._train_state()
-        path = None
+        path, failure = None, None
         if self.dist.is_main:
-            try:
-                path = save_checkpoint(
-                    self.run_dir, self.step, model, ema, state, self.config, keep=self.config.train.keep_checkpoints
-                )
-            except OSError as error:
-                previous = latest_checkpoint(self.run_dir)
-                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-                raise TrainingStopped(
-                    f"could not save the checkpoint of step {self.step} in {self.run_dir}: {error}. {kept}; "
-                    "free space or fix permissions, then run the same command to resume",
+            previous = latest_checkpoint(self.run_dir)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            bad = [name for name, weights in (("model", model), ("EMA", ema)) if not _all_finite(weights.values())]
+            if bad:
+                failure = TrainingStopped(
+                    f"refusing to save step {self.step}: the {' and '.join(bad)} weights are NaN/Inf. {kept}; "
+                    "lower train.lr and run the same command to resume from it",
                     previous,
-                    exit_code=4,
-                ) from error
-            (self.run_dir / "stages.json").write_text(json.dumps(self.stage_history, indent=1) + "\n")
-        self.dist.barrier()
+                    exit_code=3,
+                )
+            else:
+                try:
+                    path = save_checkpoint(
+                        self.run_dir, self.step, model, ema, state, self.config, keep=self.config.train.keep_checkpoints
+                    )
+                except OSError as error:
+                    failure = TrainingStopped(
+                        f"could not save the checkpoint of step {self.step} in {self.run_dir}: {error}. {kept}; "
+                        "free space or fix permissions, then run the same command to resume",
+                        previous,
+                        exit_code=4,
+                    )
+                else:
+                    try:  # a summary for people: the checkpoint's state.pt holds the stage history
+                        (self.run_dir / "stages.json").write_text(json.dumps(self.stage_history, indent=1) + "\n")
+                    except OSError as error:
+                        self.metrics.warn(f"could not write stages.json: {error}")
+        # Every rank learns rank 0's outcome (this collective is also the barrier after the write).
+        code = int(self.dist.max(failure.exit_code if failure else 0, self.device))
+        if code:
+            raise failure or TrainingStopped("stopped: rank 0 could not save the checkpoint (see its message)",
+                                             None, code)
         return path
 
     def _ema_pipeline(self) -> Pipeline | None:
@@ -362,8 +496,15 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(self.run_dir)
+        for checkpoint, reason in self._set_aside:
+            set_aside(checkpoint, reason)
+        if self._set_aside and self.resumed_from is not None:
+            point_latest(self.resumed_from)
         dump_yaml(self.config, self.run_dir / "config.yaml")
-        self.metrics.keep_until(self.step)
+        dropped = self.metrics.keep_until(self.step)
+        if dropped and any(reason == "superseded" for _, reason in self._set_aside):
+            with open(self.run_dir / "metrics.jsonl.superseded", "a") as handle:
+                handle.write("".join(line + "\n" for line in dropped))
 
     # ------------------------------------------------------------------ the loop
     def _progress_bar(self) -> tqdm:
