@@ -169,7 +169,8 @@ def test_released_configs_map_to_the_released_architectures(kind, tmp_path):
     assert config.model.text_dim == 2048 and config.model.text_proj_dim == 2048
     assert config.model.text_attention_mask is False  # masked_cross_attention: 0 on the innermost UNet
     assert config.data.resolution == int(kind)
-    assert (config.text.encoder, config.text.max_length, config.text.mlmdm_compat) == ("google/flan-t5-xl", 128, True)
+    text = config.text
+    assert (text.encoder, text.max_length, text.mlmdm_compat) == ("google/flan-t5-xl", 128, "sample")
     diffusion = config.diffusion
     assert (diffusion.schedule, diffusion.num_steps, diffusion.prediction, diffusion.loss_target) == (
         "squaredcos", 1000, "v", "eps")
@@ -577,7 +578,7 @@ def _edit(config: dict, path: str, value) -> dict:
         ("diffusion_config.sampler_config.beta_end", 0.5, "DDPM betas"),
         ("unet_config.inner_config.temporal_mode", True, "temporal_mode"),
         ("unet_config.inner_config.num_lm_head_layers", 2, "num_lm_head_layers"),
-        ("unet_config.inner_config.resnet_config.num_groups_norm", 16, "32 groups"),
+        ("unet_config.inner_config.resnet_config.num_groups_norm", 0, "num_groups_norm must be positive"),
         ("unet_config.inner_config.skip_mid_blocks", True, "skip_mid_blocks"),
         ("unet_config.skip_mid_blocks", False, "skip_mid_blocks"),
         ("unet_config.skip_inner_unet_input", True, "skip_inner_unet_input"),
@@ -619,6 +620,46 @@ def test_text_width_comes_from_the_encoder_name():
     config["text_model"] = "google/flan-t5-base"
     conversion = run_config_from_mlmdm(config)
     assert conversion.config.model.text_dim == 768 and conversion.config.model.text_proj_dim == TEXT_DIM
+
+
+def test_other_group_counts_keep_32_groups_in_attention():
+    """ml-mdm's attention and feed-forward GroupNorms have 32 groups whatever num_groups_norm says."""
+    config = _edit(tiny_mlmdm_config(2), "unet_config.inner_config.resnet_config.num_groups_norm", 8)
+    config = _edit(config, "unet_config.resnet_config.num_groups_norm", 16)
+    model = run_config_from_mlmdm(config).config.model
+    assert [(level.norm_groups, level.attention_groups) for level in model.levels] == [(8, 32), (16, 32)]
+    net = NestedUNet(model)
+    assert net.inner_unet.down_blocks[0].resnets[0].norm1.num_groups == 8
+    assert net.inner_unet.down_blocks[1].attn[0].norm.num_groups == 32
+    assert net.inner_unet.down_blocks[1].attn[0].ffn[0].num_groups == 32
+    assert net.inner_unet.mid_blocks[0].attn[0].norm.num_groups == 32
+    # At 32 groups the default (attention follows norm_groups) already holds: config.yaml is unchanged.
+    assert run_config_from_mlmdm(tiny_mlmdm_config(2)).config.model.levels[0].attention_norm_groups is None
+
+
+def test_text_width_comes_from_the_checkpoint_when_the_config_disagrees(tmp_path, fake_mlmdm_modules):
+    config = tiny_mlmdm_config(2)
+    tensors = synthetic_state_dict(config)
+    save_mlmdm_checkpoint(tmp_path / "vis_model.pth", config, tensors)
+    # The YAML names an encoder of another width (and declares none): the tensors decide.
+    yaml_config = _edit(config, "text_model", "google/flan-t5-base")
+    yaml_config = _edit(yaml_config, "unet_config.inner_config.conditioning_feature_dim", -1)
+    result = convert_mlmdm(tmp_path / "vis_model.pth", write_yaml(tmp_path / "c.yaml", yaml_config), tmp_path / "out")
+    assert result.config.model.text_dim == TEXT_DIM
+    assert any(f"{TEXT_DIM}-wide text tokens" in note and "flan-t5-base" in note for note in result.notes)
+    assert_converted(result.out, tensors, 2)
+    # An encoder of the checkpoint's width saved in its arguments names text.encoder.
+    assert result.config.text.encoder == "google/flan-t5-base"
+    assert any("set text.encoder" in note for note in result.notes)
+    one_level = _edit(tiny_mlmdm_config(1), "text_model", "google/flan-t5-small")
+    save_mlmdm_checkpoint(tmp_path / "small.pth", one_level, synthetic_state_dict(one_level))
+    yaml_config = _edit(one_level, "text_model", "google/flan-t5-base")
+    yaml_file = write_yaml(tmp_path / "c1.yaml", yaml_config)
+    result = convert_mlmdm(tmp_path / "small.pth", yaml_file, tmp_path / "out-small")
+    assert (result.config.model.text_dim, result.config.text.encoder) == (512, "google/flan-t5-small")
+    # --text-dim still wins, and a wrong one is refused by the tensor shapes.
+    with pytest.raises(MlmdmMismatchError, match="wrong shape"):
+        convert_mlmdm(tmp_path / "small.pth", tmp_path / "c1.yaml", tmp_path / "out-bad", text_dim=768)
 
 
 # ---------------------------------------------------------------------------- ml-mdm's layouts, by hand

@@ -37,7 +37,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         uncond.text, uncond.text_mask = negative.text, negative.text_mask
     steps = args.steps or pipe.config.sample.steps
     bar = tqdm(total=steps, desc="sampling", unit="step")
-    options = {"spacing": args.spacing} if args.spacing else {}
+    options = _sampling_overrides(args)
     levels = pipe.generate(num=total, sampler=args.sampler, steps=steps, guidance=args.guidance, cond=cond,
                            uncond=uncond, seed=args.seed, callback=lambda *_: bar.update(1), **options)
     bar.close()
@@ -52,6 +52,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"wrote {total} samples at {', '.join(f'{level.shape[-1]}px' for level in levels)} to {out} "
           f"(grids: {', '.join(str(out / f'grid_{level.shape[-1]}px.png') for level in levels)})")
     return 0
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampling flags given on the command line, as overrides of the run's ``sample`` settings."""
+    names = ("spacing", "eta", "threshold", "threshold_percentile", "threshold_max", "guidance_interval")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _class_index(pipe, label: str) -> int:
@@ -76,6 +82,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
     sample.add_argument("--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)")
     sample.add_argument("--guidance", type=float)
+    sample.add_argument("--guidance-interval", dest="guidance_interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="guide only the steps with LO <= t/T <= HI (default: the run's sample.guidance_interval)")
+    sample.add_argument("--eta", type=float, help="DDIM stochasticity, 0 (deterministic) to 1 (default: sample.eta)")
+    sample.add_argument("--threshold", choices=["none", "clip", "dynamic", "dynamic_if"],
+                        help="x0 thresholding: none, clip to [-1, 1], dynamic as Imagen or as DeepFloyd IF "
+                             "(default: sample.threshold)")
+    sample.add_argument("--threshold-percentile", dest="threshold_percentile", type=float,
+                        help="percentile of |x0| for dynamic thresholding (default: 0.995 dynamic, 0.95 dynamic_if)")
+    sample.add_argument("--threshold-max", dest="threshold_max", type=float,
+                        help="cap on the dynamic threshold s (default: none for dynamic, 1.5 for dynamic_if)")
     sample.add_argument("--class", dest="class_label", help="class index or name")
     sample.add_argument("--prompt", action="append", help="text prompt (repeat for several; one grid row each)")
     sample.add_argument("--prompt-file", dest="prompt_file", help="file with one prompt per line")
