@@ -46,6 +46,7 @@ from matryoshka.interop.mlmdm import (
 )
 from matryoshka.models import Conditioning, NestedUNet, model_preset
 from matryoshka.pipeline import build_process, load_pipeline
+from matryoshka.text.base import TextEmbedding
 
 # Names and shapes of the tensors in ml-mdm's released checkpoints (see its README.md).
 REFERENCE = Path(__file__).resolve().parent / "data" / "mlmdm"
@@ -774,3 +775,53 @@ def test_converted_model_samples_like_the_original_weights(tmp_path):
     for slipped, wanted in zip(reference_samples({**tensors, victim: torch.cat([v, k])}), expected, strict=True):
         with pytest.raises(AssertionError):
             torch.testing.assert_close(slipped, wanted, rtol=1e-4, atol=1e-4)
+
+
+class _WordEncoder:
+    """Stands in for FLAN-T5: one fixed random token per word, plus one for "</s>" (so "" has one token)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def encode(self, prompts, device=None) -> TextEmbedding:
+        self.prompts += list(prompts)
+        rows = [[sum(map(ord, word)) for word in prompt.split()] + [0] for prompt in prompts]
+        length = max(map(len, rows))
+        tokens = torch.zeros(len(rows), length, TEXT_DIM)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            for j, seed in enumerate(row):
+                tokens[i, j] = torch.randn(TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        return TextEmbedding(tokens, mask, tokens.sum(1))
+
+
+def test_converted_dynamic_threshold_model_samples_as_mlmdm_without_flags(tmp_path):
+    """sample.* carries ml-mdm's DDIM eta, DYNAMIC thresholding (s capped at 100) and guidance against ""."""
+    config = _edit(tiny_mlmdm_config(1), "diffusion_config.sampler_config.threshold_function", "DYNAMIC")
+    torch.save(synthetic_state_dict(config, seed=5), tmp_path / "w.pth")
+    out = tmp_path / "out"
+    cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "w.pth"),
+         "--config", str(write_yaml(tmp_path / "c.yaml", config)), "--out", str(out)])
+    pipe = load_pipeline(out, device="cpu")
+    sample = pipe.config.sample
+    assert (sample.sampler, sample.eta, sample.threshold, sample.threshold_percentile, sample.threshold_max,
+            sample.negative_prompt, sample.guidance) == ("ddim", 0.0, "dynamic", 0.995, 100.0, "", 7.5)
+    assert pipe.config.text.mlmdm_compat == "sample"
+    pipe.text_encoder = encoder = _WordEncoder()
+    cond = pipe.condition(2, prompts=["a red chair"])
+    levels = pipe.generate(cond=cond, steps=4, seed=3)
+    assert encoder.prompts == ["a red chair"] * 2 + [""] * 2
+    # The same as the sampler with ml-mdm's settings spelled out, from the same noise.
+    generator = torch.Generator().manual_seed(3)
+    noise = pipe.process.initial_noise(2, 3, pipe.resolution, generator=generator)
+    negative = encoder.encode([""] * 2)
+    expected = get_sampler("ddim")(
+        pipe.model, noise, pipe.process, 4, cond=cond,
+        uncond=Conditioning(text=negative.tokens, text_mask=negative.mask), guidance=7.5, generator=generator, clip_x0=True, dynamic_threshold=0.995, dynamic_max=100.0, eta=0.0,
+        spacing="mlmdm",
+    )
+    torch.testing.assert_close(levels[0], expected[0].clamp(-1, 1))
+    # The thresholding matters here: clipping instead gives other images.
+    clipped = pipe.generate(cond=cond, steps=4, seed=3, threshold="clip")
+    assert (clipped[0] - levels[0]).abs().max() > 1e-2
