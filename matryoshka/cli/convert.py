@@ -37,7 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--state-dict-only", action="store_true",
         help="write only the converted weights (model.safetensors) and config.yaml, not a full checkpoint",
     )
-    mlmdm.add_argument("--text-dim", type=int, metavar="N", help="token width of the text encoder, if text_model is not a known T5")
+    mlmdm.add_argument(
+        "--text-dim", type=int, metavar="N",
+        help="token width of the text encoder (default: the checkpoint's, else the config's text_model's)",
+    )
     mlmdm.add_argument("--resolution", type=int, metavar="PX", help="top-level image size, if the config gives none")
     mlmdm.add_argument(
         "--ignore-training-options", action="store_true",
