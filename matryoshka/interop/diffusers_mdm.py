@@ -25,7 +25,6 @@ unpickler for ``.bin``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -43,15 +42,8 @@ from .mlmdm.errors import CheckpointFormatError, MlmdmError, MlmdmMismatchError,
 from .mlmdm.weights import expected_shapes
 from .mlmdm.writer import prepare_out, write_checkpoint
 
-__all__ = [
-    "DiffusersMdmError",
-    "PortConversion",
-    "convert_diffusers_mdm",
-    "convert_port_state_dict",
-    "diffusers_key",
-    "model_from_diffusers",
-    "read_port_weights",
-]
+__all__ = ["DiffusersMdmError", "PortConversion", "convert_diffusers_mdm", "convert_port_state_dict",
+           "diffusers_key", "model_from_diffusers", "read_port_weights"]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Attention and feed-forward GroupNorms of the port (MatryoshkaTransformerBlock, MatryoshkaFeedForward).
@@ -65,19 +57,20 @@ _FIXED = {
     "dual_cross_attention": False, "only_cross_attention": False, "resnet_out_scale_factor": 1.0,
     "mid_block_scale_factor": 1, "resnet_skip_time_act": False, "temporal_mode": False,
     "attention_type": "default", "downsample_padding": 1, "num_attention_heads": None,
-    "reverse_transformer_layers_per_block": None, "skip_inner_unet_input": False,
+    "reverse_transformer_layers_per_block": None, "skip_inner_unet_input": False, "in_channels": 3,
+    "out_channels": 3,
 }
 
 
-# The options NestedUNet2DConditionModel hands to its UNet base; the others (norm_num_groups,
-# dropout, attention_head_dim, encoder_hid_dim...) are recorded in its config.json but the
-# port builds its layers with MatryoshkaUNet2DConditionModel's defaults instead.
+# The options NestedUNet2DConditionModel hands to its UNet base. The others are recorded in its
+# config.json, but the port builds its layers with MatryoshkaUNet2DConditionModel's defaults:
 _NESTED_PASSED = {
     "block_out_channels", "cross_attention_dim", "resnet_time_scale_shift", "down_block_types", "up_block_types",
     "mid_block_type", "flip_sin_to_cos", "transformer_layers_per_block", "layers_per_block",
     "masked_cross_attention", "micro_conditioning_scale", "addition_embed_type", "time_embedding_dim",
-    "temporal_mode", "use_attention_ffn", "skip_normalization", "skip_inner_unet_input",
+    "temporal_mode", "use_attention_ffn", "skip_normalization", "skip_inner_unet_input", "in_channels", "out_channels",
 }
+_NESTED_DEFAULTS = {"norm_num_groups": 32, "dropout": 0.0, "attention_head_dim": 8, "encoder_hid_dim": None}
 
 
 class DiffusersMdmError(MlmdmError):
@@ -96,12 +89,6 @@ class _Level:
     text_dim: int | None
     cross_dim: int | None
     masked: bool
-
-
-def _same(given: Any, value: Any) -> bool:
-    if isinstance(value, float) and isinstance(given, (int, float)) and not isinstance(given, bool):
-        return math.isclose(given, value)
-    return given == value
 
 
 def _per_stage(value: Any, stages: int, name: str) -> list[int]:
@@ -125,17 +112,20 @@ def _attention_layers(options: Mapping[str, Any], where: str, stages: int) -> li
     return [n if cross else 0 for n, cross in zip(layers, cross_down, strict=True)]
 
 
+def _nested_options(options: Mapping[str, Any], where: str, notes: list[str]) -> dict[str, Any]:
+    """A NestedUNet's options as the port uses them (see _NESTED_PASSED)."""
+    ignored = sorted(key for key, default in _NESTED_DEFAULTS.items() if options.get(key, default) != default)
+    if ignored:
+        notes.append(f"{where}: {', '.join(ignored)} recorded but not used by the port's NestedUNet (its layers have "
+                     "32 groups, no dropout, 8 heads, no text projection): ignored here too")
+    return {key: value for key, value in options.items() if key in _NESTED_PASSED}
+
+
 def _level(options: Mapping[str, Any], where: str, innermost: bool, notes: list[str]) -> _Level:
     if not innermost:
-        ignored = sorted(key for key in ("norm_num_groups", "dropout", "attention_head_dim", "encoder_hid_dim")
-                         if options.get(key) not in (None, {"norm_num_groups": 32, "dropout": 0.0,
-                                                                  "attention_head_dim": 8}.get(key)))
-        if ignored:
-            notes.append(f"{where}: {', '.join(ignored)} are recorded but not used by the port's NestedUNet "
-                         "(it builds its layers with the defaults 32 groups, no dropout, 8 heads): ignored here too")
-        options = {key: value for key, value in options.items() if key in _NESTED_PASSED}
+        options = _nested_options(options, where, notes)
     for key, value in _FIXED.items():
-        if key in options and not _same(options[key], value):
+        if key in options and options[key] != value:  # JSON numbers compare exactly (1e-05 == 1e-5)
             raise DiffusersMdmError(f"{where}.{key}={options[key]!r} is not supported (only {value!r})")
     channels = [int(c) for c in options.get("block_out_channels", [])]
     if not channels:
@@ -150,18 +140,14 @@ def _level(options: Mapping[str, Any], where: str, innermost: bool, notes: list[
     ffn = bool(options.get("use_attention_ffn", True))
     micro = options.get("micro_conditioning_scale")
     if micro is None:
-        raise DiffusersMdmError(
-            f"{where}.micro_conditioning_scale=null: the port then drops the pooled text embedding (it is added "
-            "only together with the micro-conditioning), which our model cannot do"
-        )
+        raise DiffusersMdmError(f"{where}.micro_conditioning_scale=null: the port then drops the pooled text "
+                                "embedding (added only with the micro-conditioning), which our model cannot do")
     mid = options.get("mid_block_type")
     if innermost and mid != "UNetMidBlock2DCrossAttn":
         raise DiffusersMdmError(f"{where}.mid_block_type={mid!r}: the innermost UNet needs UNetMidBlock2DCrossAttn")
     if innermost and not ffn:
-        raise DiffusersMdmError(
-            f"{where}.use_attention_ffn=false: the port's mid block has a feed-forward layer regardless, ours follow "
-            "the level's attention_ffn"
-        )
+        raise DiffusersMdmError(f"{where}.use_attention_ffn=false: the port's mid block has a feed-forward layer "
+                                "regardless, ours follow the level's attention_ffn")
     if not innermost and mid is not None:
         raise DiffusersMdmError(f"{where}.mid_block_type={mid!r}: an outer UNet's mid block is never run")
     groups = int(options.get("norm_num_groups", 32))
