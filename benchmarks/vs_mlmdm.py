@@ -92,13 +92,15 @@ def import_mlmdm(src: Path) -> types.SimpleNamespace:
 def mlmdm_unet_config(m: types.SimpleNamespace, config: ModelConfig) -> object:
     """ml-mdm's (Nested)UNetConfig for our model config (the inverse of matryoshka.interop.mlmdm)."""
     if config.num_classes:
-        raise SystemExit("ml-mdm has no class-conditional or non-2-d UNet")
+        raise SystemExit("ml-mdm has no class-conditional UNet")
     section = None
     for index, level in enumerate(config.levels):  # innermost first
         innermost = index == 0
         attends = any(level.stage_attention_layers(s) for s in range(len(level.channels))) or innermost
-        if attends and level.norm_groups != 32:
-            raise SystemExit(f"level {index}: ml-mdm's attention always uses 32 norm groups, this level uses {level.norm_groups}")
+        if attends and level.attention_groups != 32:
+            raise SystemExit(
+                f"level {index}: ml-mdm's attention always uses 32 norm groups, this level uses {level.attention_groups}"
+            )
         if innermost and (not level.mid_attention or level.normalize_input):
             raise SystemExit("ml-mdm's innermost UNet always has mid attention and never normalizes its input")
         options = dict(

@@ -8,14 +8,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .config.presets import load_run_config
-from .config.run import RunConfig
+from .config.run import RunConfig, SampleConfig
 from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import make_schedule
@@ -159,25 +159,50 @@ class Pipeline:
         callback: Callable | None = None,
         **options,
     ) -> list[torch.Tensor]:
-        """Sample ``num`` pyramids; returns every level, highest resolution first, in [-1, 1]."""
-        defaults = self.config.sample
-        num = num or (cond.batch_size if cond is not None and cond.batch_size else defaults.num)
-        generator = torch.Generator(self.device).manual_seed(defaults.seed if seed is None else seed)
-        noise = self.process.initial_noise(num, self.model.config.in_channels, self.resolution, generator=generator, device=self.device)
+        """Sample ``num`` pyramids; returns every level, highest resolution first, in [-1, 1].
+
+        ``options`` are fields of ``SampleConfig`` (``eta``, ``threshold``, ``threshold_percentile``,
+        ``threshold_max``, ``guidance_interval``, ``negative_prompt``, ``spacing``) that override the
+        run's ``sample`` settings, or other keyword arguments of the sampler.
+        """
+        settings, options = self._settings(sampler, options)
+        num = num or (cond.batch_size if cond is not None and cond.batch_size else settings.num)
+        guidance = settings.guidance if guidance is None else guidance
+        guided = any(g != 1.0 for g in (guidance if isinstance(guidance, list) else [guidance]))
+        has_text = cond is not None and cond.text is not None
+        if uncond is None and guided and settings.negative_prompt is not None and has_text:
+            uncond = self.negative(cond, settings.negative_prompt)
+        generator = torch.Generator(self.device).manual_seed(settings.seed if seed is None else seed)
+        noise = self.process.initial_noise(
+            num, self.model.config.in_channels, self.resolution, generator=generator, device=self.device
+        )
         self.model.eval()
-        levels = get_sampler(sampler or defaults.sampler)(
+        levels = get_sampler(settings.sampler)(
             self.model,
             noise,
             self.process,
-            steps or defaults.steps,
+            steps or settings.steps,
             cond=cond,
             uncond=uncond,
-            guidance=defaults.guidance if guidance is None else guidance,
+            guidance=guidance,
             generator=generator,
             callback=callback,
-            **{"spacing": defaults.spacing, **options},
+            **{**settings.sampler_options(), **options},
         )
         return [level.clamp(-1, 1) for level in levels]
+
+    def _settings(self, sampler: str | None, options: dict) -> tuple[SampleConfig, dict]:
+        """The run's sample settings with the overrides among ``options``, and the other options."""
+        names = {f.name for f in fields(SampleConfig)}
+        overrides = {key: options.pop(key) for key in list(options) if key in names and options[key] is not None}
+        if sampler:
+            overrides["sampler"] = sampler
+        if "threshold" in overrides:  # a new mode starts from its own percentile and cap
+            overrides.setdefault("threshold_percentile", None)
+            overrides.setdefault("threshold_max", None)
+        if "sampler" in overrides and overrides["sampler"] != "ddim":
+            overrides.setdefault("eta", 0.0)  # eta is DDIM's; other samplers have none
+        return replace(self.config.sample, **overrides), options
 
 
 def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:

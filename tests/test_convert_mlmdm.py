@@ -46,6 +46,7 @@ from matryoshka.interop.mlmdm import (
 )
 from matryoshka.models import Conditioning, NestedUNet, model_preset
 from matryoshka.pipeline import build_process, load_pipeline
+from matryoshka.text.base import TextEmbedding
 
 # Names and shapes of the tensors in ml-mdm's released checkpoints (see its README.md).
 REFERENCE = Path(__file__).resolve().parent / "data" / "mlmdm"
@@ -169,7 +170,8 @@ def test_released_configs_map_to_the_released_architectures(kind, tmp_path):
     assert config.model.text_dim == 2048 and config.model.text_proj_dim == 2048
     assert config.model.text_attention_mask is False  # masked_cross_attention: 0 on the innermost UNet
     assert config.data.resolution == int(kind)
-    assert (config.text.encoder, config.text.max_length, config.text.mlmdm_compat) == ("google/flan-t5-xl", 128, True)
+    text = config.text
+    assert (text.encoder, text.max_length, text.mlmdm_compat) == ("google/flan-t5-xl", 128, "sample")
     diffusion = config.diffusion
     assert (diffusion.schedule, diffusion.num_steps, diffusion.prediction, diffusion.loss_target) == (
         "squaredcos", 1000, "v", "eps")
@@ -577,7 +579,7 @@ def _edit(config: dict, path: str, value) -> dict:
         ("diffusion_config.sampler_config.beta_end", 0.5, "DDPM betas"),
         ("unet_config.inner_config.temporal_mode", True, "temporal_mode"),
         ("unet_config.inner_config.num_lm_head_layers", 2, "num_lm_head_layers"),
-        ("unet_config.inner_config.resnet_config.num_groups_norm", 16, "32 groups"),
+        ("unet_config.inner_config.resnet_config.num_groups_norm", 0, "num_groups_norm must be positive"),
         ("unet_config.inner_config.skip_mid_blocks", True, "skip_mid_blocks"),
         ("unet_config.skip_mid_blocks", False, "skip_mid_blocks"),
         ("unet_config.skip_inner_unet_input", True, "skip_inner_unet_input"),
@@ -619,6 +621,46 @@ def test_text_width_comes_from_the_encoder_name():
     config["text_model"] = "google/flan-t5-base"
     conversion = run_config_from_mlmdm(config)
     assert conversion.config.model.text_dim == 768 and conversion.config.model.text_proj_dim == TEXT_DIM
+
+
+def test_other_group_counts_keep_32_groups_in_attention():
+    """ml-mdm's attention and feed-forward GroupNorms have 32 groups whatever num_groups_norm says."""
+    config = _edit(tiny_mlmdm_config(2), "unet_config.inner_config.resnet_config.num_groups_norm", 8)
+    config = _edit(config, "unet_config.resnet_config.num_groups_norm", 16)
+    model = run_config_from_mlmdm(config).config.model
+    assert [(level.norm_groups, level.attention_groups) for level in model.levels] == [(8, 32), (16, 32)]
+    net = NestedUNet(model)
+    assert net.inner_unet.down_blocks[0].resnets[0].norm1.num_groups == 8
+    assert net.inner_unet.down_blocks[1].attn[0].norm.num_groups == 32
+    assert net.inner_unet.down_blocks[1].attn[0].ffn[0].num_groups == 32
+    assert net.inner_unet.mid_blocks[0].attn[0].norm.num_groups == 32
+    # At 32 groups the default (attention follows norm_groups) already holds: config.yaml is unchanged.
+    assert run_config_from_mlmdm(tiny_mlmdm_config(2)).config.model.levels[0].attention_norm_groups is None
+
+
+def test_text_width_comes_from_the_checkpoint_when_the_config_disagrees(tmp_path, fake_mlmdm_modules):
+    config = tiny_mlmdm_config(2)
+    tensors = synthetic_state_dict(config)
+    save_mlmdm_checkpoint(tmp_path / "vis_model.pth", config, tensors)
+    # The YAML names an encoder of another width (and declares none): the tensors decide.
+    yaml_config = _edit(config, "text_model", "google/flan-t5-base")
+    yaml_config = _edit(yaml_config, "unet_config.inner_config.conditioning_feature_dim", -1)
+    result = convert_mlmdm(tmp_path / "vis_model.pth", write_yaml(tmp_path / "c.yaml", yaml_config), tmp_path / "out")
+    assert result.config.model.text_dim == TEXT_DIM
+    assert any(f"{TEXT_DIM}-wide text tokens" in note and "flan-t5-base" in note for note in result.notes)
+    assert_converted(result.out, tensors, 2)
+    # An encoder of the checkpoint's width saved in its arguments names text.encoder.
+    assert result.config.text.encoder == "google/flan-t5-base"
+    assert any("set text.encoder" in note for note in result.notes)
+    one_level = _edit(tiny_mlmdm_config(1), "text_model", "google/flan-t5-small")
+    save_mlmdm_checkpoint(tmp_path / "small.pth", one_level, synthetic_state_dict(one_level))
+    yaml_config = _edit(one_level, "text_model", "google/flan-t5-base")
+    yaml_file = write_yaml(tmp_path / "c1.yaml", yaml_config)
+    result = convert_mlmdm(tmp_path / "small.pth", yaml_file, tmp_path / "out-small")
+    assert (result.config.model.text_dim, result.config.text.encoder) == (512, "google/flan-t5-small")
+    # --text-dim still wins, and a wrong one is refused by the tensor shapes.
+    with pytest.raises(MlmdmMismatchError, match="wrong shape"):
+        convert_mlmdm(tmp_path / "small.pth", tmp_path / "c1.yaml", tmp_path / "out-bad", text_dim=768)
 
 
 # ---------------------------------------------------------------------------- ml-mdm's layouts, by hand
@@ -733,3 +775,53 @@ def test_converted_model_samples_like_the_original_weights(tmp_path):
     for slipped, wanted in zip(reference_samples({**tensors, victim: torch.cat([v, k])}), expected, strict=True):
         with pytest.raises(AssertionError):
             torch.testing.assert_close(slipped, wanted, rtol=1e-4, atol=1e-4)
+
+
+class _WordEncoder:
+    """Stands in for FLAN-T5: one fixed random token per word, plus one for "</s>" (so "" has one token)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def encode(self, prompts, device=None) -> TextEmbedding:
+        self.prompts += list(prompts)
+        rows = [[sum(map(ord, word)) for word in prompt.split()] + [0] for prompt in prompts]
+        length = max(map(len, rows))
+        tokens = torch.zeros(len(rows), length, TEXT_DIM)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            for j, seed in enumerate(row):
+                tokens[i, j] = torch.randn(TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        return TextEmbedding(tokens, mask, tokens.sum(1))
+
+
+def test_converted_dynamic_threshold_model_samples_as_mlmdm_without_flags(tmp_path):
+    """sample.* carries ml-mdm's DDIM eta, DYNAMIC thresholding (s capped at 100) and guidance against ""."""
+    config = _edit(tiny_mlmdm_config(1), "diffusion_config.sampler_config.threshold_function", "DYNAMIC")
+    torch.save(synthetic_state_dict(config, seed=5), tmp_path / "w.pth")
+    out = tmp_path / "out"
+    cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "w.pth"),
+         "--config", str(write_yaml(tmp_path / "c.yaml", config)), "--out", str(out)])
+    pipe = load_pipeline(out, device="cpu")
+    sample = pipe.config.sample
+    assert (sample.sampler, sample.eta, sample.threshold, sample.threshold_percentile, sample.threshold_max,
+            sample.negative_prompt, sample.guidance) == ("ddim", 0.0, "dynamic", 0.995, 100.0, "", 7.5)
+    assert pipe.config.text.mlmdm_compat == "sample"
+    pipe.text_encoder = encoder = _WordEncoder()
+    cond = pipe.condition(2, prompts=["a red chair"])
+    levels = pipe.generate(cond=cond, steps=4, seed=3)
+    assert encoder.prompts == ["a red chair"] * 2 + [""] * 2
+    # The same as the sampler with ml-mdm's settings spelled out, from the same noise.
+    generator = torch.Generator().manual_seed(3)
+    noise = pipe.process.initial_noise(2, 3, pipe.resolution, generator=generator)
+    negative = encoder.encode([""] * 2)
+    expected = get_sampler("ddim")(
+        pipe.model, noise, pipe.process, 4, cond=cond,
+        uncond=Conditioning(text=negative.tokens, text_mask=negative.mask), guidance=7.5, generator=generator, clip_x0=True, dynamic_threshold=0.995, dynamic_max=100.0, eta=0.0,
+        spacing="mlmdm",
+    )
+    torch.testing.assert_close(levels[0], expected[0].clamp(-1, 1))
+    # The thresholding matters here: clipping instead gives other images.
+    clipped = pipe.generate(cond=cond, steps=4, seed=3, threshold="clip")
+    assert (clipped[0] - levels[0]).abs().max() > 1e-2

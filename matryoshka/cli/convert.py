@@ -1,6 +1,7 @@
 """``mdm convert``: turn other implementations' checkpoints into ours.
 
     mdm convert mlmdm --checkpoint vis_model.pth --config cc12m_256x256.yaml --out converted/mlmdm-256
+    mdm convert diffusers-mdm --model matryoshka-diffusion-models/unet/nesting_level_1 --out converted/port-256
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``convert`` (with its ``mlmdm`` source) on the ``mdm`` sub-command parsers."""
     convert = subparsers.add_parser(
         "convert",
-        help="convert a checkpoint of another implementation (Apple ml-mdm) into ours",
+        help="convert a checkpoint of another implementation (Apple ml-mdm, the diffusers port) into ours",
         description="Convert a checkpoint of another implementation into our checkpoint format.",
     )
     sources = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -36,13 +37,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--state-dict-only", action="store_true",
         help="write only the converted weights (model.safetensors) and config.yaml, not a full checkpoint",
     )
-    mlmdm.add_argument("--text-dim", type=int, metavar="N", help="token width of the text encoder, if text_model is not a known T5")
+    mlmdm.add_argument(
+        "--text-dim", type=int, metavar="N",
+        help="token width of the text encoder (default: the checkpoint's, else the config's text_model's)",
+    )
     mlmdm.add_argument("--resolution", type=int, metavar="PX", help="top-level image size, if the config gives none")
     mlmdm.add_argument(
         "--ignore-training-options", action="store_true",
         help="convert even when ml-mdm training options (loss weighting, freezing) cannot be reproduced by our trainer",
     )
     mlmdm.set_defaults(func=cmd_convert_mlmdm)
+    port = sources.add_parser(
+        "diffusers-mdm",
+        help="the diffusers community pipeline's Matryoshka UNet (one nesting level: config.json + weights)",
+        description=(
+            "Convert one nesting level of the diffusers community port of Matryoshka Diffusion Models "
+            "(examples/community/matryoshka.py; e.g. unet/nesting_level_1/ with config.json and "
+            "diffusion_pytorch_model.safetensors or .bin) into our checkpoint directory. Weights are read without "
+            "running code. See docs/mlmdm.md."
+        ),
+    )
+    port.add_argument("--model", required=True, metavar="DIR",
+                      help="the nesting level's directory (or its weight file, next to its config.json)")
+    port.add_argument("--out", required=True, metavar="DIR",
+                      help="output checkpoint directory (must not exist or be empty)")
+    port.add_argument("--resolution", type=int, metavar="PX",
+                      help="top-level image size (default: 64 at the innermost level)")
+    port.set_defaults(func=cmd_convert_diffusers_mdm)
     return convert
 
 
@@ -72,4 +93,19 @@ def cmd_convert_mlmdm(args: argparse.Namespace) -> int:
         f"  ml-mdm sampling: {sampling['sampler']} eta={sampling['eta']}, {sampling['steps']} steps, guidance "
         f"{sampling['guidance']}, threshold {sampling['threshold_function'].lower()} (recorded in state.pt; see docs/mlmdm.md)"
     )
+    return 0
+
+
+def cmd_convert_diffusers_mdm(args: argparse.Namespace) -> int:
+    from ..interop.diffusers_mdm import convert_diffusers_mdm
+
+    result = convert_diffusers_mdm(args.model, args.out, resolution=args.resolution)
+    config = result.config
+    sides = config.model.level_sides(config.data.resolution)
+    print(
+        f"converted {args.model} ({config.model.num_levels} level(s): {' > '.join(f'{s}px' for s in sides)}, "
+        f"{result.num_parameters / 1e6:.1f}M parameters) to {result.out}: " + ", ".join(result.files)
+    )
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0

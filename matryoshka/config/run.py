@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data.config import DataConfig
+from ..diffusion.thresholding import threshold_options
 from ..models.config import ModelConfig
 from .errors import ConfigError
 
@@ -133,8 +134,9 @@ class TextConfig:
     """Captions are truncated to this many tokens (never dropped)."""
     cache_dir: str | None = None
     """Where caption embeddings are cached (computed once, shared by runs and ranks); None = no cache."""
-    mlmdm_compat: bool = False
-    """Tokenise like ml-mdm (FLAN-T5: leading space, EOS) for its checkpoints."""
+    mlmdm_compat: bool | Literal["train", "sample"] = False
+    """Tokenise like ml-mdm (FLAN-T5, see docs/text.md) for its checkpoints: true or "train" as its training
+    reader (a space on both sides of the caption), "sample" as its sampling scripts (a leading space only)."""
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -154,10 +156,44 @@ class SampleConfig:
     seed: int = 0
     prompts: list[str] = field(default_factory=list)
     """Prompts of the sample grids during training (text models), cycled over the grid."""
+    negative_prompt: str | None = None
+    """Text of guidance's unconditional branch (text models; "" is ml-mdm's empty prompt, encoded);
+    None: the empty, fully masked condition that training with caption dropout learns."""
+    eta: float = 0.0
+    """DDIM stochasticity (Song et al. 2021, Eq. 16): 0 is deterministic, 1 the DDPM posterior variance."""
+    threshold: Literal["none", "clip", "dynamic", "dynamic_if"] = "clip"
+    """What each step's x0 estimate goes through: nothing; clipping to [-1, 1]; dynamic thresholding
+    as Imagen (Saharia et al. 2022, §2.3: s = 99.5th percentile of |x0|, at least 1) or as
+    DeepFloyd IF (95th percentile, s at most 1.5)."""
+    threshold_percentile: float | None = None
+    """Percentile of |x0| that sets s in the dynamic modes (default 0.995 / 0.95 for dynamic / dynamic_if)."""
+    threshold_max: float | None = None
+    """Cap on s in the dynamic modes (default: none for dynamic, 1.5 for dynamic_if; ml-mdm's DYNAMIC: 100)."""
+    guidance_interval: list[float] | None = None
+    """[lo, hi]: guide only the steps with lo <= t/T <= hi (Kynkaanniemi et al. 2024); None: every step."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num < 1:
             raise ValueError("steps and num must be >= 1")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only (sampler is {self.sampler!r})")
+        threshold_options(self.threshold, self.threshold_percentile, self.threshold_max)
+        interval = self.guidance_interval
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
+            raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {interval}")
+
+    def sampler_options(self) -> dict[str, Any]:
+        """Keyword arguments of the samplers (matryoshka.diffusion.samplers) for these settings."""
+        options: dict[str, Any] = {
+            "spacing": self.spacing,
+            **threshold_options(self.threshold, self.threshold_percentile, self.threshold_max),
+            "guidance_interval": None if self.guidance_interval is None else tuple(self.guidance_interval),
+        }
+        if self.sampler == "ddim":
+            options["eta"] = self.eta
+        return options
 
 
 @dataclass

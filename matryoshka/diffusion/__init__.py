@@ -31,12 +31,13 @@ from .schedules import (
     make_schedule,
     squaredcos,
 )
-from .thresholding import dynamic_threshold, threshold_x0
+from .thresholding import THRESHOLD_MODES, dynamic_threshold, threshold_options, threshold_x0
 
 __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
     "SCHEDULE_KINDS",
+    "THRESHOLD_MODES",
     "Conditioning",
     "MatryoshkaDiffusion",
     "NoiseSchedule",
@@ -56,6 +57,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sampling_timesteps",
     "squaredcos",
+    "threshold_options",
     "threshold_x0",
     "unconditional_of",
     "v_from_x0_eps",

@@ -3,8 +3,8 @@
 Every sampler has the same signature::
 
     sampler(model, noise, process, steps, cond=None, uncond=None, guidance=1.0,
-            generator=None, callback=None, *, guidance_interval=None,
-            clip_x0=True, dynamic_threshold=None, spacing="mlmdm", **sampler_specific) -> list[Tensor]
+            generator=None, callback=None, *, guidance_interval=None, clip_x0=True,
+            dynamic_threshold=None, dynamic_max=None, spacing="mlmdm", **sampler_specific) -> list[Tensor]
 
 ``noise`` is the initial pyramid (one N(0, I) tensor per level, highest resolution
 first; see ``MatryoshkaDiffusion.initial_noise``) and the result is the final pyramid
@@ -108,6 +108,7 @@ class _Denoiser:
         guidance_interval: tuple[float, float] | None,
         clip_x0: bool,
         dynamic_threshold: float | None,
+        dynamic_max: float | None,
     ) -> None:
         levels = process.num_levels
         if isinstance(guidance, Sequence):
@@ -125,6 +126,7 @@ class _Denoiser:
         self.interval = guidance_interval
         self.clip_x0 = clip_x0
         self.dynamic_threshold = dynamic_threshold
+        self.dynamic_max = dynamic_max
         self.pair = None
         if any(g != 1.0 for g in scales):
             if uncond is None:
@@ -135,6 +137,8 @@ class _Denoiser:
             self.pair = cat_conditioning(uncond, cond)
 
     def _guided(self, t: int) -> bool:
+        # Guidance only inside [lo, hi] of t/T (Kynkaanniemi et al. 2024, "Applying guidance in a
+        # limited interval improves sample and distribution quality in diffusion models").
         if self.pair is None:
             return False
         if self.interval is None:
@@ -157,7 +161,7 @@ class _Denoiser:
         for level, (pred, zi) in enumerate(zip(preds, z)):
             alpha, sigma = self.process.coefficients(level, t_vec, zi)
             x = convert_prediction(pred.to(zi.dtype), self.process.prediction, "x0", zi, alpha, sigma)
-            x0.append(threshold_x0(x, self.clip_x0, self.dynamic_threshold))
+            x0.append(threshold_x0(x, self.clip_x0, self.dynamic_threshold, self.dynamic_max))
         return x0
 
 
@@ -217,6 +221,7 @@ def sample_ddpm(
     guidance_interval: tuple[float, float] | None = None,
     clip_x0: bool = True,
     dynamic_threshold: float | None = None,
+    dynamic_max: float | None = None,
     spacing: str = "mlmdm",
 ) -> list[Tensor]:
     """Ancestral sampling from the DDPM posterior q(z_s | z_t, x0_hat) (Ho et al. 2020, Eq. 6-7).
@@ -225,7 +230,7 @@ def sample_ddpm(
     z_s = beta sqrt(g_s)/(1-g_t) x0 + sqrt(a)(1-g_s)/(1-g_t) z_t + sqrt(beta (1-g_s)/(1-g_t)) n.
     """
     denoise = _Denoiser(
-        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold
+        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold, dynamic_max
     )
 
     def update(i: int, t: int, s: int, z: list[Tensor], x0: list[Tensor]) -> list[Tensor]:
@@ -257,6 +262,7 @@ def sample_ddim(
     guidance_interval: tuple[float, float] | None = None,
     clip_x0: bool = True,
     dynamic_threshold: float | None = None,
+    dynamic_max: float | None = None,
     spacing: str = "mlmdm",
     eta: float = 0.0,
 ) -> list[Tensor]:
@@ -269,7 +275,7 @@ def sample_ddim(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     denoise = _Denoiser(
-        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold
+        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold, dynamic_max
     )
 
     def update(i: int, t: int, s: int, z: list[Tensor], x0: list[Tensor]) -> list[Tensor]:
@@ -299,6 +305,7 @@ def sample_dpmpp_2m(
     guidance_interval: tuple[float, float] | None = None,
     clip_x0: bool = True,
     dynamic_threshold: float | None = None,
+    dynamic_max: float | None = None,
     spacing: str = "mlmdm",
 ) -> list[Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction, in
@@ -310,7 +317,7 @@ def sample_dpmpp_2m(
     Deterministic; ``generator`` is unused and accepted for the shared signature.
     """
     denoise = _Denoiser(
-        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold
+        model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold, dynamic_max
     )
     history: list[tuple[Tensor, float]] = []  # per level: (x0, h) of the previous step
 

@@ -29,6 +29,9 @@ class LevelConfig:
     """Attention in the mid block (only the innermost level has mid blocks)."""
     dropout: float = 0.0
     norm_groups: int = 32
+    attention_norm_groups: int | None = None
+    """GroupNorm groups of the attention and feed-forward layers (default: ``norm_groups``).
+    ml-mdm and the diffusers port hard-code 32 there whatever their ``num_groups_norm``."""
     normalize_input: bool = False
     """Divide this level's noisy input by its per-sample std (ml-mdm ``skip_normalization=False``)."""
     micro_conditioning: dict[str, float] = field(default_factory=dict)
@@ -51,14 +54,25 @@ class LevelConfig:
         for width in self.channels:
             if width % self.norm_groups:
                 raise ValueError(f"channel width {width} is not divisible by norm_groups={self.norm_groups}")
+        if self.attention_norm_groups is not None and self.attention_norm_groups < 1:
+            raise ValueError(f"attention_norm_groups must be >= 1, got {self.attention_norm_groups}")
         attended = [self.channels[stage] for stage in self.attention_stages]
         if self.mid_attention:
             attended.append(self.channels[-1])
         for width in attended:
             if width % self.attention_heads:
                 raise ValueError(f"attention width {width} is not divisible by attention_heads={self.attention_heads}")
+            if width % self.attention_groups:
+                raise ValueError(
+                    f"attention width {width} is not divisible by attention_norm_groups={self.attention_groups}"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+
+    @property
+    def attention_groups(self) -> int:
+        """GroupNorm groups in this level's attention layers."""
+        return self.norm_groups if self.attention_norm_groups is None else self.attention_norm_groups
 
     @property
     def downsampling(self) -> int:

@@ -148,6 +148,7 @@ class Stage(nn.Module):
         *,
         heads: int,
         groups: int,
+        attention_groups: int,
         dropout: float,
         cond_dim: int,
         ffn: bool,
@@ -159,7 +160,7 @@ class Stage(nn.Module):
         self.attention_layers = attention_layers
         self.attn = (
             nn.ModuleList(
-                Attention(out_ch, heads, groups, cond_dim, ffn)
+                Attention(out_ch, heads, attention_groups, cond_dim, ffn)
                 for _ in range(len(in_channels) * attention_layers)
             )
             if attention_layers

@@ -52,6 +52,7 @@ class NestedUNet(nn.Module):
         stage_options = dict(
             heads=level.attention_heads,
             groups=level.norm_groups,
+            attention_groups=level.attention_groups,
             dropout=level.dropout,
             cond_dim=cond_dim,
             ffn=level.attention_ffn,

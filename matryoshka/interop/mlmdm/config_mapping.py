@@ -15,7 +15,14 @@ from ...config import ConfigError
 from ...config.run import RunConfig, SampleConfig, TextConfig, TrainConfig
 from ...data.config import DataConfig
 from ...models.config import ModelConfig
-from .defaults import DEFAULT_TEXT_MODEL, DEMO_GUIDANCE, DEMO_STEPS, READER_TEXT_DEFAULTS, THRESHOLDS
+from .defaults import (
+    DEFAULT_TEXT_MODEL,
+    DEMO_GUIDANCE,
+    DEMO_STEPS,
+    READER_TEXT_DEFAULTS,
+    TEXT_ENCODER_DIMS,
+    THRESHOLDS,
+)
 from .diffusion_mapping import diffusion_from_mlmdm
 from .errors import MlmdmConfigError
 from .unet_config import model_from_mlmdm
@@ -102,33 +109,50 @@ def _train(raw: Mapping[str, Any], training: list[str]) -> TrainConfig:
     return train
 
 
-def _sampling(steps: int, threshold: str, notes: list[str]) -> dict[str, Any]:
-    """ml-mdm's demo sampling (DDIM, guidance against the empty prompt) as options of our samplers."""
-    clip_x0, dynamic = THRESHOLDS[threshold]
-    if threshold == "DYNAMIC_IF":
-        notes.append(
-            "threshold_function DYNAMIC_IF caps the threshold at 1.5 in ml-mdm; our dynamic thresholding has no cap"
-        )
+def _sample(steps: int, threshold: str) -> SampleConfig:
+    """ml-mdm's demo sampling: DDIM (eta 0) on its step grid, guidance 7.5 against the encoded empty prompt."""
+    mode, percentile, cap = THRESHOLDS[threshold]
+    return SampleConfig(
+        sampler="ddim", steps=steps, spacing="mlmdm", num=4, guidance=DEMO_GUIDANCE, negative_prompt="", eta=0.0,
+        threshold=mode, threshold_percentile=percentile, threshold_max=cap,
+    )
+
+
+def _sampling(sample: SampleConfig, threshold: str) -> dict[str, Any]:
+    """The same settings as a record of plain values (state.pt), with the samplers' keyword arguments."""
     return {
-        "sampler": "ddim",
-        "eta": 0.0,
-        "steps": steps,
-        "guidance": DEMO_GUIDANCE,
-        "negative_prompt": "",
+        "sampler": sample.sampler,
+        "eta": sample.eta,
+        "steps": sample.steps,
+        "guidance": sample.guidance,
+        "negative_prompt": sample.negative_prompt,
         "threshold_function": threshold,
-        "clip_x0": clip_x0,
-        "dynamic_threshold": dynamic,
+        **{key: value for key, value in sample.sampler_options().items() if key not in ("spacing", "eta")},
     }
 
 
-def _text(raw: Mapping[str, Any], reader: Mapping[str, Any], notes: list[str]) -> TextConfig:
+def _text_model(raw: Mapping[str, Any], width: int, saved_model: str | None, notes: list[str]) -> str:
+    """The config's text encoder, or the checkpoint's own when only the latter has the model's width."""
     text_model = str(raw.get("text_model") or DEFAULT_TEXT_MODEL)
+    if TEXT_ENCODER_DIMS.get(text_model, width) == width:
+        return text_model
+    if saved_model is not None and TEXT_ENCODER_DIMS.get(saved_model) == width:
+        notes.append(f"text.encoder is {saved_model!r}, the text_model saved in the checkpoint (width {width})")
+        return saved_model
+    notes.append(
+        f"text.encoder {text_model!r} does not give the model's {width}-wide tokens: set text.encoder in "
+        "config.yaml to the encoder the model was trained with"
+    )
+    return text_model
+
+
+def _text(raw: Mapping[str, Any], reader: Mapping[str, Any], text_model: str, notes: list[str]) -> TextConfig:
     max_tokens = parse_int(reader.get("max_token_length"), "reader_config.max_token_length")
     if not max_tokens or max_tokens <= 0:
         max_tokens = _DEFAULT_MAX_TOKENS
         notes.append(f"reader_config.max_token_length is unset: captions are cut at {_DEFAULT_MAX_TOKENS} tokens")
-    # ml-mdm's own tokenisation of T5's vocabulary (see docs/text.md).
-    return TextConfig(encoder=text_model, max_length=max_tokens, mlmdm_compat=True)
+    # ml-mdm's own tokenisation of T5's vocabulary as its sampling scripts do it (see docs/text.md).
+    return TextConfig(encoder=text_model, max_length=max_tokens, mlmdm_compat="sample")
 
 
 def _text_encoder(text: TextConfig, model: ModelConfig, reader: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,6 +185,8 @@ def run_config_from_mlmdm(
     resolution: int | None = None,
     strict_training: bool = True,
     name: str | None = None,
+    checkpoint_text_dim: int | None = None,
+    checkpoint_text_model: str | None = None,
 ) -> MlmdmConversion:
     """Map an ml-mdm config (YAML mapping or a checkpoint's saved ``args``) to a RunConfig.
 
@@ -168,11 +194,15 @@ def run_config_from_mlmdm(
     refused with :class:`MlmdmConfigError`. Options that only change training (loss
     weighting, freezing) and that our trainer cannot reproduce are refused too unless
     ``strict_training=False``, in which case they are listed in the notes.
+
+    ``checkpoint_text_dim`` (the token width the checkpoint's tensors take) wins over the
+    width of the config's ``text_model``; ``checkpoint_text_model`` (the one saved in the
+    checkpoint's arguments) then names the encoder if its width fits.
     """
     raw = _checked_raw(raw)
     notes: list[str] = []
     training: list[str] = []
-    model = model_from_mlmdm(raw, text_dim, notes, training)
+    model = model_from_mlmdm(raw, text_dim, notes, training, checkpoint_text_dim)
     diffusion = diffusion_from_mlmdm(raw, model.num_levels, notes, training)
     reader = section_of(raw, "reader_config")
     if not isinstance(reader, Mapping):
@@ -180,9 +210,8 @@ def run_config_from_mlmdm(
     top = _top_resolution(raw, reader, resolution, notes)
     data = _data(reader, top)
     train = _train(raw, training)
-    sample_steps = DEMO_STEPS.get(top, 100)
-    sampling = _sampling(sample_steps, diffusion.threshold, notes)
-    text = _text(raw, reader, notes)
+    sample = _sample(DEMO_STEPS.get(top, 100), diffusion.threshold)
+    text = _text(raw, reader, _text_model(raw, model.text_dim, checkpoint_text_model, notes), notes)
     try:
         config = RunConfig(
             run_dir=f"runs/{name or f'mlmdm-{top}'}",
@@ -190,11 +219,11 @@ def run_config_from_mlmdm(
             diffusion=diffusion.config(),
             data=data,
             train=train,
-            sample=SampleConfig(sampler="ddim", steps=sample_steps, spacing="mlmdm", num=4, guidance=DEMO_GUIDANCE),
+            sample=sample,
             text=text,
         )
     except (ValueError, ConfigError) as error:
         raise MlmdmConfigError(f"the ml-mdm config does not give a valid run config: {error}") from error
     text_encoder = _text_encoder(text, model, reader)
     _settle_training(training, strict_training, notes)
-    return MlmdmConversion(config, sampling, text_encoder, notes)
+    return MlmdmConversion(config, _sampling(sample, diffusion.threshold), text_encoder, notes)

@@ -11,6 +11,7 @@ from typing import Any
 from ...config.run import RunConfig
 from .config_mapping import MlmdmConversion, run_config_from_mlmdm
 from .errors import MlmdmConfigError
+from .unet_config import checkpoint_text_dim
 from .unpickle import LoadedWeights, read_weights, to_plain
 from .weights import convert_state_dict
 from .writer import prepare_out, write_checkpoint
@@ -106,8 +107,11 @@ def convert_mlmdm(
     else:
         config_source = str(Path(config).expanduser())
     name = Path(config).stem if config is not None else checkpoint.stem
+    saved_model = loaded.args.get("text_model") if loaded.args else None
     conversion = run_config_from_mlmdm(
-        raw, text_dim=text_dim, resolution=resolution, strict_training=strict_training, name=f"{name}-converted"
+        raw, text_dim=text_dim, resolution=resolution, strict_training=strict_training, name=f"{name}-converted",
+        checkpoint_text_dim=checkpoint_text_dim(loaded.tensors),
+        checkpoint_text_model=str(saved_model) if saved_model else None,
     )
     notes.extend(conversion.notes)
     tensors = convert_state_dict(loaded.tensors, conversion.config.model, str(checkpoint))

@@ -114,11 +114,12 @@ MODEL_LEVELS = {"unet": 1, "nested_unet": 2, "nested2_unet": 3, "nested3_unet": 
 SCHEDULES = {"DEEPFLOYD": "squaredcos", "COSINE": "logsnr_cosine", "DDPM": "linear"}
 PREDICTIONS = {"V_PREDICTION": "v", "DDPM": "eps", "DDIM": "eps"}
 THRESHOLDS = {
-    # ml-mdm threshold_function -> (clip_x0, dynamic percentile) of our samplers
-    "CLIP": (True, None),
-    "NONE": (False, None),
-    "DYNAMIC": (True, 0.995),
-    "DYNAMIC_IF": (True, 0.95),
+    # ml-mdm threshold_function -> our sample.threshold, threshold_percentile, threshold_max
+    # (ml-mdm's samplers.py: DYNAMIC takes the 99.5th percentile, s capped at 100; DYNAMIC_IF the 95th, at 1.5).
+    "CLIP": ("clip", None, None),
+    "NONE": ("none", None, None),
+    "DYNAMIC": ("dynamic", 0.995, 100.0),
+    "DYNAMIC_IF": ("dynamic_if", 0.95, 1.5),
 }
 # ml-mdm's web demo: 50 / 100 / 250 steps for 64 / 256 / 1024 pixels, guidance 7.5.
 DEMO_STEPS = {64: 50, 256: 100, 1024: 250}

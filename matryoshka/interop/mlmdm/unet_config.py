@@ -7,6 +7,7 @@ collected in ``training`` for the caller to refuse or note.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +24,12 @@ from .defaults import (
 from .errors import MlmdmConfigError
 from .values import parse_bool, parse_float, parse_int, parse_ints, parse_micro, with_defaults
 
-__all__ = ["model_from_mlmdm"]
+__all__ = ["checkpoint_text_dim", "model_from_mlmdm"]
 
 _Chain = list[tuple[str, Mapping[str, Any]]]
+
+# GroupNorm groups of ml-mdm's attention and feed-forward layers (hard-coded in its unet.py).
+_ATTENTION_GROUPS = 32
 
 
 @dataclass
@@ -137,12 +141,8 @@ def _parse_level(where: str, raw: Mapping[str, Any], nested: bool, innermost: bo
     _refuse_unsupported_layers(where, options)
 
     groups = parse_int(resnet["num_groups_norm"], f"{where}.resnet_config.num_groups_norm")
-    has_attention = any(attention_layers[s] > 0 for s in attention_stages) or innermost
-    if has_attention and groups != 32:
-        raise MlmdmConfigError(
-            f"{where}.resnet_config.num_groups_norm={groups}: ml-mdm's attention layers always use 32 groups, "
-            "ours use the level's num_groups_norm; only 32 reproduces ml-mdm for a level with attention"
-        )
+    if groups is None or groups < 1:
+        raise MlmdmConfigError(f"{where}.resnet_config.num_groups_norm must be positive, got {groups}")
     temporal_dim = parse_int(options["temporal_dim"], f"{where}.temporal_dim") or 4 * channels[0]
     if temporal_dim % 8:
         raise MlmdmConfigError(
@@ -168,25 +168,40 @@ def _parse_level(where: str, raw: Mapping[str, Any], nested: bool, innermost: bo
     )
 
 
-def _text_dim(raw: Mapping[str, Any], chain: _Chain, text_dim: int | None) -> int:
-    """Width of the text encoder's token embeddings: given, known from its name, or declared."""
+def _named_text_dim(raw: Mapping[str, Any], chain: _Chain) -> tuple[str, int | None]:
+    """(text_model, its width): known from the name, else the width the config declares, else None."""
+    model = str(raw.get("text_model") or DEFAULT_TEXT_MODEL)
+    if model in TEXT_ENCODER_DIMS:
+        return model, TEXT_ENCODER_DIMS[model]
+    for where, section in chain:
+        dim = parse_int(section.get("conditioning_feature_dim", -1), f"{where}.conditioning_feature_dim")
+        if dim and dim > 0:
+            return model, dim
+    return model, None
+
+
+def _text_dim(raw: Mapping[str, Any], chain: _Chain, text_dim: int | None, checkpoint_dim: int | None,
+              notes: list[str]) -> int:
+    """Width of the text encoder's token embeddings: given, read from the checkpoint, or from the config."""
     if text_dim is not None:
         if text_dim <= 0:
             raise MlmdmConfigError(f"text_dim must be positive, got {text_dim}")
         return text_dim
-    model = raw.get("text_model")
-    if model is None:
-        model = DEFAULT_TEXT_MODEL
-    if str(model) in TEXT_ENCODER_DIMS:
-        return TEXT_ENCODER_DIMS[str(model)]
-    for where, section in chain:
-        dim = parse_int(section.get("conditioning_feature_dim", -1), f"{where}.conditioning_feature_dim")
-        if dim and dim > 0:
-            return dim
-    raise MlmdmConfigError(
-        f"unknown text_model {model!r}: pass the width of its token embeddings (--text-dim); known encoders: "
-        + ", ".join(TEXT_ENCODER_DIMS)
-    )
+    model, named = _named_text_dim(raw, chain)
+    if checkpoint_dim is not None:
+        # The tensors are what the network was trained with; a YAML can be reused for another encoder.
+        if named != checkpoint_dim:
+            notes.append(
+                f"the checkpoint's tensors take {checkpoint_dim}-wide text tokens but the config's text_model "
+                f"{model!r} gives {named or 'an unknown width'}: using {checkpoint_dim}, from the checkpoint"
+            )
+        return checkpoint_dim
+    if named is None:
+        raise MlmdmConfigError(
+            f"unknown text_model {model!r}: pass the width of its token embeddings (--text-dim); known encoders: "
+            + ", ".join(TEXT_ENCODER_DIMS)
+        )
+    return named
 
 
 def _parse_chain(raw: Mapping[str, Any], training: list[str]) -> tuple[_Chain, list[_Level]]:
@@ -261,6 +276,8 @@ def _model_config(parsed: list[_Level], width: int) -> ModelConfig:
             mid_attention=index == 0,  # only the innermost UNet has mid blocks
             dropout=level.dropout,
             norm_groups=level.groups,
+            # ml-mdm's SelfAttention normalises with GroupNorm(32, C) whatever num_groups_norm says.
+            attention_norm_groups=None if level.groups == _ATTENTION_GROUPS else _ATTENTION_GROUPS,
             normalize_input=level.normalize,
             micro_conditioning=level.micro,
         )
@@ -279,13 +296,29 @@ def _model_config(parsed: list[_Level], width: int) -> ModelConfig:
 
 
 def model_from_mlmdm(raw: Mapping[str, Any], text_dim: int | None, notes: list[str],
-                     training: list[str]) -> ModelConfig:
+                     training: list[str], checkpoint_text_dim: int | None = None) -> ModelConfig:
     """Our model for ``raw["unet_config"]``; appends to ``notes`` and ``training``.
 
-    ``text_dim`` overrides the text encoder's width, which otherwise comes from
+    ``text_dim`` overrides the text encoder's width, which otherwise comes from the
+    checkpoint's tensors (``checkpoint_text_dim``, see :func:`checkpoint_text_dim`), else from
     ``text_model`` (or the config's declared width for an encoder not in TEXT_ENCODER_DIMS).
     """
     chain, parsed = _parse_chain(raw, training)
-    width = _text_dim(raw, chain, text_dim)
+    width = _text_dim(raw, chain, text_dim, checkpoint_text_dim, notes)
     _check_text_widths(chain, parsed, width, text_dim, notes)
     return _model_config(parsed, width)
+
+
+def checkpoint_text_dim(shapes: Mapping[str, Any]) -> int | None:
+    """The token width the innermost UNet's tensors take (ml-mdm names): its ``lm_proj`` input, else ``cond_emb``'s.
+
+    None for a model without text conditioning.
+    """
+    for layer in ("lm_proj", "cond_emb"):
+        pattern = re.compile(rf"(inner_unet\.)*{layer}\.weight")
+        keys = [key for key in shapes if pattern.fullmatch(key)]
+        if keys:
+            innermost = max(keys, key=lambda key: key.count("inner_unet."))
+            shape = tuple(getattr(shapes[innermost], "shape", shapes[innermost]))
+            return int(shape[1]) if len(shape) == 2 else None
+    return None

@@ -20,7 +20,7 @@ listed without executing anything (``torch.serialization.get_unsafe_globals_in_c
 Also accepted: a plain state-dict file (``torch.save(model.state_dict())``), a
 ``{"state_dict": ...}`` file without ``args``, and a safetensors file with ml-mdm's
 parameter names. The diffusers community port's safetensors use a different module tree
-and are refused with an explanation (see docs/mlmdm.md).
+and are referred to ``mdm convert diffusers-mdm`` (:mod:`matryoshka.interop.diffusers_mdm`).
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ def _read_safetensors(file: Path) -> LoadedWeights:
                 example = next(k for k in keys if _diffusers_layout([k]))
                 raise CheckpointFormatError(
                     f"{file} uses the diffusers module layout (e.g. '{example}'), "
-                    "as in the diffusers community port tolgacangoz/matryoshka-diffusion-models; only ml-mdm's own "
-                    "parameter names are supported (convert Apple's vis_model.pth instead; see docs/mlmdm.md)"
+                    "as in the diffusers community port tolgacangoz/matryoshka-diffusion-models: convert it with "
+                    "`mdm convert diffusers-mdm --model <its nesting_level directory>` (see docs/mlmdm.md)"
                 )
             tensors = {key: handle.get_tensor(key) for key in keys}
     except SafetensorError as error:

@@ -30,12 +30,12 @@ def prepare_out(out: Path) -> None:
 
 
 def _write_files(directory: Path, tensors: dict[str, torch.Tensor], config: RunConfig, step: int,
-                 state: dict[str, Any] | None) -> list[str]:
-    metadata = {"format": "matryoshka", "step": str(step), "source": "ml-mdm"}
+                 state: dict[str, Any] | None, source: str) -> list[str]:
+    metadata = {"format": "matryoshka", "step": str(step), "source": source}
     save_file(tensors, directory / "model.safetensors", metadata)
     files = ["model.safetensors"]
     if state is not None:
-        # ml-mdm's vis_model files hold the EMA weights: they serve as both of ours.
+        # ml-mdm's vis_model files (and the ports of them) hold the EMA weights: they serve as both of ours.
         try:
             os.link(directory / "model.safetensors", directory / "ema.safetensors")
         except OSError:
@@ -48,19 +48,19 @@ def _write_files(directory: Path, tensors: dict[str, torch.Tensor], config: RunC
 
 
 def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config: RunConfig, step: int,
-                     state: dict[str, Any] | None) -> list[str]:
+                     state: dict[str, Any] | None, source: str = "ml-mdm") -> list[str]:
     """Write our checkpoint directory at ``out`` (checked by :func:`prepare_out`); the file names written.
 
     ``model.safetensors`` and ``config.yaml`` always; with ``state`` (the ``state.pt``
     record) also ``ema.safetensors`` and ``state.pt``, making a loadable checkpoint. The
     files go to a temporary directory next to ``out`` that is renamed at the end, so a
-    failure leaves nothing behind.
+    failure leaves nothing behind. ``source`` is recorded in the weights' metadata.
     """
     tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = _write_files(tmp, tensors, config, step, state)
+        files = _write_files(tmp, tensors, config, step, state, source)
         for file in files:
             fsync_path(tmp / file)
         if out.exists():
