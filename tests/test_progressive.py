@@ -84,7 +84,7 @@ def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
     # Each stage's checkpoint samples the levels that stage had.
     out = tmp_path / "out"
     assert main(["sample", str(stopped / "checkpoints/step_00000003"), "--num", "2", "--steps", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["8px", "grid_8px.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["8px", "grid_8px.png", "settings.json"]
 
 
 def test_a_stage_with_minutes_ends_when_they_run_out_and_resumes_there(tmp_path, folder):
