@@ -1,0 +1,243 @@
+"""The streaming ``shards`` source: formats, locations, resume, rank/worker splits, bad data."""
+
+import functools
+import gzip
+import http.server
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from matryoshka.data import DataConfig, DataConfigError, DataFailureError, build_dataset, make_loader
+from matryoshka.data import streaming
+from matryoshka.data.streaming import SAMPLE_BITS
+
+from . import synthetic as syn
+
+
+def sample_members(shard: int, count: int, size=(20, 16)) -> list[tuple[str, bytes]]:
+    members = []
+    for i in range(count):
+        key = f"s{shard:03d}/{i:04d}"
+        members.append((f"{key}.png", syn.encode(syn.solid_image("RGB", size, (shard * 40 % 256, i * 9 % 256, 7)))))
+        members.append((f"{key}.cls", str((shard + i) % 3).encode()))
+        members.append((f"{key}.txt", f"shard {shard} sample {i}".encode()))
+    return members
+
+
+def make_shards(folder: Path, counts: list[int]) -> str:
+    for s, n in enumerate(counts):
+        syn.write_tar(folder / f"shard-{s:03d}.tar", sample_members(s, n))
+    return str(folder / f"shard-{{000..{len(counts) - 1:03d}}}.tar")
+
+
+def config(path: str, **kw) -> DataConfig:
+    return DataConfig(**{"source": "shards", "path": path, "resolution": 8, "captions": True, **kw})
+
+
+def stream_ids(cfg, steps, batch_size=4, start_step=0, **kw) -> list[list[int]]:
+    loader = make_loader(build_dataset(cfg), batch_size=batch_size, seed=3, start_step=start_step, **kw)
+    try:
+        return [next(loader)["index"].tolist() for _ in range(steps)]
+    finally:
+        loader.close()
+
+
+def all_ids(counts) -> set[int]:
+    return {(s << SAMPLE_BITS) | i for s, n in enumerate(counts) for i in range(n)}
+
+
+def test_samples_labels_captions_and_json(tmp_path):
+    syn.write_tar(tmp_path / "a.tar", [
+        ("x/1.jpg", syn.encode(syn.solid_image("RGB", (24, 16), (255, 0, 0)), "JPEG")), ("x/1.cls", b"2"),
+        ("x/1.json", json.dumps({"caption": " red "}).encode()),
+        ("x/2.png", syn.encode(syn.solid_image("RGB", (16, 16), (0, 0, 255)))), ("x/2.cls", b"0"),
+        ("x/2.txt", b"blue"),
+    ])
+    ds = build_dataset(config(str(tmp_path / "a.tar"), label="cls", num_classes=3, shuffle_buffer=0))
+    assert ds.class_names == ["0", "1", "2"] and ds.urls == [str(tmp_path / "a.tar")]
+    batch = next(make_loader(ds, batch_size=2, seed=0, shuffle=False))
+    assert batch["image"].shape == (2, 3, 8, 8) and batch["label"].tolist() == [2, 0]
+    assert batch["caption"] == ["red", "blue"] and batch["index"].tolist() == [0, 1]
+    assert batch["image"][0, 0].mean() > 0.9 and batch["image"][1, 2].mean() > 0.9
+    assert ds.describe(1) == f"{tmp_path / 'a.tar'}#1"
+
+
+def test_one_epoch_reads_every_sample_once_local_gz_and_pipe(tmp_path):
+    counts = [5, 3, 6, 4]
+    make_shards(tmp_path, counts)
+    for s in (1, 3):  # a compressed shard is read the same way
+        plain = tmp_path / f"shard-{s:03d}.tar"
+        with open(plain, "rb") as src, gzip.open(tmp_path / f"shard-{s:03d}.tar.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
+    spec = "::".join([str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar.gz"),
+                      f"pipe:cat {tmp_path / 'shard-002.tar'}", str(tmp_path / "shard-003.tar.gz")])
+    ids = sum(stream_ids(config(spec, shuffle_buffer=7), steps=6, batch_size=3), [])  # 18 = one epoch
+    assert sorted(ids) == sorted(all_ids(counts))
+    assert sorted(streaming.shard_urls(str(tmp_path))) == [str(tmp_path / n) for n in
+                                                           ("shard-000.tar", "shard-001.tar.gz", "shard-002.tar",
+                                                            "shard-003.tar.gz")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_with_the_next_unseen_sample(tmp_path, workers):
+    counts = [7, 5, 9, 6]
+    cfg = config(make_shards(tmp_path, counts), shuffle_buffer=5)
+    full = stream_ids(cfg, steps=14, batch_size=4, num_workers=workers)
+    assert sorted(sum(full, [])[:27]) != sorted(all_ids(counts))[:27]  # shuffled
+    assert full[:3] != stream_ids(config(cfg.path, shuffle_buffer=5, seed=1), 3, num_workers=workers)
+    loader = make_loader(build_dataset(cfg), batch_size=4, seed=3, num_workers=workers)
+    for _ in range(9):
+        next(loader)
+    state = loader.state_dict()
+    loader.close()
+    assert state["step"] == 9 and state["shard_counts"]
+    for resume_state in (state, None):  # with the checkpoint's shard counts, or by reading past them
+        ds = build_dataset(cfg)
+        opened = []
+        resumed = make_loader(ds, batch_size=4, seed=3, start_step=9, num_workers=workers, state=resume_state)
+        if workers == 0:
+            real = streaming.open_shard
+            streaming.open_shard = lambda url: opened.append(url) or real(url)
+        try:
+            assert [next(resumed)["index"].tolist() for _ in range(5)] == full[9:]
+        finally:
+            streaming.open_shard = real if workers == 0 else streaming.open_shard
+            resumed.close()
+        if workers == 0 and resume_state is not None:  # shards known to be done are not opened again
+            assert len(opened) < len(counts) + 1
+
+
+def test_ranks_split_shards_without_overlap_and_uneven_counts_keep_going(tmp_path):
+    counts = [4, 6, 3, 5, 8]  # 5 shards over 2 ranks x 2 readers would leave one reader short: use 2 x 1
+    cfg = config(make_shards(tmp_path, counts), shuffle_buffer=3)
+    seen = []
+    for rank in range(2):
+        ds = build_dataset(cfg)
+        loader = make_loader(ds, batch_size=2, seed=5, rank=rank, world_size=2)
+        mine = []
+        while len(mine) < sum(counts):  # past the end of this rank's first epoch
+            mine += next(loader)["index"].tolist()
+        order = ds.shard_order(0)[rank::2]
+        first_epoch = sum(counts[s] for s in order)
+        seen.append(mine[:first_epoch])
+        assert {i >> SAMPLE_BITS for i in mine[:first_epoch]} == set(order)
+    assert sorted(seen[0] + seen[1]) == sorted(all_ids(counts))
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(tmp_path):
+    cfg = config(make_shards(tmp_path, [3]))
+    with pytest.raises(ValueError, match="1 shard.*2 readers"):
+        next(make_loader(build_dataset(cfg), batch_size=2, seed=0, rank=1, world_size=2))
+
+
+def test_ten_thousand_shard_pattern_starts_in_seconds(tmp_path):
+    make_shards(tmp_path / "real", [6])
+    for s in range(10_000):  # links are cheap; what matters is that nothing walks all of them
+        os.symlink(tmp_path / "real" / "shard-000.tar", tmp_path / f"big-{s:05d}.tar")
+    opened = []
+    real = streaming.open_shard
+    streaming.open_shard = lambda url: opened.append(url) or real(url)
+    try:
+        start = time.perf_counter()
+        ds = build_dataset(config(str(tmp_path / "big-{00000..09999}.tar"), shuffle_buffer=10))
+        batch = next(make_loader(ds, batch_size=8, seed=0))
+        elapsed = time.perf_counter() - start
+    finally:
+        streaming.open_shard = real
+    assert len(ds.urls) == 10_000 and batch["image"].shape[0] == 8
+    assert len(opened) <= 3 and elapsed < 5, (len(opened), elapsed)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=tmp_path))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_shards_match_local_and_missing_ones_are_retried_and_counted(http_root):
+    root, url = http_root
+    counts = [4, 5, 3]
+    make_shards(root, counts)
+    local = stream_ids(config(str(root / "shard-{000..002}.tar")), steps=3)
+    remote = stream_ids(config(url + "/shard-{000..002}.tar"), steps=3)
+    assert remote == local
+    # a shard the server does not have: retried, then skipped and counted; the rest is read
+    ds = build_dataset(config(url + "/shard-{000..003}.tar", retries=2, retry_delay=0.01, shuffle=False))
+    loader = make_loader(ds, batch_size=4, seed=0, shuffle=False)
+    ids = sum((next(loader)["index"].tolist() for _ in range(6)), [])
+    assert set(ids) == all_ids(counts)
+    assert ds.skipped["by_reason"] == {"unreadable_shard": 1} and "shard-003.tar" in ds.skip_report()
+
+
+def test_bad_shards_and_members_are_skipped_and_counted(tmp_path):
+    counts = [6, 6, 6]
+    make_shards(tmp_path, counts)
+    data = (tmp_path / "shard-001.tar").read_bytes()
+    (tmp_path / "shard-001.tar").write_bytes(data[: len(data) // 2])  # truncated
+    syn.write_tar(tmp_path / "shard-002.tar", sample_members(2, 5) + [("s002/0005.png", syn.corrupt_bytes())])
+    ds = build_dataset(config(str(tmp_path / "shard-{000..004}.tar"), shuffle=False))  # 003, 004 missing
+    loader = make_loader(ds, batch_size=5, seed=0, shuffle=False)
+    batches = [next(loader) for _ in range(4)]
+    by_reason = ds.skipped["by_reason"]
+    assert by_reason["unreadable_shard"] == 2 and by_reason["truncated_shard"] == 1
+    assert by_reason["not_an_image"] == 1 or by_reason.get("corrupt") == 1
+    ids = torch.cat([b["index"] for b in batches]).tolist()
+    # the bad member keeps its place, filled with the previous good sample
+    bad = ids.index((2 << SAMPLE_BITS) | 4) + 1
+    assert ids[bad] == (2 << SAMPLE_BITS) | 4
+    assert "skipped" in ds.skip_report()
+
+
+def test_mostly_broken_data_stops_with_a_clear_error(tmp_path):
+    make_shards(tmp_path, [2])
+    cfg = config(str(tmp_path / "shard-{000..039}.tar"), shuffle=False)  # 39 of 40 missing
+    loader = make_loader(build_dataset(cfg), batch_size=2, seed=0, shuffle=False)
+    with pytest.raises(DataFailureError, match="failed on .* of .*unreadable_shard"):
+        for _ in range(5):
+            next(loader)
+
+
+def test_text_embedding_cache_fills_on_the_fly_from_the_stream(tmp_path):
+    from matryoshka.text import TextEmbeddingCache
+
+    from .test_text_encoders import FakeEncoder
+
+    cfg = config(make_shards(tmp_path / "shards", [5, 5]), shuffle_buffer=4)
+    encoder = FakeEncoder()
+    cache = TextEmbeddingCache(tmp_path / "cache", encoder, shard_size=4)
+    loader = make_loader(build_dataset(cfg), batch_size=3, seed=0)
+    captions = []
+    for _ in range(4):
+        batch = next(loader)
+        captions += batch["caption"]
+        assert cache.get(batch["caption"]).tokens.shape[0] == 3
+    cache.flush()
+    encoded = [c for call in encoder.calls for c in call]
+    assert sorted(encoded) == sorted(set(captions))  # each caption computed once, when first seen
+    assert len(list(cache.folder.glob("shard-*.safetensors"))) >= 2  # written as it goes, not held
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(DataConfigError, match="data.num_classes"):
+        DataConfig(source="shards", path="x.tar", label="cls")
+    with pytest.raises(DataConfigError, match="data.shuffle_buffer"):
+        DataConfig(source="shards", path="x.tar", shuffle_buffer=-1)
+    with pytest.raises(DataConfigError, match="data.retry_delay"):
+        DataConfig(source="shards", path="x.tar", retry_delay=True)
+    with pytest.raises(DataConfigError, match="data.path"):
+        DataConfig(source="shards")
