@@ -22,6 +22,9 @@ step ``k`` therefore only needs arithmetic plus skipping: whole shards are skipp
 opening them when their sample count is known (counts are learned as shards are read and
 kept in the loader's ``state_dict``), otherwise their members are read but not decoded.
 
+Shards are read with the standard ``tarfile`` module in stream mode (``r|*``), which
+needs no seeking and no member index.
+
 A sample that cannot be used (no image, bad label, undecodable image) keeps its place in
 the stream and is replaced by the slot's previous good sample, so positions never shift;
 it is counted. A slot stops with an error once more than half of what it tried failed.
@@ -30,6 +33,7 @@ it is counted. A slot stops with an error once more than half of what it tried f
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import random
 import tarfile
@@ -107,30 +111,73 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
+class _Tracked:
+    """Read-only stream wrapper that counts bytes and keeps the last few, so the end of a tar can be checked."""
+
+    TAIL = 1 << 16
+
+    def __init__(self, raw):
+        self.raw, self.total, self.tail = raw, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.TAIL :]
+        return data
+
+
+class _Prefixed:
+    """``prefix`` followed by the rest of ``raw`` (to sniff a compression magic number on a stream)."""
+
+    def __init__(self, prefix: bytes, raw):
+        self.prefix, self.raw = prefix, raw
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.prefix:
+            return self.raw.read(n)
+        head = self.prefix if n < 0 else self.prefix[:n]
+        self.prefix = self.prefix[len(head) :]
+        rest = self.raw.read(-1 if n < 0 else n - len(head)) if n < 0 or len(head) < n else b""
+        return head + rest
+
+
 def iter_tar_samples(url: str) -> Iterator[tuple[str, Parts]]:
     """``(key, {ext: bytes})`` for each run of members sharing a key, in tar order.
 
     Raises on a damaged stream after yielding the samples completed before the damage
-    (the sample being assembled when it happened is dropped)."""
-    from webdataset.tariterators import tar_file_iterator
-
-    def reraise(exc: Exception) -> bool:
-        raise exc
-
-    stream = open_shard(url)
+    (the sample being assembled when it happened is dropped). ``tarfile`` in stream mode
+    ends quietly when a shard is cut short, so member sizes and the end-of-archive block
+    are checked here."""
+    raw = open_shard(url)
     try:
-        key, parts = None, {}
-        for member in tar_file_iterator(stream, handler=reraise):
-            k, ext = split_key(member["fname"])
-            if k != key and parts:
+        magic = raw.read(2)
+        stream = _Prefixed(magic, raw)
+        tracked = _Tracked(gzip.GzipFile(fileobj=stream) if magic == b"\x1f\x8b" else stream)
+        with tarfile.open(fileobj=tracked, mode="r|") as tf:
+            key, parts = None, {}
+            for info in tf:
+                if not info.isreg():
+                    continue
+                data = tf.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name!r} ends after {len(data)} of {info.size} bytes")
+                tf.members = []  # a stream of millions of members: keep no TarInfo list
+                k, ext = split_key(info.name)
+                if k != key and parts:
+                    yield key, parts
+                    parts = {}
+                key = k
+                parts.setdefault(ext, data)
+            while tracked.read(1 << 16):  # the padding after the end-of-archive blocks
+                pass
+            at = tf.offset - (tracked.total - len(tracked.tail))
+            end = tracked.tail[at : at + tarfile.BLOCKSIZE] if at >= 0 else bytes(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive block after {tf.offset} bytes: the shard is cut short")
+            if parts:
                 yield key, parts
-                parts = {}
-            key = k
-            parts.setdefault(ext, member["data"])
-        if parts:
-            yield key, parts
     finally:
-        stream.close()
+        raw.close()
 
 
 def parse_sample(parts: Parts, cfg: DataConfig, num_classes: int) -> tuple[str, int, str]:
@@ -237,10 +284,13 @@ class StreamingShards(IterableDataset):
         lay = self.layout
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot = lay.get("rank", 0) * workers + worker
+        start = lay.get("start_step", 0)
+        # Workers take turns and the DataLoader asks worker 0 first, so after a restart at
+        # step k worker 0 must play the reader that step k belongs to.
+        reader = (worker + start) % workers
+        slot = lay.get("rank", 0) * workers + reader
         slots = lay.get("world_size", 1) * workers
-        # batches this worker produced before the start step (workers take turns)
-        done = max(0, -(-(lay.get("start_step", 0) - worker) // workers))
+        done = max(0, -(-(start - reader) // workers))  # batches this reader made before step k
         return _SlotStream(self, slot, slots, dict(lay.get("counts", {}))).batches(done * lay["batch_size"])
 
 
