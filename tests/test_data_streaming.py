@@ -237,3 +237,43 @@ def test_config_checks_name_the_field():
         DataConfig(source="shards", path="x.tar", retry_delay=True)
     with pytest.raises(DataConfigError, match="data.path"):
         DataConfig(source="shards")
+
+
+def test_mdm_data_shards_from_an_image_folder_round_trips(tmp_path, capsys):
+    from matryoshka.cli.main import main
+
+    for i in range(7):
+        cls = "cats" if i % 2 else "dogs"
+        syn.write(tmp_path / "pets" / cls / f"{i}.png", syn.solid_image("RGB", (30 + i, 20), (i * 30, 0, 0)))
+        syn.write(tmp_path / "pets" / cls / f"{i}.txt", f"pet {i}")
+    out = tmp_path / "shards"
+    assert main(["data", "shards", "--from", str(tmp_path / "pets"), "--out", str(out), "--per-shard", "3",
+                 "--label", "folder"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["count"] == 7 and info["shards"] == 3 and info["class_names"] == ["cats", "dogs"]
+    assert "data.source=shards" in capsys.readouterr().out
+    ds = build_dataset(config(info["pattern"], label="cls", num_classes=2, shuffle_buffer=0))
+    loader = make_loader(ds, batch_size=7, seed=0, shuffle=False)
+    batch = next(loader)
+    assert sorted(batch["caption"]) == [f"pet {i}" for i in range(7)]
+    assert sorted(zip(batch["caption"], batch["label"].tolist())) == [(f"pet {i}", 1 - i % 2) for i in range(7)]
+    assert ds.skipped["total"] == 0
+    assert main(["data", "shards", "--from", str(tmp_path / "pets"), "--out", str(out), "--per-shard", "3"]) == 2
+
+
+def test_trainer_streams_shards_and_resumes_exactly(tmp_path):
+    from matryoshka.cli.main import main
+
+    from .test_cli import metrics
+
+    pattern = make_shards(tmp_path / "data", [6, 5, 7])
+    common = ["data.source=shards", f"data.path={pattern}", "data.shuffle_buffer=4", "train.batch_size=4",
+              "train.log_every=1", "train.sample_every=1000", "train.warmup_steps=2", "train.checkpoint_every=3",
+              "sample.steps=2", "sample.num=2"]
+    assert main(["train", "tiny", f"run_dir={tmp_path / 'straight'}", "train.steps=6", *common]) == 0
+    assert main(["train", "tiny", f"run_dir={tmp_path / 'resumed'}", "train.steps=3", *common]) == 0
+    state = torch.load(tmp_path / "resumed/checkpoints/step_00000003/state.pt", weights_only=True)
+    assert state["data"]["step"] == 3 and state["data"]["shard_counts"]
+    assert main(["train", "tiny", f"run_dir={tmp_path / 'resumed'}", "train.steps=6", *common]) == 0
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-5)

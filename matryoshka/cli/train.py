@@ -11,6 +11,11 @@ from ..config.run import RunConfig
 from .errors import UserError
 
 
+
+def describe_size(dataset) -> str:
+    # a stream is only counted as it is read
+    return f"{len(dataset.urls)} streamed shards" if getattr(dataset, "streaming", False) else f"{len(dataset)} images"
+
 def resolve_train_config(source: str | None, overrides: list[str], resume: str | None) -> tuple[RunConfig, bool]:
     """The run's configuration, and whether it continues an existing run directory.
 
@@ -78,7 +83,7 @@ def _train(config: RunConfig, resuming: bool, dist) -> int:
         say(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
     stages = "" if len(trainer.stages) == 1 else f" in {len(trainer.stages)} stages"
     say(f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters) "
-          f"on {len(trainer.dataset)} images at {config.data.resolution}px, {trainer.total_steps} steps{stages}, device {trainer.device}")
+          f"on {describe_size(trainer.dataset)} at {config.data.resolution}px, {trainer.total_steps} steps{stages}, device {trainer.device}")
     report = getattr(trainer.dataset, "skip_report", None)
     if report is not None:
         say(report())
