@@ -277,3 +277,48 @@ def test_trainer_streams_shards_and_resumes_exactly(tmp_path):
     assert main(["train", "tiny", f"run_dir={tmp_path / 'resumed'}", "train.steps=6", *common]) == 0
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-5)
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from matryoshka.data import build_dataset, make_loader
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+ds = build_dataset({"source": "shards", "path": sys.argv[1], "resolution": 8, "shuffle_buffer": 0})
+loader = make_loader(ds, batch_size=2, seed=7, rank=rank, world_size=world, num_workers=2)
+ids = [next(loader)["index"].tolist() for _ in range(int(sys.argv[3]))]
+order = ds.shard_order(0)
+json.dump({"ids": ids, "order": order}, open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w"))
+loader.close()
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_two_ranks_two_workers_read_each_sample_once(tmp_path):
+    import subprocess
+    import sys
+
+    counts = [4, 6, 2, 4, 6, 4, 2, 4]  # 8 shards for 2 ranks x 2 workers; 2 shards (even sizes) per reader
+    pattern = make_shards(tmp_path, counts)
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    steps = 12
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(script), pattern, str(tmp_path), str(steps)],
+                            capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    order = per_rank[0]["order"]
+    first_epoch = []
+    for rank, got in enumerate(per_rank):
+        assert len(got["ids"]) == steps  # the same number of steps on both ranks
+        for worker in range(2):
+            slot = rank * 2 + worker
+            mine = [i for b in got["ids"][worker::2] for i in b]  # workers take turns
+            size = sum(counts[s] for s in order[slot::4])
+            assert {i >> SAMPLE_BITS for i in mine[:size]} == set(order[slot::4])
+            first_epoch += mine[:size]
+    assert sorted(first_epoch) == sorted(all_ids(counts))
