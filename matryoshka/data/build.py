@@ -40,6 +40,10 @@ def build_dataset(cfg: DataConfig | Mapping[str, Any] | None = None) -> ImageDat
         from .streaming import StreamingShards
 
         return StreamingShards(cfg)
+    if cfg.source == "hf":
+        from .hf import HFDataset
+
+        return HFDataset(cfg)
     if cfg.source == "mlmdm-tsv":
         from .mlmdm import MLMDMTSVDataset
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCES = ("emoji", "imagefolder", "webdataset", "shards", "mlmdm-tsv")
+SOURCES = ("emoji", "imagefolder", "webdataset", "shards", "hf", "mlmdm-tsv")
 CROPS = ("center", "random")
 LABELS = ("none", "group", "subgroup", "folder", "cls")
 
@@ -18,6 +18,7 @@ LABELS_BY_SOURCE = {
     "imagefolder": ("none", "folder"),
     "webdataset": ("none", "cls"),
     "shards": ("none", "cls"),
+    "hf": ("none", "cls"),
     "mlmdm-tsv": ("none",),
 }
 
@@ -54,7 +55,8 @@ class DataConfig:
     ------
     source: "emoji" (built-in Noto Color Emoji bitmaps), "imagefolder",
         "webdataset" (local tar shards, indexed up front), "shards" (WebDataset shards streamed
-        from local files, http(s), fsspec URLs or pipe: commands) or "mlmdm-tsv" (Apple ml-mdm TSV index).
+        from local files, http(s), fsspec URLs or pipe: commands), "hf" (a local Hugging Face
+        ``datasets`` folder or Parquet/Arrow files) or "mlmdm-tsv" (Apple ml-mdm TSV index).
     path: dataset location; required for every source except "emoji".
     resolution: side of the square top-level image (pixels).
     crop: "center" or "random" crop after resizing the shortest side.

@@ -3,8 +3,9 @@
 Shards may be local files, ``http(s)://`` URLs and ``pipe:`` commands (opened with the
 ``webdataset`` library's ``gopen``), or any other fsspec URL (``s3://``, ``gs://``, ...; the
 matching fsspec backend must be installed). ``.tar`` and compressed ``.tar.gz`` / ``.tgz``
-both work: ``tarfile`` reads the stream in ``r|*`` mode. Only the shard names are expanded
-when the dataset is made; a shard is opened when a worker reaches it.
+both work; so do ``.parquet`` files of rows in the Hugging Face layout (see :mod:`.hf`).
+Only the shard names are expanded when the dataset is made; a shard is opened when a
+worker reaches it.
 
 The stream
 ----------
@@ -53,7 +54,7 @@ from .loader import collate, mix_seed
 from .tars import expand_braces
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
 # Sample ids: shard number in the expanded list << SAMPLE_BITS | sample number in the shard.
 SAMPLE_BITS = 24
 # A slot gives up when failures outnumber successes, but only after this many tries,
@@ -180,6 +181,20 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, Parts]]:
         raw.close()
 
 
+def iter_samples(url: str) -> Iterator[tuple[str, Parts]]:
+    """Samples of one shard: a tar (plain or gzip), or a Parquet file of rows (Hugging Face layout)."""
+    if urlparse(url).path.endswith(".parquet"):
+        from .hf import iter_parquet_samples
+
+        raw = open_shard(url)
+        try:
+            yield from iter_parquet_samples(raw)
+        finally:
+            raw.close()
+    else:
+        yield from iter_tar_samples(url)
+
+
 def parse_sample(parts: Parts, cfg: DataConfig, num_classes: int) -> tuple[str, int, str]:
     """(image extension, label, caption) of a sample; raises BadImage when it is unusable."""
     ext = next((e for e in IMAGE_KEYS if e in parts), None)
@@ -261,7 +276,7 @@ class StreamingShards(IterableDataset):
         out: list[str] = []
         for url in self.urls:
             try:
-                for _, parts in iter_tar_samples(url):
+                for _, parts in iter_samples(url):
                     try:
                         out.append(parse_sample(parts, self.cfg, self.num_classes)[2])
                     except BadImage:
@@ -335,7 +350,7 @@ class _SlotStream:
         got = 0  # samples of this shard seen so far (yielded or skipped)
         for attempt in range(attempts):
             try:
-                for j, (_, parts) in enumerate(iter_tar_samples(url)):
+                for j, (_, parts) in enumerate(iter_samples(url)):
                     if j >= got:
                         got = j + 1
                         if j >= skip:
