@@ -96,7 +96,9 @@ class HFDataset(ImageDataset):
         labels = [-1] * len(table)
         if cfg.label == "cls":
             if "label" not in table.features:
-                raise ValueError(f"hf: data.label='cls' needs a 'label' column; {cfg.path!r} has {list(table.features)}")
+                raise ValueError(
+                    f"hf: data.label='cls' needs a 'label' column; {cfg.path!r} has {list(table.features)}"
+                )
             feature = table.features["label"]
             labels = [-1 if v is None else int(v) for v in table["label"]]
             top = max(labels, default=-1)

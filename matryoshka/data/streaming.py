@@ -23,8 +23,8 @@ step ``k`` therefore only needs arithmetic plus skipping: whole shards are skipp
 opening them when their sample count is known (counts are learned as shards are read and
 kept in the loader's ``state_dict``), otherwise their members are read but not decoded.
 
-Shards are read with the standard ``tarfile`` module in stream mode (``r|*``), which
-needs no seeking and no member index.
+Shards are read with the standard ``tarfile`` module in stream mode
+(:func:`~matryoshka.data.tars.iter_tar_stream`), which needs no seeking and no member index.
 
 A sample that cannot be used (no image, bad label, undecodable image) keeps its place in
 the stream and is replaced by the slot's previous good sample, so positions never shift;
@@ -34,7 +34,6 @@ it is counted. A slot stops with an error once more than half of what it tried f
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import random
 import tarfile
@@ -51,7 +50,7 @@ from .base import SkipLog
 from .config import DataConfig
 from .images import BadImage, decode_text, load_image
 from .loader import collate, mix_seed
-from .tars import expand_braces
+from .tars import expand_braces, iter_tar_stream
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
@@ -67,13 +66,6 @@ Parts = dict[str, bytes]
 
 class DataFailureError(RuntimeError):
     """Most of what a streaming slot tried to read failed: the data or the network is broken."""
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """``a/b/0001.seg.png`` -> (``a/b/0001``, ``seg.png``)."""
-    head, sep, base = name.rpartition("/")  # tar member names use "/" on every platform
-    stem, _, ext = base.partition(".")
-    return head + sep + stem, ext.lower()
 
 
 def is_remote(url: str) -> bool:
@@ -112,75 +104,6 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
-class _Tracked:
-    """Read-only stream wrapper that counts bytes and keeps the last few, so the end of a tar can be checked."""
-
-    TAIL = 1 << 16
-
-    def __init__(self, raw):
-        self.raw, self.total, self.tail = raw, 0, b""
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.total += len(data)
-        self.tail = (self.tail + data)[-self.TAIL :]
-        return data
-
-
-class _Prefixed:
-    """``prefix`` followed by the rest of ``raw`` (to sniff a compression magic number on a stream)."""
-
-    def __init__(self, prefix: bytes, raw):
-        self.prefix, self.raw = prefix, raw
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.prefix:
-            return self.raw.read(n)
-        head = self.prefix if n < 0 else self.prefix[:n]
-        self.prefix = self.prefix[len(head) :]
-        rest = self.raw.read(-1 if n < 0 else n - len(head)) if n < 0 or len(head) < n else b""
-        return head + rest
-
-
-def iter_tar_samples(url: str) -> Iterator[tuple[str, Parts]]:
-    """``(key, {ext: bytes})`` for each run of members sharing a key, in tar order.
-
-    Raises on a damaged stream after yielding the samples completed before the damage
-    (the sample being assembled when it happened is dropped). ``tarfile`` in stream mode
-    ends quietly when a shard is cut short, so member sizes and the end-of-archive block
-    are checked here."""
-    raw = open_shard(url)
-    try:
-        magic = raw.read(2)
-        stream = _Prefixed(magic, raw)
-        tracked = _Tracked(gzip.GzipFile(fileobj=stream) if magic == b"\x1f\x8b" else stream)
-        with tarfile.open(fileobj=tracked, mode="r|") as tf:
-            key, parts = None, {}
-            for info in tf:
-                if not info.isreg():
-                    continue
-                data = tf.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name!r} ends after {len(data)} of {info.size} bytes")
-                tf.members = []  # a stream of millions of members: keep no TarInfo list
-                k, ext = split_key(info.name)
-                if k != key and parts:
-                    yield key, parts
-                    parts = {}
-                key = k
-                parts.setdefault(ext, data)
-            while tracked.read(1 << 16):  # the padding after the end-of-archive blocks
-                pass
-            at = tf.offset - (tracked.total - len(tracked.tail))
-            end = tracked.tail[at : at + tarfile.BLOCKSIZE] if at >= 0 else bytes(tarfile.BLOCKSIZE)
-            if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"no end-of-archive block after {tf.offset} bytes: the shard is cut short")
-            if parts:
-                yield key, parts
-    finally:
-        raw.close()
-
-
 def iter_samples(url: str) -> Iterator[tuple[str, Parts]]:
     """Samples of one shard: a tar (plain or gzip), or a Parquet file of rows (Hugging Face layout)."""
     if urlparse(url).path.endswith(".parquet"):
@@ -192,7 +115,11 @@ def iter_samples(url: str) -> Iterator[tuple[str, Parts]]:
         finally:
             raw.close()
     else:
-        yield from iter_tar_samples(url)
+        raw = open_shard(url)
+        try:
+            yield from iter_tar_stream(raw)
+        finally:
+            raw.close()
 
 
 def parse_sample(parts: Parts, cfg: DataConfig, num_classes: int) -> tuple[str, int, str]:
