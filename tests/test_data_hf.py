@@ -37,10 +37,10 @@ def test_hf_saved_folder_and_parquet_files(tmp_path):
 
 
 def test_hf_missing_path_and_columns_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.path"):
+    with pytest.raises(FileNotFoundError, match=r"data.path"):
         build_dataset(DataConfig(source="hf", path=str(tmp_path / "nothing.parquet")))
     datasets.Dataset.from_dict({"a": [1]}).to_parquet(str(tmp_path / "a.parquet"))
-    with pytest.raises(ValueError, match="no image column"):
+    with pytest.raises(ValueError, match=r"no image column"):
         build_dataset(DataConfig(source="hf", path=str(tmp_path / "a.parquet")))
 
 
@@ -54,6 +54,6 @@ def test_parquet_shards_stream_and_resume(tmp_path):
     assert sorted(next(epoch)["index"].tolist()) == expected  # a window may cross epochs: none here
     loader = make_loader(build_dataset(cfg), batch_size=3, seed=0)
     full = [next(loader) for _ in range(8)]
-    assert all(c == f"row {i & 0xFFFFFF}" for b in full for c, i in zip(b["caption"], b["index"].tolist()))
+    assert all(c == f"row {i & 0xFFFFFF}" for b in full for c, i in zip(b["caption"], b["index"].tolist(), strict=True))
     resumed = make_loader(build_dataset(cfg), batch_size=3, seed=0, start_step=5)
     assert [next(resumed)["index"].tolist() for _ in range(3)] == [b["index"].tolist() for b in full[5:]]

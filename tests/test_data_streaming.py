@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from matryoshka.data import DataConfig, DataConfigError, DataFailureError, build_dataset, make_loader
-from matryoshka.data import streaming
+from matryoshka.data import DataConfig, DataConfigError, DataFailureError, build_dataset, make_loader, streaming
 from matryoshka.data.streaming import SAMPLE_BITS
 
 from . import synthetic as syn
@@ -78,7 +77,7 @@ def test_one_epoch_reads_every_sample_once_local_gz_and_pipe(tmp_path):
         plain.unlink()
     spec = "::".join([str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar.gz"),
                       f"pipe:cat {tmp_path / 'shard-002.tar'}", str(tmp_path / "shard-003.tar.gz")])
-    ids = sum(stream_ids(config(spec, shuffle_buffer=7), steps=6, batch_size=3), [])  # 18 = one epoch
+    ids = [i for b in stream_ids(config(spec, shuffle_buffer=7), steps=6, batch_size=3) for i in b]  # one epoch
     assert sorted(ids) == sorted(all_ids(counts))
     assert sorted(streaming.shard_urls(str(tmp_path))) == [str(tmp_path / n) for n in
                                                            ("shard-000.tar", "shard-001.tar.gz", "shard-002.tar",
@@ -90,7 +89,7 @@ def test_resume_continues_with_the_next_unseen_sample(tmp_path, workers, monkeyp
     counts = [7, 5, 9, 6]
     cfg = config(make_shards(tmp_path, counts), shuffle_buffer=5)
     full = stream_ids(cfg, steps=14, batch_size=4, num_workers=workers)
-    assert sorted(sum(full, [])[:27]) != sorted(all_ids(counts))[:27]  # shuffled
+    assert sorted(i for b in full for i in b)[:27] != [i for b in full for i in b][:27]  # shuffled
     assert full[:3] != stream_ids(cfg, 3, seed=4, num_workers=workers)
     loader = make_loader(build_dataset(cfg), batch_size=4, seed=3, num_workers=workers)
     for _ in range(9):
@@ -132,7 +131,7 @@ def test_ranks_split_shards_without_overlap_and_uneven_counts_keep_going(tmp_pat
 
 def test_too_few_shards_for_the_readers_is_a_clear_error(tmp_path):
     cfg = config(make_shards(tmp_path, [3]))
-    with pytest.raises(ValueError, match="1 shard.*2 readers"):
+    with pytest.raises(ValueError, match=r"1 shard.*2 readers"):
         next(make_loader(build_dataset(cfg), batch_size=2, seed=0, rank=1, world_size=2))
 
 
@@ -175,7 +174,7 @@ def test_http_shards_match_local_and_missing_ones_are_retried_and_counted(http_r
     # a shard the server does not have: retried, then skipped and counted; the rest is read
     ds = build_dataset(config(url + "/shard-{000..003}.tar", retries=2, retry_delay=0.01, shuffle=False))
     loader = make_loader(ds, batch_size=4, seed=0, shuffle=False)
-    ids = sum((next(loader)["index"].tolist() for _ in range(6)), [])
+    ids = [i for _ in range(6) for i in next(loader)["index"].tolist()]
     assert set(ids) == all_ids(counts)
     assert ds.skipped["by_reason"] == {"unreadable_shard": 1} and "shard-003.tar" in ds.skip_report()
 
@@ -185,7 +184,7 @@ def test_bad_shards_and_members_are_skipped_and_counted(tmp_path):
     make_shards(tmp_path, counts)
     data = (tmp_path / "shard-001.tar").read_bytes()
     (tmp_path / "shard-001.tar").write_bytes(data[: len(data) // 2])  # truncated
-    syn.write_tar(tmp_path / "shard-002.tar", sample_members(2, 5) + [("s002/0005.png", syn.corrupt_bytes())])
+    syn.write_tar(tmp_path / "shard-002.tar", [*sample_members(2, 5), ("s002/0005.png", syn.corrupt_bytes())])
     ds = build_dataset(config(str(tmp_path / "shard-{000..004}.tar"), shuffle=False))  # 003, 004 missing
     loader = make_loader(ds, batch_size=5, seed=0, shuffle=False)
     batches = [next(loader) for _ in range(4)]
@@ -203,7 +202,7 @@ def test_mostly_broken_data_stops_with_a_clear_error(tmp_path):
     make_shards(tmp_path, [2])
     cfg = config(str(tmp_path / "shard-{000..039}.tar"), shuffle=False)  # 39 of 40 missing
     loader = make_loader(build_dataset(cfg), batch_size=2, seed=0, shuffle=False)
-    with pytest.raises(DataFailureError, match="failed on .* of .*unreadable_shard"):
+    with pytest.raises(DataFailureError, match=r"failed on .* of .*unreadable_shard"):
         for _ in range(5):
             next(loader)
 
@@ -229,13 +228,13 @@ def test_text_embedding_cache_fills_on_the_fly_from_the_stream(tmp_path):
 
 
 def test_config_checks_name_the_field():
-    with pytest.raises(DataConfigError, match="data.num_classes"):
+    with pytest.raises(DataConfigError, match=r"data.num_classes"):
         DataConfig(source="shards", path="x.tar", label="cls")
-    with pytest.raises(DataConfigError, match="data.shuffle_buffer"):
+    with pytest.raises(DataConfigError, match=r"data.shuffle_buffer"):
         DataConfig(source="shards", path="x.tar", shuffle_buffer=-1)
-    with pytest.raises(DataConfigError, match="data.retry_delay"):
+    with pytest.raises(DataConfigError, match=r"data.retry_delay"):
         DataConfig(source="shards", path="x.tar", retry_delay=True)
-    with pytest.raises(DataConfigError, match="data.path"):
+    with pytest.raises(DataConfigError, match=r"data.path"):
         DataConfig(source="shards")
 
 
@@ -256,7 +255,8 @@ def test_mdm_data_shards_from_an_image_folder_round_trips(tmp_path, capsys):
     loader = make_loader(ds, batch_size=7, seed=0, shuffle=False)
     batch = next(loader)
     assert sorted(batch["caption"]) == [f"pet {i}" for i in range(7)]
-    assert sorted(zip(batch["caption"], batch["label"].tolist())) == [(f"pet {i}", 1 - i % 2) for i in range(7)]
+    pairs = sorted(zip(batch["caption"], batch["label"].tolist(), strict=True))
+    assert pairs == [(f"pet {i}", 1 - i % 2) for i in range(7)]  # cats (odd) are class 0
     assert ds.skipped["total"] == 0
     assert main(["data", "shards", "--from", str(tmp_path / "pets"), "--out", str(out), "--per-shard", "3"]) == 2
 

@@ -20,9 +20,9 @@ from .webdataset import WebDatasetTarDataset
 
 __all__ = [
     "BadImage",
-    "DataFailureError",
     "DataConfig",
     "DataConfigError",
+    "DataFailureError",
     "EmojiDataset",
     "EmojiResourceError",
     "EmojiTable",

@@ -7,6 +7,7 @@ module docstring of :mod:`matryoshka.data.streaming`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
@@ -128,7 +129,6 @@ class StreamLoader:
             it._shutdown_workers()
 
     def __del__(self):  # pragma: no cover - best effort
-        try:
+        # at interpreter exit the worker machinery may already be gone
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001, S110 - at interpreter exit the worker machinery may already be gone
-            pass
