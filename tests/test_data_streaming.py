@@ -179,6 +179,36 @@ def test_http_shards_match_local_and_missing_ones_are_retried_and_counted(http_r
     assert ds.skipped["by_reason"] == {"unreadable_shard": 1} and "shard-003.tar" in ds.skip_report()
 
 
+class FlakyHandler(QuietHandler):
+    """Cuts the first download of each shard off half-way, as a dropped connection would."""
+
+    cut: set[str] = set()
+
+    def copyfile(self, source, outputfile):
+        if self.path in self.cut:
+            return super().copyfile(source, outputfile)
+        self.cut.add(self.path)
+        data = source.read()
+        outputfile.write(data[: len(data) // 2])
+        self.close_connection = True
+
+
+def test_dropped_connections_are_retried_and_resume_inside_the_shard(tmp_path):
+    counts = [5, 6]
+    make_shards(tmp_path, counts)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(FlakyHandler, directory=tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000..001}}.tar"
+        ds = build_dataset(config(url, retry_delay=0.01))
+        loader = make_loader(ds, batch_size=4, seed=3)
+        remote = [next(loader)["index"].tolist() for _ in range(4)]
+        assert remote == stream_ids(config(str(tmp_path / "shard-{000..001}.tar")), steps=4)
+        assert FlakyHandler.cut == {"/shard-000.tar", "/shard-001.tar"} and ds.skipped["total"] == 0
+    finally:
+        server.shutdown()
+
+
 def test_bad_shards_and_members_are_skipped_and_counted(tmp_path):
     counts = [6, 6, 6]
     make_shards(tmp_path, counts)
