@@ -352,3 +352,11 @@ def test_torchrun_two_ranks_two_workers_read_each_sample_once(tmp_path):
             assert {i >> SAMPLE_BITS for i in mine[:size]} == set(order[slot::4])
             first_epoch += mine[:size]
     assert sorted(first_epoch) == sorted(all_ids(counts))
+
+
+def test_first_captions_over_http_stop_early_quietly(http_root, capfd):
+    root, url = http_root
+    make_shards(root, [5, 5])
+    ds = build_dataset(config(url + "/shard-{000..001}.tar"))
+    assert ds.first_captions(3) == ["shard 0 sample 0", "shard 0 sample 1", "shard 0 sample 2"]
+    assert "Exception ignored" not in capfd.readouterr().err

@@ -33,6 +33,7 @@ it is counted. A slot stops with an error once more than half of what it tried f
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import random
@@ -74,7 +75,7 @@ def is_remote(url: str) -> bool:
 
 def shard_urls(spec: str) -> list[str]:
     """Shard names from ``spec``: brace patterns, URLs, ``pipe:`` commands, local globs or a
-    local folder (its ``*.tar`` / ``*.tar.gz`` / ``*.tgz``), joined with ``::``. Only names are
+    local folder (its ``*.tar``, ``*.tar.gz``, ``*.tgz``, ``*.parquet``), joined with ``::``. Only names are
     made: nothing is opened, and a brace pattern is not checked against the disk."""
     urls: list[str] = []
     for part in (p.strip() for p in spec.split("::")):
@@ -106,19 +107,18 @@ def open_shard(url: str):
 
 def iter_samples(url: str) -> Iterator[tuple[str, Parts]]:
     """Samples of one shard: a tar (plain or gzip), or a Parquet file of rows (Hugging Face layout)."""
-    if urlparse(url).path.endswith(".parquet"):
-        from .hf import iter_parquet_samples
+    raw = open_shard(url)
+    try:
+        if urlparse(url).path.endswith(".parquet"):
+            from .hf import iter_parquet_samples
 
-        raw = open_shard(url)
-        try:
             yield from iter_parquet_samples(raw)
-        finally:
-            raw.close()
-    else:
-        raw = open_shard(url)
-        try:
+        else:
             yield from iter_tar_stream(raw)
-        finally:
+    finally:
+        # Closing a pipe (curl, pipe:) that was not read to the end reports the SIGPIPE exit as an
+        # error; a real failure has already shown up while reading (content checks, read errors).
+        with contextlib.suppress(OSError):
             raw.close()
 
 
