@@ -250,15 +250,16 @@ class _SlotStream:
         self.window = max(1, self.cfg.shuffle_buffer) if ds.layout.get("shuffle", True) else 1
         self.counts = counts
         self.new_counts: dict[str, int] = {}
-        self.log = SkipLog()
+        self.log = SkipLog()  # since the last batch: sent to the main process with each batch
+        self.all_failures = SkipLog()  # for the error message when most of the data fails
         self.ok = self.failed = 0
         self.where: dict[str, Any] = {}
 
     # raw samples ---------------------------------------------------------------
     def _check_failures(self) -> None:
         if self.failed > self.ok and self.failed + self.ok >= MIN_TRIES_FOR_FAILURE_CHECK:
-            counts = ", ".join(f"{r}={c}" for r, c in self.log.counts.items())
-            eg = "; ".join(v[0] for v in self.log.examples.values() if v)
+            counts = ", ".join(f"{r}={c}" for r, c in self.all_failures.counts.items())
+            eg = "; ".join(v[0] for v in self.all_failures.examples.values() if v)
             raise DataFailureError(
                 f"shards {self.ds.location!r}: reader {self.slot} failed on {self.failed} of {self.failed + self.ok} "
                 f"shards/samples ({counts}), e.g. {eg}: stopping rather than training on a fraction of the data"
@@ -267,6 +268,7 @@ class _SlotStream:
     def _fail(self, reason: str, where: str, detail: str = "") -> None:
         self.failed += 1
         self.log.add(reason, where, detail)
+        self.all_failures.add(reason, where, detail)
         self._check_failures()
 
     def _read_shard(self, sn: int, skip: int) -> Iterator[tuple[int, Parts]]:
@@ -323,8 +325,8 @@ class _SlotStream:
             if not read_any:
                 raise DataFailureError(
                     f"shards {self.ds.location!r}: reader {self.slot} found no readable sample in any of its "
-                    f"{len(mine)} shards in epoch {epoch}; {self.log.total} failures, e.g. "
-                    + "; ".join(v[0] for v in self.log.examples.values() if v)
+                    f"{len(mine)} shards in epoch {epoch}; {self.all_failures.total} failures, e.g. "
+                    + "; ".join(v[0] for v in self.all_failures.examples.values() if v)
                 )
             epoch += 1
 
