@@ -360,3 +360,16 @@ def test_first_captions_over_http_stop_early_quietly(http_root, capfd):
     ds = build_dataset(config(url + "/shard-{000..001}.tar"))
     assert ds.first_captions(3) == ["shard 0 sample 0", "shard 0 sample 1", "shard 0 sample 2"]
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_torchrun_training_on_streamed_shards(tmp_path):
+    from .test_distributed import COMMON, torchrun
+
+    pattern = make_shards(tmp_path / "data", [5, 7, 6, 4])
+    run = tmp_path / "run"
+    result = torchrun(f"run_dir={run}", "train.steps=3", "train.batch_size=2", "train.checkpoint_every=3",
+                      "data.source=shards", f"data.path={pattern}", "data.num_workers=1", *COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 streamed shards" in result.stdout + result.stderr
+    state = torch.load(run / "checkpoints/step_00000003/state.pt", weights_only=True)
+    assert state["data"]["world_size"] == 2 and state["data"]["step"] == 3
