@@ -168,8 +168,9 @@ def test_http_shards_match_local_and_missing_ones_are_retried_and_counted(http_r
     root, url = http_root
     counts = [4, 5, 3]
     make_shards(root, counts)
-    local = stream_ids(config(str(root / "shard-{000..002}.tar")), steps=3)
-    remote = stream_ids(config(url + "/shard-{000..002}.tar"), steps=3)
+    # a small window: the default (1000) would read this tiny set ~80 times before the first batch
+    local = stream_ids(config(str(root / "shard-{000..002}.tar"), shuffle_buffer=8), steps=3)
+    remote = stream_ids(config(url + "/shard-{000..002}.tar", shuffle_buffer=8), steps=3)
     assert remote == local
     # a shard the server does not have: retried, then skipped and counted; the rest is read
     ds = build_dataset(config(url + "/shard-{000..003}.tar", retries=2, retry_delay=0.01, shuffle=False))
@@ -200,10 +201,10 @@ def test_dropped_connections_are_retried_and_resume_inside_the_shard(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000..001}}.tar"
-        ds = build_dataset(config(url, retry_delay=0.01))
+        ds = build_dataset(config(url, retry_delay=0.01, shuffle_buffer=8))
         loader = make_loader(ds, batch_size=4, seed=3)
         remote = [next(loader)["index"].tolist() for _ in range(4)]
-        assert remote == stream_ids(config(str(tmp_path / "shard-{000..001}.tar")), steps=4)
+        assert remote == stream_ids(config(str(tmp_path / "shard-{000..001}.tar"), shuffle_buffer=8), steps=4)
         assert FlakyHandler.cut == {"/shard-000.tar", "/shard-001.tar"} and ds.skipped["total"] == 0
     finally:
         server.shutdown()
