@@ -57,3 +57,15 @@ def test_parquet_shards_stream_and_resume(tmp_path):
     assert all(c == f"row {i & 0xFFFFFF}" for b in full for c, i in zip(b["caption"], b["index"].tolist(), strict=True))
     resumed = make_loader(build_dataset(cfg), batch_size=3, seed=0, start_step=5)
     assert [next(resumed)["index"].tolist() for _ in range(3)] == [b["index"].tolist() for b in full[5:]]
+
+
+def test_mdm_data_shards_from_parquet(tmp_path):
+    from matryoshka.cli.main import main
+
+    table().to_parquet(str(tmp_path / "data.parquet"))
+    out = tmp_path / "shards"
+    assert main(["data", "shards", "--from", str(tmp_path / "data.parquet"), "--out", str(out),
+                 "--per-shard", "4", "--size", "8"]) == 0
+    ds = build_dataset(DataConfig(source="shards", path=str(out), resolution=8, captions=True, shuffle_buffer=0))
+    batch = next(make_loader(ds, batch_size=6, seed=0, shuffle=False))
+    assert batch["caption"] == [f"row {i}" for i in range(6)] and len(ds.urls) == 2

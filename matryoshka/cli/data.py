@@ -39,10 +39,14 @@ def cmd_shards(args: argparse.Namespace, out: Path) -> int:
     from ..data.shard_writer import write_shards
 
     if not args.source or args.per_shard < 1:
-        raise UserError("mdm data shards needs --from FOLDER|emoji|SHARDS.tar|INDEX.tsv and --per-shard N >= 1")
+        raise UserError(
+            "mdm data shards needs --from FOLDER|emoji|SHARDS.tar|INDEX.tsv|DATA.parquet and --per-shard N >= 1"
+        )
     source = Path(args.source).expanduser()
     if args.source == "emoji":
         cfg = DataConfig(source="emoji", resolution=args.size, label=args.label, captions=True)
+    elif args.source.endswith((".parquet", ".arrow")) or (source / "state.json").is_file():
+        cfg = DataConfig(source="hf", path=args.source, resolution=args.size, captions=True)
     elif source.is_dir() and not any(source.glob("*.tar")):
         folder_label = "folder" if args.label == "folder" else "none"
         cfg = DataConfig(source="imagefolder", path=str(source), label=folder_label, captions=True)
@@ -67,6 +71,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--size", type=int, default=64, help="image size (image folders keep their files as they are)")
     data.add_argument("--label", default="group", choices=["none", "group", "subgroup", "folder"],
                       help="emoji: none/group/subgroup; shards from a folder: folder (first-level folders) or none")
-    data.add_argument("--from", dest="source", help="shards: an image folder, emoji, tar shards or an ml-mdm TSV")
+    data.add_argument("--from", dest="source",
+                      help="shards: an image folder, emoji, tar shards, an ml-mdm TSV or a local Hugging Face data set")
     data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per shard")
     data.set_defaults(func=cmd_data)
