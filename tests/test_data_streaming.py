@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_http_shards_match_local_and_missing_ones_are_retried_and_counted(http_r
 class FlakyHandler(QuietHandler):
     """Cuts the first download of each shard off half-way, as a dropped connection would."""
 
-    cut: set[str] = set()
+    cut: typing.ClassVar[set[str]] = set()
 
     def copyfile(self, source, outputfile):
         if self.path in self.cut:
