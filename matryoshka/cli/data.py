@@ -24,9 +24,40 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files: export into a new or empty folder")
+    if args.name == "shards":
+        return cmd_shards(args, out)
+    if args.label == "folder":
+        raise UserError("--label for emoji is none, group or subgroup")
     summary = export_emoji(out, size=args.size, label=args.label)
     print(f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
           f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace, out: Path) -> int:
+    from ..data import DataConfig, build_dataset, print_skip_report
+    from ..data.shard_writer import write_shards
+
+    if not args.source or args.per_shard < 1:
+        raise UserError(
+            "mdm data shards needs --from FOLDER|emoji|SHARDS.tar|INDEX.tsv|DATA.parquet and --per-shard N >= 1"
+        )
+    source = Path(args.source).expanduser()
+    if args.source == "emoji":
+        cfg = DataConfig(source="emoji", resolution=args.size, label=args.label, captions=True)
+    elif args.source.endswith((".parquet", ".arrow")) or (source / "state.json").is_file():
+        cfg = DataConfig(source="hf", path=args.source, resolution=args.size, captions=True)
+    elif source.is_dir() and not any(source.glob("*.tar")):
+        folder_label = "folder" if args.label == "folder" else "none"
+        cfg = DataConfig(source="imagefolder", path=str(source), label=folder_label, captions=True)
+    else:
+        kind = "mlmdm-tsv" if args.source.endswith(".tsv") else "webdataset"
+        cfg = DataConfig(source=kind, path=args.source, resolution=args.size, captions=True)
+    dataset = build_dataset(cfg)
+    print_skip_report(dataset)
+    summary = write_shards(dataset, out, args.per_shard)
+    print(f"wrote {summary['count']} samples in {summary['shards']} shards to {out} "
+          f"(use data.source=shards data.path='{summary['pattern']}')")
     return 0
 
 
@@ -34,9 +65,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     presets = commands.add_parser("presets", help="list the presets")
     presets.set_defaults(func=cmd_presets)
 
-    data = commands.add_parser("data", help="export a built-in dataset")
-    data.add_argument("name", choices=["emoji"])
+    data = commands.add_parser("data", help="export a built-in dataset, or write any data as WebDataset shards")
+    data.add_argument("name", choices=["emoji", "shards"])
     data.add_argument("--out", required=True)
-    data.add_argument("--size", type=int, default=64)
-    data.add_argument("--label", default="group", choices=["none", "group", "subgroup"])
+    data.add_argument("--size", type=int, default=64, help="image size (image folders keep their files as they are)")
+    data.add_argument("--label", default="group", choices=["none", "group", "subgroup", "folder"],
+                      help="emoji: none/group/subgroup; shards from a folder: folder (first-level folders) or none")
+    data.add_argument("--from", dest="source",
+                      help="shards: an image folder, emoji, tar shards, an ml-mdm TSV or a local Hugging Face data set")
+    data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per shard")
     data.set_defaults(func=cmd_data)

@@ -14,12 +14,15 @@ from .imagefolder import ImageFolderDataset
 from .images import BadImage, load_image, to_rgb, verify_image
 from .loader import ResumableLoader, ShardPlan, collate, make_loader
 from .mlmdm import MLMDMTSVDataset
+from .stream_loader import StreamLoader
+from .streaming import DataFailureError, StreamingShards
 from .webdataset import WebDatasetTarDataset
 
 __all__ = [
     "BadImage",
     "DataConfig",
     "DataConfigError",
+    "DataFailureError",
     "EmojiDataset",
     "EmojiResourceError",
     "EmojiTable",
@@ -30,6 +33,8 @@ __all__ = [
     "ResumableLoader",
     "ShardPlan",
     "SkipLog",
+    "StreamLoader",
+    "StreamingShards",
     "WebDatasetTarDataset",
     "build_dataset",
     "build_emoji_table",

@@ -36,6 +36,14 @@ def build_dataset(cfg: DataConfig | Mapping[str, Any] | None = None) -> ImageDat
         from .webdataset import WebDatasetTarDataset
 
         return WebDatasetTarDataset(cfg)
+    if cfg.source == "shards":
+        from .streaming import StreamingShards
+
+        return StreamingShards(cfg)
+    if cfg.source == "hf":
+        from .hf import HFDataset
+
+        return HFDataset(cfg)
     if cfg.source == "mlmdm-tsv":
         from .mlmdm import MLMDMTSVDataset
 

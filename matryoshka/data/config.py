@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCES = ("emoji", "imagefolder", "webdataset", "mlmdm-tsv")
+SOURCES = ("emoji", "imagefolder", "webdataset", "shards", "hf", "mlmdm-tsv")
 CROPS = ("center", "random")
 LABELS = ("none", "group", "subgroup", "folder", "cls")
 
@@ -17,6 +17,8 @@ LABELS_BY_SOURCE = {
     "emoji": ("none", "group", "subgroup"),
     "imagefolder": ("none", "folder"),
     "webdataset": ("none", "cls"),
+    "shards": ("none", "cls"),
+    "hf": ("none", "cls"),
     "mlmdm-tsv": ("none",),
 }
 
@@ -26,7 +28,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 _BOOLS = ("hflip", "captions", "shuffle", "verify", "emoji_keep_unnamed")
 # Integer fields and their smallest allowed value.
-_INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1}
+_INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1, "shuffle_buffer": 0, "retries": 0,
+         "num_classes": 0}
 
 
 class DataConfigError(ValueError):
@@ -51,7 +54,9 @@ class DataConfig:
     Fields
     ------
     source: "emoji" (built-in Noto Color Emoji bitmaps), "imagefolder",
-        "webdataset" (local tar shards) or "mlmdm-tsv" (Apple ml-mdm TSV index).
+        "webdataset" (local tar shards, indexed up front), "shards" (WebDataset shards streamed
+        from local files, http(s), fsspec URLs or pipe: commands), "hf" (a local Hugging Face
+        ``datasets`` folder or Parquet/Arrow files) or "mlmdm-tsv" (Apple ml-mdm TSV index).
     path: dataset location; required for every source except "emoji".
     resolution: side of the square top-level image (pixels).
     crop: "center" or "random" crop after resizing the shortest side.
@@ -67,6 +72,10 @@ class DataConfig:
     max_image_pixels: images with more pixels are skipped (decompression bombs).
     cache_dir: cache directory for the decoded emoji set; None means
         ``$MATRYOSHKA_CACHE`` or ``$XDG_CACHE_HOME/matryoshka`` or ``~/.cache/matryoshka``.
+    shuffle_buffer: "shards": samples per reader shuffled together (a window; 0 or 1: shard order only).
+    retries: "shards": how often a remote shard is reopened after a read error (with doubling delays).
+    retry_delay: "shards": seconds before the first retry.
+    num_classes: "shards" with label="cls": the number of classes (a stream cannot be counted up front).
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -86,6 +95,10 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     cache_dir: str | None = None
     emoji_keep_unnamed: bool = False
+    shuffle_buffer: int = 1000
+    retries: int = 3
+    retry_delay: float = 1.0
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         _need_choice("source", self.source, SOURCES)
@@ -113,6 +126,14 @@ class DataConfig:
             raise DataConfigError(
                 "label", f"must be one of {list(allowed)} for source {self.source!r}, got {self.label!r}"
             )
+        # an int is a fine number of seconds; a bool is not
+        if isinstance(self.retry_delay, bool) or not isinstance(self.retry_delay, (int, float)) or not (
+            0 <= self.retry_delay < float("inf")
+        ):
+            raise DataConfigError("retry_delay", f"must be a number of seconds >= 0, got {self.retry_delay!r}")
+        if self.source == "shards" and self.label == "cls" and self.num_classes < 1:
+            raise DataConfigError("num_classes", "must be >= 1 with source 'shards' and label 'cls' (a stream has "
+                                  "no up-front count of its classes)")
         if self.source != "emoji" and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
 

@@ -246,13 +246,22 @@ def make_loader(
     shuffle: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
-) -> ResumableLoader:
+    state: dict[str, Any] | None = None,
+):
     """Infinite, deterministic, sharded, resumable batch iterator over ``dataset``.
 
     Batches are dicts ``{"image": float32 (B,3,H,W), "label": int64 (B,),
     "caption": list[str], "index": int64 (B,)}``. ``start_step`` resumes exactly
-    at that global step (no data is read to get there).
+    at that global step (no data is read to get there). A streaming dataset gets a
+    :class:`~matryoshka.data.stream_loader.StreamLoader`; ``state`` (its earlier
+    ``state_dict()``) lets it skip shards it already knows the size of.
     """
+    if getattr(dataset, "streaming", False):
+        from .stream_loader import StreamLoader
+
+        return StreamLoader(dataset, batch_size, seed, rank=rank, world_size=world_size, start_step=start_step,
+                            num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+                            prefetch_factor=prefetch_factor, state=state)
     return ResumableLoader(
         dataset,
         batch_size,

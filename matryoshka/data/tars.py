@@ -1,4 +1,5 @@
-"""Random access to members of local, uncompressed tar files (standard ``tarfile``).
+"""Tar shards with the standard ``tarfile``: random access to members of local, uncompressed
+tars (the ``webdataset`` source), and streaming any tar (the ``shards`` source).
 
 A shard is scanned once (headers only: ``tarfile`` seeks over member data) to
 record ``name -> (offset, size)``; members are then read with ``os.pread`` on
@@ -9,10 +10,12 @@ in DataLoader workers.
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import re
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +139,76 @@ def expand_shards(spec: str) -> list[str]:
             else:
                 shards.append(name)
     return shards
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``a/b/0001.seg.png`` -> (``a/b/0001``, ``seg.png``)."""
+    head, sep, base = name.rpartition("/")  # tar member names use "/" on every platform
+    stem, _, ext = base.partition(".")
+    return head + sep + stem, ext.lower()
+
+
+class _Tracked:
+    """Read-only stream wrapper that counts bytes and keeps the last few, so the end of a tar can be checked."""
+
+    TAIL = 1 << 16
+
+    def __init__(self, raw):
+        self.raw, self.total, self.tail = raw, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.TAIL :]
+        return data
+
+
+class _Prefixed:
+    """``prefix`` followed by the rest of ``raw`` (to sniff a compression magic number on a stream)."""
+
+    def __init__(self, prefix: bytes, raw):
+        self.prefix, self.raw = prefix, raw
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.prefix:
+            return self.raw.read(n)
+        head = self.prefix if n < 0 else self.prefix[:n]
+        self.prefix = self.prefix[len(head) :]
+        rest = self.raw.read(-1 if n < 0 else n - len(head)) if n < 0 or len(head) < n else b""
+        return head + rest
+
+
+def iter_tar_stream(raw) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` for each run of members sharing a key, in the order of the
+    tar (plain or gzip-compressed) read from the binary stream ``raw``; nothing is seeked.
+
+    Raises on a damaged stream after yielding the samples completed before the damage
+    (the sample being assembled when it happened is dropped). ``tarfile`` in stream mode
+    ends quietly when a shard is cut short, so member sizes and the end-of-archive block
+    are checked here."""
+    magic = raw.read(2)
+    stream = _Prefixed(magic, raw)
+    tracked = _Tracked(gzip.GzipFile(fileobj=stream) if magic == b"\x1f\x8b" else stream)
+    with tarfile.open(fileobj=tracked, mode="r|") as tf:
+        key, parts = None, {}
+        for info in tf:
+            if not info.isreg():
+                continue
+            data = tf.extractfile(info).read()
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"member {info.name!r} ends after {len(data)} of {info.size} bytes")
+            tf.members = []  # a stream of millions of members: keep no TarInfo list
+            k, ext = split_key(info.name)
+            if k != key and parts:
+                yield key, parts
+                parts = {}
+            key = k
+            parts.setdefault(ext, data)
+        while tracked.read(1 << 16):  # the padding after the end-of-archive blocks
+            pass
+        at = tf.offset - (tracked.total - len(tracked.tail))
+        end = tracked.tail[at : at + tarfile.BLOCKSIZE] if at >= 0 else bytes(tarfile.BLOCKSIZE)
+        if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"no end-of-archive block after {tf.offset} bytes: the shard is cut short")
+        if parts:
+            yield key, parts

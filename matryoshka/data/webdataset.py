@@ -22,18 +22,11 @@ from pathlib import Path
 from .base import ImageDataset
 from .config import DataConfig
 from .images import BadImage, decode_text, load_image, verify_image
-from .tars import expand_shards, read_member, scan_tar
+from .tars import expand_shards, read_member, scan_tar, split_key
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 Member = tuple[int, int, int]  # (shard number, offset, size)
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """``a/b/0001.seg.png`` -> (``a/b/0001``, ``seg.png``)."""
-    head, sep, base = name.rpartition("/")  # tar member names use "/" on every platform
-    stem, _, ext = base.partition(".")
-    return head + sep + stem, ext.lower()
 
 
 class WebDatasetTarDataset(ImageDataset):

@@ -179,6 +179,9 @@ def reference_dataset(spec: str, resolution: int, run_data=None):
     if spec == "train":
         if run_data is None:
             raise EvaluationError("reference 'train' needs a run (its data config)")
+        if run_data.source == "shards":
+            raise EvaluationError("reference 'train' needs a data set of known size; data.source=shards is a stream: "
+                                  "give a folder of reference images or statistics from `mdm eval-stats`")
         config = dataclasses.replace(run_data, resolution=resolution, hflip=False, crop="center", shuffle=False)
     elif spec == "emoji":
         base = run_data if run_data is not None and run_data.source == "emoji" else DataConfig()

@@ -123,6 +123,7 @@ class Trainer:
         self._set_aside: list[tuple[Path, str]] = []
         checkpoint, state, weights = self._find_checkpoint(resume_from)
         self.step = int(state.get("step", 0))
+        self.data_state: dict[str, Any] = dict(state.get("data") or {})  # a stream's shard sizes: skip, don't read
         # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
         self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -254,6 +255,8 @@ class Trainer:
         if frozen_levels:
             inner_module(self.model, levels, frozen_levels).requires_grad_(False)
         self.network = wrap(self.model, self.dist, self.sharded, self.config.train.compile)
+        if getattr(self, "batches", None) is not None:
+            self.data_state = self.batches.state_dict()  # keeps what a stream learned about its shards
         self.batches = None  # the loader is (re)made for the stage's batch size
 
     def _resume(self, checkpoint: Path, state: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -294,6 +297,7 @@ class Trainer:
             "stage_history": self.stage_history,
             "train_seconds": self.train_seconds,
             "class_names": list(getattr(self.dataset, "class_names", None) or []),
+            "data": self.batches.state_dict() if self.batches is not None else self.data_state,
         }
 
     def global_batch(self) -> int:
@@ -382,6 +386,7 @@ class Trainer:
                 world_size=self.dist.world_size,
                 start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
                 num_workers=self.config.data.num_workers,
+                state={"shard_counts": self.data_state.get("shard_counts", {})},
             )
 
     def _end_stage_when_out_of_minutes(self) -> None:
@@ -458,7 +463,10 @@ class Trainer:
         num = self.config.sample.num
         prompts = self.config.sample.prompts
         if self.text_encoder is not None and not prompts:
-            prompts = [self.dataset[(i * len(self.dataset) // num, 0)]["caption"] for i in range(num)]
+            if getattr(self.dataset, "streaming", False):
+                prompts = self.dataset.first_captions(num)
+            else:
+                prompts = [self.dataset[(i * len(self.dataset) // num, 0)]["caption"] for i in range(num)]
         levels = pipeline.generate(num=num, cond=pipeline.condition(num, prompts=prompts or None))
         return [
             save_grid(level, self.run_dir / "samples" / f"step_{self.step:08d}_{level.shape[-1]}px.png")
