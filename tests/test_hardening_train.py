@@ -65,7 +65,7 @@ def test_update_making_weights_non_finite_stops_and_keeps_the_good_checkpoint(tm
     for name, value in load_tensors(run / "checkpoints" / "step_00000002" / "model.safetensors").items():
         assert torch.equal(value, good[name])
     # Lowering what caused it continues the run from the intact checkpoint.
-    assert train(run, folder, "train.steps=4", "train.keep_checkpoints=1") == 0
+    assert train(run, folder, "train.steps=4", "train.keep_checkpoints=1", "train.weight_decay=0") == 0
     assert steps_of(run) == [4]
 
 
@@ -144,8 +144,8 @@ def test_locked_run_stops_every_torchrun_rank_with_the_message(tmp_path, folder)
     try:
         assert holder.stdout.readline().strip() == "locked"
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-                   "matryoshka.cli", "train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}",
-                   "train.steps=2"]
+                   "matryoshka.cli", "train", "tiny", f"run_dir={run}", "data.source=imagefolder",
+                   f"data.path={folder}", "train.steps=2"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
@@ -213,6 +213,10 @@ def test_other_preset_or_architecture_on_an_existing_run_is_refused(tmp_path, fo
     assert train(run, folder, "train.steps=3", "model.levels.0.channels=[16,48]") == 2
     assert "model.levels" in one_line_error(capsys)
     assert steps_of(run) == [2]
+    # The same preset again without the overrides the run began with: they are not undone.
+    assert main(["train", "tiny", f"run_dir={run}", "train.steps=3"]) == 0
+    assert "settings changed from the saved" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]  # log_every=1 and the image folder as saved
 
 
 # ---------------------------------------------------------------- 5. symlink loops

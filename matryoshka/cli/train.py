@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoints import checkpoint_step
-from ..config import to_dict
+from ..config import deep_merge, load_config, load_yaml, to_dict
 from ..config.errors import short
-from ..config.presets import DEFAULT_PRESET, load_run_config
-from ..config.run import RunConfig
+from ..config.presets import DEFAULT_PRESET, RUN_PRESETS, load_run_config
+from ..config.run import RunConfig, upgrade_run_data
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -41,20 +41,23 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def compare_with_saved(requested: RunConfig, saved: RunConfig, saved_path: Path) -> list[str]:
-    """The settings that differ from the saved config (applied), or a UserError for those that cannot."""
+def _changes(requested: RunConfig, saved: RunConfig) -> tuple[list[str], list[str]]:
+    """Lines ``key: saved -> requested`` for every differing setting, and those of them that cannot change."""
     new, old = _flatten(to_dict(requested)), _flatten(to_dict(saved))
     changed = [key for key in sorted(set(new) | set(old)) if key != "run_dir" and new.get(key) != old.get(key)]
     lines = [f"{key}: {short(old.get(key), 40)} -> {short(new.get(key), 40)}" for key in changed]
     fixed = [line for key, line in zip(changed, lines, strict=True)
              if key.split(".")[0] in FIXED_IN_A_RUN or key in FIXED_IN_A_RUN]
+    return lines, fixed
+
+
+def _refuse_fixed(fixed: list[str], run: Path) -> None:
     if fixed:
         raise UserError(
-            f"the run in {saved_path.parent} was made with other settings that cannot change in an existing run "
-            f"({'; '.join(fixed)}, saved -> requested). Use a new run_dir (init_from={saved_path.parent} starts it "
-            "from this run's weights), or leave these settings as saved"
+            f"the run in {run} was made with other settings that cannot change in an existing run "
+            f"({'; '.join(fixed)}, saved -> requested). Use a new run_dir (init_from={run} starts it from this run's "
+            f"weights), or continue with the saved settings: mdm train --resume {run} [train.steps=N ...]"
         )
-    return lines
 
 
 def _run_of(resume: str) -> tuple[Path, Path | None]:
@@ -100,10 +103,20 @@ def resolve_train_config(
         return load_run_config(source, overrides), False, None, []
     overrides = [*overrides, f"run_dir={run}"]
     stored = load_run_config(saved, [f"run_dir={run}"])
-    # A CONFIG given again states the whole configuration; without one, the saved config is the base.
-    config = load_run_config(source if source else saved, overrides)
-    changes = compare_with_saved(config, stored, saved)
-    notes = [f"{saved} differs; applied: " + ", ".join(changes)] if changes else []
+    if source:
+        # A CONFIG given again must describe the same model (e.g. not another preset's) ...
+        _refuse_fixed(_changes(load_run_config(source, overrides), stored)[1], run)
+        # ... and what it sets itself applies: the keys written in a YAML file (a preset name sets none: a
+        # setting given as an override when the run began is not undone by leaving it out now).
+        explicit = {} if source in RUN_PRESETS else load_yaml(source)
+        explicit.pop("preset", None)
+        base: Any = deep_merge(to_dict(stored), explicit)
+    else:
+        base = saved
+    config = load_config(RunConfig, base, overrides, RUN_PRESETS, upgrade=upgrade_run_data)
+    changes, fixed = _changes(config, stored)
+    _refuse_fixed(fixed, run)
+    notes = [f"settings changed from the saved {saved}, applied: " + ", ".join(changes)] if changes else []
     return config, True, checkpoint, notes
 
 
