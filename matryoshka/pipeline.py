@@ -48,6 +48,8 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
         loss_weighting=diffusion.loss_weighting,
         min_snr_gamma=diffusion.min_snr_gamma,
         upsampled_residual=diffusion.upsampled_residual,
+        frames=config.model.frames[:levels][::-1] or None,
+        temporal_shift=diffusion.temporal_shift,
     )
 
 

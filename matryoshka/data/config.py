@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCES = ("emoji", "imagefolder", "webdataset", "mlmdm-tsv")
+SOURCES = ("emoji", "imagefolder", "webdataset", "mlmdm-tsv", "emoji-motion", "videofolder")
+VIDEO_SOURCES = ("emoji-motion", "videofolder")
+PATHLESS_SOURCES = ("emoji", "emoji-motion")
 CROPS = ("center", "random")
 LABELS = ("none", "group", "subgroup", "folder", "cls")
 
@@ -18,6 +20,8 @@ LABELS_BY_SOURCE = {
     "imagefolder": ("none", "folder"),
     "webdataset": ("none", "cls"),
     "mlmdm-tsv": ("none",),
+    "emoji-motion": ("none",),
+    "videofolder": ("none", "folder"),
 }
 
 # Pillow's own default (about 89.5 megapixels): anything larger is treated as a
@@ -26,7 +30,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 _BOOLS = ("hflip", "captions", "shuffle", "verify", "emoji_keep_unnamed")
 # Integer fields and their smallest allowed value.
-_INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1}
+_INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1, "frames": 0, "frame_stride": 1}
 
 
 class DataConfigError(ValueError):
@@ -51,8 +55,9 @@ class DataConfig:
     Fields
     ------
     source: "emoji" (built-in Noto Color Emoji bitmaps), "imagefolder",
-        "webdataset" (local tar shards) or "mlmdm-tsv" (Apple ml-mdm TSV index).
-    path: dataset location; required for every source except "emoji".
+        "webdataset" (local tar shards) or "mlmdm-tsv" (Apple ml-mdm TSV index); for video
+        "emoji-motion" (built-in moving emoji clips) or "videofolder" (mp4/webm/avi/gif...).
+    path: dataset location; required for every source except "emoji" and "emoji-motion".
     resolution: side of the square top-level image (pixels).
     crop: "center" or "random" crop after resizing the shortest side.
     hflip: random horizontal flip with probability 0.5.
@@ -67,6 +72,8 @@ class DataConfig:
     max_image_pixels: images with more pixels are skipped (decompression bombs).
     cache_dir: cache directory for the decoded emoji set; None means
         ``$MATRYOSHKA_CACHE`` or ``$XDG_CACHE_HOME/matryoshka`` or ``~/.cache/matryoshka``.
+    frames: frames per clip of a video source (items are then (3, frames, R, R)); 0 for images.
+    frame_stride: videofolder: keep every this-many-th decoded frame (a lower frame rate).
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -86,6 +93,8 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     cache_dir: str | None = None
     emoji_keep_unnamed: bool = False
+    frames: int = 0
+    frame_stride: int = 1
 
     def __post_init__(self) -> None:
         _need_choice("source", self.source, SOURCES)
@@ -113,7 +122,12 @@ class DataConfig:
             raise DataConfigError(
                 "label", f"must be one of {list(allowed)} for source {self.source!r}, got {self.label!r}"
             )
-        if self.source != "emoji" and self.path is None:
+        if (self.source in VIDEO_SOURCES) != (self.frames > 0):
+            raise DataConfigError(
+                "frames", f"must be >= 1 for the video sources {list(VIDEO_SOURCES)} and 0 for image sources "
+                f"(source {self.source!r}, frames {self.frames})"
+            )
+        if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
 
 
