@@ -24,9 +24,22 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files: export into a new or empty folder")
+    if args.name == "emoji-motion":
+        return _export_motion(args, out)
     summary = export_emoji(out, size=args.size, label=args.label)
     print(f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
           f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})")
+    return 0
+
+
+def _export_motion(args: argparse.Namespace, out: Path) -> int:
+    from ..data.emoji_motion import export_emoji_motion
+
+    if args.size < 8 or args.frames < 1 or (args.count is not None and args.count < 1) or args.fps <= 0:
+        raise UserError("--size must be >= 8, --frames and --count >= 1, --fps > 0")
+    summary = export_emoji_motion(out, size=args.size, frames=args.frames, fps=args.fps, count=args.count)
+    print(f"exported {summary['count']} emoji-motion clips ({args.frames} frames at {args.size}², mp4 with caption "
+          f".txt sidecars) to {args.out}; use data.source=videofolder data.path={args.out} data.frames={args.frames}")
     return 0
 
 
@@ -35,8 +48,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     presets.set_defaults(func=cmd_presets)
 
     data = commands.add_parser("data", help="export a built-in dataset")
-    data.add_argument("name", choices=["emoji"])
+    data.add_argument("name", choices=["emoji", "emoji-motion"])
     data.add_argument("--out", required=True)
-    data.add_argument("--size", type=int, default=64)
+    data.add_argument("--size", type=int, default=64, help="side in pixels (emoji-motion: 32 is the emoji-video size)")
+    data.add_argument("--frames", type=int, default=8, help="emoji-motion: frames per clip")
+    data.add_argument("--fps", type=float, default=8.0, help="emoji-motion: frames per second of the mp4 files")
+    data.add_argument("--count", type=int, help="emoji-motion: export only the first COUNT clips (default: all)")
     data.add_argument("--label", default="group", choices=["none", "group", "subgroup"])
     data.set_defaults(func=cmd_data)

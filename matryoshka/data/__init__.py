@@ -9,8 +9,8 @@ from .base import EmptyDatasetError, ImageDataset, SkipLog, print_skip_report, s
 from .build import build_dataset
 from .config import DataConfig, DataConfigError
 from .emoji import EmojiDataset, export_emoji
-from .emoji_motion import EmojiMotionDataset, export_emoji_motion
 from .emoji_font import EmojiResourceError
+from .emoji_motion import EmojiMotionDataset, export_emoji_motion
 from .emoji_table import EmojiTable, build_emoji_table, load_emoji_table
 from .imagefolder import ImageFolderDataset
 from .images import BadImage, load_image, to_rgb, verify_image
@@ -33,8 +33,8 @@ __all__ = [
     "MLMDMTSVDataset",
     "ResumableLoader",
     "ShardPlan",
-    "VideoFolderDataset",
     "SkipLog",
+    "VideoFolderDataset",
     "WebDatasetTarDataset",
     "build_dataset",
     "build_emoji_table",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +30,7 @@ def check_frames(frames: Sequence[int]) -> list[int]:
     counts = [int(f) for f in frames]
     if any(f < 1 for f in counts):
         raise ValueError(f"frame counts must be >= 1, got {counts}")
-    for outer, inner in zip(counts, counts[1:]):
+    for outer, inner in pairwise(counts):
         if outer % inner:
             raise ValueError(f"each level's frames must be a multiple of the next lower level's; got {counts}")
     return counts

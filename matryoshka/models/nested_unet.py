@@ -14,6 +14,7 @@ level's frames (every k-th frame, as the data), the inner features come back rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -185,9 +186,10 @@ class NestedUNet(nn.Module):
         if not self.config.is_video:
             return
         if any(level.dim() != 5 for level in levels):
-            raise ValueError(f"a video model takes clips (B, C, F, H, W) at every level, got {[tuple(x.shape) for x in levels]}")
+            shapes = [tuple(x.shape) for x in levels]
+            raise ValueError(f"a video model takes clips (B, C, F, H, W) at every level, got {shapes}")
         frames = [level.shape[2] for level in levels]
-        if any(outer % inner for outer, inner in zip(frames, frames[1:])):
+        if any(outer % inner for outer, inner in pairwise(frames)):
             raise ValueError(f"each level's frames must be a multiple of the next lower level's, got {frames}")
 
     def _denoise(

@@ -9,10 +9,10 @@ optimizer moments into that prefix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-
-from collections.abc import Callable
 
 from ..checkpoints import CheckpointError, load_into
 

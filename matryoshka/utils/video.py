@@ -78,6 +78,6 @@ def save_clip_grid(clips: torch.Tensor, path: str | Path) -> Path:
     """One PNG: a row of frames per clip."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    batch, _, frames = clips.shape[:3]
+    frames = clips.shape[2]
     make_grid(clips.transpose(1, 2).flatten(0, 1), columns=frames).save(path)
     return path
