@@ -150,6 +150,23 @@ def test_subsampled_inner_frames_feed_their_outer_frames():
         ModelConfig(levels=tiny(2).levels, frames=[3, 4])
 
 
+def test_text_and_class_conditioning_reach_every_frame():
+    from matryoshka.models import Conditioning
+
+    model = randomize(NestedUNet(replace(tiny_video(), text_dim=8, num_classes=3)))
+    z = [torch.randn(2, 3, 4, 16, 16), torch.randn(2, 3, 2, 8, 8)]
+    t = torch.tensor([20.0, 200.0])
+    text = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        base = model(z, t, Conditioning(labels=torch.tensor([0, 1]), text=text))[0]
+        other_text = model(z, t, Conditioning(labels=torch.tensor([0, 1]), text=text + 1))[0]
+        other_label = model(z, t, Conditioning(labels=torch.tensor([2, 1]), text=text))[0]
+    for frame in range(4):
+        assert not torch.equal(base[:, :, frame], other_text[:, :, frame])
+        assert not torch.equal(base[0, :, frame], other_label[0, :, frame])
+        assert torch.equal(base[1, :, frame], other_label[1, :, frame])
+
+
 def test_init_from_an_image_run_inflates(tmp_path):
     run = tmp_path / "image"
     assert main(["train", "tiny", f"run_dir={run}", "train.steps=1", *FAST]) == 0
@@ -297,6 +314,8 @@ def test_video_run_configs_are_checked():
         load_run_config("tiny-video", ["data.frames=8"])
     with pytest.raises(ValueError, match="frames"):
         load_run_config("tiny", ["data.source=emoji-motion"])
+    with pytest.raises(ValueError, match="not implemented for video"):
+        load_run_config("tiny-video", ["eval.every=10"])
     for preset in ("emoji-video", "emoji-video-text"):
         config = load_run_config(preset)
         assert config.model.frames == [4, 8] and config.data.frames == 8 and config.data.resolution == 32

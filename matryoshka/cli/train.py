@@ -78,7 +78,8 @@ def _train(config: RunConfig, resuming: bool, dist) -> int:
         say(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
     stages = "" if len(trainer.stages) == 1 else f" in {len(trainer.stages)} stages"
     say(f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters) "
-          f"on {len(trainer.dataset)} images at {config.data.resolution}px, {trainer.total_steps} steps{stages}, device {trainer.device}")
+          f"on {len(trainer.dataset)} {f'clips of {config.data.frames} frames' if config.data.frames else 'images'} "
+          f"at {config.data.resolution}px, {trainer.total_steps} steps{stages}, device {trainer.device}")
     report = getattr(trainer.dataset, "skip_report", None)
     if report is not None:
         say(report())

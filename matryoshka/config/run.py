@@ -228,6 +228,8 @@ class RunConfig:
                 f"data.frames={self.data.frames} must equal the top level's frames ({clip}: the last of model.frames, "
                 "0 for an image model)"
             )
+        if clip and self.eval.every:
+            raise ValueError("eval.every: periodic evaluation (FD of images) is not implemented for video runs; set 0")
         if self.diffusion.level_loss_weights and len(self.diffusion.level_loss_weights) != levels:
             raise ValueError(f"diffusion.level_loss_weights needs {levels} values (one per level, innermost first)")
         if self.data.label != "none" and not self.model.num_classes:
