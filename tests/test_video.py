@@ -330,3 +330,16 @@ def test_video_model_pools_like_the_process():
     inner = top_images({"image": clips}, torch.device("cpu"), 1, 2, frame_stride=2)
     torch.testing.assert_close(inner, process.pyramid(clips)[1])
     assert torch.equal(top_images({"image": clips}, torch.device("cpu"), 0, 2), clips)
+
+
+def test_progressive_video_run_and_init_from_an_image_run(tmp_path):
+    """The inner stage trains on subsampled clips; a video run can start from an image run's weights."""
+    run = tmp_path / "progressive"
+    stages = "stages=[{levels: 1, steps: 2}, {levels: 2}]"
+    assert main(["train", "tiny-video", f"run_dir={run}", "train.steps=3", stages, *FAST]) == 0
+    assert [sorted(k for k in m if k.startswith("loss/")) for m in metrics(run)] == [
+        ["loss/2x8x8"], ["loss/2x8x8"], ["loss/2x8x8", "loss/4x16x16"]
+    ]
+    image, video = tmp_path / "image", tmp_path / "video"
+    assert main(["train", "tiny", f"run_dir={image}", "train.steps=1", *FAST]) == 0
+    assert main(["train", "tiny-video", f"run_dir={video}", f"init_from={image}", "train.steps=1", *FAST]) == 0
