@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,10 +268,19 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """``load_state_dict`` with one message naming every missing, unexpected or mis-shaped tensor."""
+def load_into(
+    module: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    source: str | Path,
+    optional: Callable[[str], bool] | None = None,
+) -> None:
+    """``load_state_dict`` with one message naming every missing, unexpected or mis-shaped tensor.
+
+    Tensors for which ``optional(name)`` holds may be missing: they keep their initial values
+    (the temporal layers of a video model inflated from an image model).
+    """
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
+    missing = sorted(name for name in set(expected) - set(tensors) if optional is None or not optional(name))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [
         f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
@@ -283,4 +293,4 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
             if items:
                 lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict(tensors)
+    module.load_state_dict(tensors, strict=optional is None)

@@ -4,6 +4,8 @@
     pipe = load_pipeline("runs/emoji64")          # a run directory or a checkpoint directory
     levels = pipe.generate(num=8, sampler="ddim", steps=50, seed=0)
     levels[0]                                     # (8, 3, 64, 64) images in [-1, 1]
+
+A video run gives clips, one (B, C, F, H, W) tensor per level (docs/video.md).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
         loss_weighting=diffusion.loss_weighting,
         min_snr_gamma=diffusion.min_snr_gamma,
         upsampled_residual=diffusion.upsampled_residual,
+        frames=config.model.frames[:levels][::-1] or None,
+        temporal_shift=diffusion.temporal_shift,
     )
 
 

@@ -37,6 +37,13 @@ def guidance(text: str) -> float:
     return value
 
 
+def fps(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or not 0 < value <= 240:
+        raise argparse.ArgumentTypeError(f"must be a number of frames per second in (0, 240], got {text}")
+    return value
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:

@@ -26,6 +26,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} already holds files: export into a new or empty folder")
     if args.name == "shards":
         return cmd_shards(args, out)
+    if args.name == "emoji-motion":
+        return _export_motion(args, out)
     if args.label == "folder":
         raise UserError("--label for emoji is none, group or subgroup")
     summary = export_emoji(out, size=args.size, label=args.label)
@@ -58,6 +60,16 @@ def cmd_shards(args: argparse.Namespace, out: Path) -> int:
     summary = write_shards(dataset, out, args.per_shard)
     print(f"wrote {summary['count']} samples in {summary['shards']} shards to {out} "
           f"(use data.source=shards data.path='{summary['pattern']}')")
+
+
+def _export_motion(args: argparse.Namespace, out: Path) -> int:
+    from ..data.emoji_motion import export_emoji_motion
+
+    if args.size < 8 or args.frames < 1 or (args.count is not None and args.count < 1) or args.fps <= 0:
+        raise UserError("--size must be >= 8, --frames and --count >= 1, --fps > 0")
+    summary = export_emoji_motion(out, size=args.size, frames=args.frames, fps=args.fps, count=args.count)
+    print(f"exported {summary['count']} emoji-motion clips ({args.frames} frames at {args.size}², mp4 with caption "
+          f".txt sidecars) to {args.out}; use data.source=videofolder data.path={args.out} data.frames={args.frames}")
     return 0
 
 
@@ -66,12 +78,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     presets.set_defaults(func=cmd_presets)
 
     data = commands.add_parser("data", help="export a built-in dataset, or write any data as WebDataset shards")
-    data.add_argument("name", choices=["emoji", "shards"])
+    data.add_argument("name", choices=["emoji", "emoji-motion", "shards"])
     data.add_argument("--out", required=True)
-    data.add_argument("--size", type=int, default=64, help="image size (image folders keep their files as they are)")
+    data.add_argument("--size", type=int, default=64,
+                      help="side in pixels (emoji-motion: 32 is the emoji-video size; image folders keep their files)")
     data.add_argument("--label", default="group", choices=["none", "group", "subgroup", "folder"],
                       help="emoji: none/group/subgroup; shards from a folder: folder (first-level folders) or none")
     data.add_argument("--from", dest="source",
                       help="shards: an image folder, emoji, tar shards, an ml-mdm TSV or a local Hugging Face data set")
     data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per shard")
+    data.add_argument("--frames", type=int, default=8, help="emoji-motion: frames per clip")
+    data.add_argument("--fps", type=float, default=8.0, help="emoji-motion: frames per second of the mp4 files")
+    data.add_argument("--count", type=int, help="emoji-motion: export only the first COUNT clips (default: all)")
     data.set_defaults(func=cmd_data)

@@ -1,4 +1,4 @@
-"""``mdm sample``: images at every level from a run or checkpoint."""
+"""``mdm sample``: images (or, for a video run, clips: mp4, gif and a PNG strip each) at every level."""
 
 from __future__ import annotations
 
@@ -66,14 +66,40 @@ def _command_line(args: argparse.Namespace, steps: int, sampler: str, guidance: 
         parts += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
     if not args.ema:
         parts.append("--no-ema")
+    if args.fps != DEFAULT_FPS:
+        parts += ["--fps", f"{args.fps:g}"]
     return shlex.join(parts)
+
+
+DEFAULT_FPS = 8.0
+
+
+def _level_label(level: torch.Tensor) -> str:
+    """``64px`` for images, ``8x32px`` (frames x side) for clips: the level's folder and grid names."""
+    return f"{level.shape[2]}x{level.shape[-1]}px" if level.dim() == 5 else f"{level.shape[-1]}px"
+
+
+def _save_level(level: torch.Tensor, folder: Path, start: int, fps: float) -> None:
+    from ..utils.images import save_images
+    from ..utils.video import save_clips
+
+    if level.dim() == 5:
+        save_clips(level, folder, start=start, fps=fps)
+    else:
+        save_images(level, folder, prefix="", start=start)
+
+
+def _save_grid(level: torch.Tensor, path: Path, columns: int | None) -> Path:
+    from ..utils.images import save_grid
+    from ..utils.video import save_clip_grid
+
+    return save_clip_grid(level, path) if level.dim() == 5 else save_grid(level, path, columns=columns)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..pipeline import load_pipeline
-    from ..utils.images import save_grid, save_images
 
     prompts = _read_prompts(args)
     pipe = load_pipeline(args.run, use_ema=args.ema, device=args.device)
@@ -110,13 +136,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             levels = pipe.generate(num=count, sampler=sampler, steps=steps, guidance=guidance, cond=cond,
                                    uncond=uncond, seed=args.seed + batch, callback=lambda *_: bar.update(1), **options)
             for index, level in enumerate(levels):
-                save_images(level, out / f"{level.shape[-1]}px", prefix="", start=start)
+                _save_level(level, out / _level_label(level), start, args.fps)
                 if start < GRID_LIMIT:
                     if batch == 0:
                         kept.append([])
                     kept[index].append(level[: GRID_LIMIT - start].cpu())
     columns = args.num if prompts else None
-    grids = [save_grid(torch.cat(level), out / f"grid_{level[0].shape[-1]}px.png", columns=columns) for level in kept]
+    grids = [_save_grid(torch.cat(level), out / f"grid_{_level_label(level[0])}.png", columns) for level in kept]
     if prompts:
         (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     settings = {
@@ -124,7 +150,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "checkpoint": str(pipe.checkpoint), "step": pipe.step, "ema": args.ema, "num": total,
         "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed, "batch_size": args.batch_size,
         "spacing": args.spacing or defaults.spacing, "prompts": prompts, "negative_prompt": args.negative_prompt,
-        "class": args.class_label, "levels": [f"{level[0].shape[-1]}px" for level in kept], **options,
+        "class": args.class_label, "levels": [_level_label(level[0]) for level in kept], "fps": args.fps,
+        **options,
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {total} samples at {', '.join(settings['levels'])} to {out} "
@@ -184,6 +211,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--batch-size", dest="batch_size", type=arguments.positive_int, default=16,
                         help="images generated at once; each batch is written before the next starts")
     sample.add_argument("--out", help="a new or empty folder (default: the next RUN/samples/sample_STEP_NNN)")
+    sample.add_argument("--fps", type=arguments.fps, default=DEFAULT_FPS, help="frames per second of a video run's mp4/gif")
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)

@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 
 
 
-def describe_size(dataset) -> str:
-    # a stream is only counted as it is read
-    return f"{len(dataset.urls)} streamed shards" if getattr(dataset, "streaming", False) else f"{len(dataset)} images"
+def describe_size(dataset, frames: int = 0) -> str:
+    if getattr(dataset, "streaming", False):  # a stream is only counted as it is read
+        return f"{len(dataset.urls)} streamed shards"
+    return f"{len(dataset)} clips of {frames} frames" if frames else f"{len(dataset)} images"
 
 FIXED_IN_A_RUN = ("model", "diffusion", "data.resolution", "data.label", "data.captions", "text.encoder",
                   "text.max_length", "text.mlmdm_compat", "stages")
@@ -216,7 +217,7 @@ def _train(config: RunConfig, resuming: bool, checkpoint: Path | None, dist) -> 
         say(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
     stages = "" if len(trainer.stages) == 1 else f" in {len(trainer.stages)} stages"
     say(f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
-        f"parameters) on {describe_size(trainer.dataset)} at {config.data.resolution}px, {trainer.total_steps} steps"
+        f"parameters) on {describe_size(trainer.dataset, config.data.frames)} at {config.data.resolution}px, {trainer.total_steps} steps"
         f"{stages}, device {trainer.device}")
     if trainer.step >= trainer.total_steps:
         say(f"nothing to train: the run is at step {trainer.step} of {trainer.total_steps} (raise train.steps)")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..data.config import DataConfig
 from ..models.presets import emoji64 as emoji64_model
+from ..models.presets import emoji_video as emoji_video_model
 from ..models.presets import tiny as tiny_model
+from ..models.presets import tiny_video as tiny_video_model
 from .loader import load_config
 from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig, upgrade_run_data
 
@@ -96,6 +98,50 @@ def emoji64_progressive() -> RunConfig:
     )
 
 
+def tiny_video() -> RunConfig:
+    """Seconds on a CPU: 4 frames at 16² nested around 2 frames at 8², on emoji-motion (for tests)."""
+    base = tiny()
+    return replace(
+        base,
+        run_dir="runs/tiny-video",
+        model=tiny_video_model(),
+        data=DataConfig(source="emoji-motion", resolution=16, frames=4),
+        train=replace(base.train, batch_size=4),
+    )
+
+
+EMOJI_VIDEO_PROMPTS = [
+    "red heart moving left", "red heart moving right", "cat face growing", "grinning face bouncing",
+    "rocket moving up", "red apple moving down", "star rotating", "fire growing",
+]
+
+
+def emoji_video() -> RunConfig:
+    """CPU demo: unconditional 8 frames at 32² around 4 frames at 16² on emoji-motion."""
+    return RunConfig(
+        run_dir="runs/emoji-video",
+        model=emoji_video_model(),
+        diffusion=DiffusionConfig(loss_weighting="min_snr", upsampled_residual=True),
+        data=DataConfig(source="emoji-motion", resolution=32, frames=8),
+        train=TrainConfig(steps=6000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25,
+                          checkpoint_every=250, sample_every=500),
+        sample=SampleConfig(num=8),
+    )
+
+
+def emoji_video_text() -> RunConfig:
+    """``emoji-video`` conditioned on captions ("cat face growing") through MiniLM (offline)."""
+    base = emoji_video()
+    return replace(
+        base,
+        run_dir="runs/emoji-video-text",
+        model=replace(base.model, text_dim=384),
+        data=replace(base.data, captions=True),
+        text=TextConfig(encoder="minilm", max_length=32, cache_dir="~/.cache/matryoshka/text"),
+        sample=replace(base.sample, guidance=3.0, prompts=list(EMOJI_VIDEO_PROMPTS)),
+    )
+
+
 DEFAULT_PRESET = "emoji64"
 RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
@@ -104,6 +150,9 @@ RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "emoji64-text": emoji64_text,
     "tiny-progressive": tiny_progressive,
     "emoji64-progressive": emoji64_progressive,
+    "tiny-video": tiny_video,
+    "emoji-video": emoji_video,
+    "emoji-video-text": emoji_video_text,
 }
 
 

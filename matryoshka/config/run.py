@@ -44,6 +44,8 @@ class DiffusionConfig:
     loss_on_all_levels: bool = True
     mixed_ratio: float | None = None
     """Fraction of the batch whose top level is computed (paper §3.3); None = all."""
+    temporal_shift: bool = False
+    """Video: the shift ratio counts frames too, s_r = side ratio x sqrt(frame ratio) (docs/video.md)."""
 
     def __post_init__(self) -> None:
         _require_finite(vars(self))
@@ -286,6 +288,14 @@ class RunConfig:
                 f"data.resolution={self.data.resolution} makes the innermost level {inner}px, which its "
                 f"{self.model.levels[0].downsampling}x downsampling (model.levels.0.channels) cannot divide"
             )
+        clip = self.model.frames[-1] if self.model.is_video else 0
+        if self.data.frames != clip:
+            raise ValueError(
+                f"data.frames={self.data.frames} must equal the top level's frames ({clip}: the last of model.frames, "
+                "0 for an image model)"
+            )
+        if clip and self.eval.every:
+            raise ValueError("eval.every: periodic evaluation (FD of images) is not implemented for video runs; set 0")
         if self.diffusion.level_loss_weights and len(self.diffusion.level_loss_weights) != levels:
             raise ValueError(f"diffusion.level_loss_weights needs {levels} values (one per level, innermost first)")
         if self.data.label != "none" and not self.model.num_classes:

@@ -48,6 +48,14 @@ def build_dataset(cfg: DataConfig | Mapping[str, Any] | None = None) -> ImageDat
         from .mlmdm import MLMDMTSVDataset
 
         return MLMDMTSVDataset(cfg)
+    if cfg.source == "emoji-motion":
+        from .emoji_motion import EmojiMotionDataset
+
+        return EmojiMotionDataset(cfg)
+    if cfg.source == "videofolder":
+        from .videofolder import VideoFolderDataset
+
+        return VideoFolderDataset(cfg)
     # only reachable when a field was changed after the config was checked
     raise DataConfigError("source", f"must be one of {list(SOURCES)}, got {cfg.source!r}")
 

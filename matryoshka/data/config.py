@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCES = ("emoji", "imagefolder", "webdataset", "shards", "hf", "mlmdm-tsv")
+SOURCES = ("emoji", "imagefolder", "webdataset", "shards", "hf", "mlmdm-tsv", "emoji-motion", "videofolder")
+VIDEO_SOURCES = ("emoji-motion", "videofolder")
+PATHLESS_SOURCES = ("emoji", "emoji-motion")
 CROPS = ("center", "random")
 LABELS = ("none", "group", "subgroup", "folder", "cls")
 
@@ -20,6 +22,8 @@ LABELS_BY_SOURCE = {
     "shards": ("none", "cls"),
     "hf": ("none", "cls"),
     "mlmdm-tsv": ("none",),
+    "emoji-motion": ("none",),
+    "videofolder": ("none", "folder"),
 }
 
 # Pillow's own default (about 89.5 megapixels): anything larger is treated as a
@@ -29,7 +33,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 _BOOLS = ("hflip", "captions", "shuffle", "verify", "emoji_keep_unnamed")
 # Integer fields and their smallest allowed value.
 _INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1, "shuffle_buffer": 0, "retries": 0,
-         "num_classes": 0}
+         "num_classes": 0, "frames": 0, "frame_stride": 1}
 
 
 class DataConfigError(ValueError):
@@ -56,8 +60,9 @@ class DataConfig:
     source: "emoji" (built-in Noto Color Emoji bitmaps), "imagefolder",
         "webdataset" (local tar shards, indexed up front), "shards" (WebDataset shards streamed
         from local files, http(s), fsspec URLs or pipe: commands), "hf" (a local Hugging Face
-        ``datasets`` folder or Parquet/Arrow files) or "mlmdm-tsv" (Apple ml-mdm TSV index).
-    path: dataset location; required for every source except "emoji".
+        ``datasets`` folder or Parquet/Arrow files) or "mlmdm-tsv" (Apple ml-mdm TSV index); for
+        video "emoji-motion" (built-in moving emoji clips) or "videofolder" (mp4/webm/avi/gif...).
+    path: dataset location; required for every source except "emoji" and "emoji-motion".
     resolution: side of the square top-level image (pixels).
     crop: "center" or "random" crop after resizing the shortest side.
     hflip: random horizontal flip with probability 0.5.
@@ -76,6 +81,8 @@ class DataConfig:
     retries: "shards": how often a remote shard is reopened after a read error (with doubling delays).
     retry_delay: "shards": seconds before the first retry.
     num_classes: "shards" with label="cls": the number of classes (a stream cannot be counted up front).
+    frames: frames per clip of a video source (items are then (3, frames, R, R)); 0 for images.
+    frame_stride: videofolder: keep every this-many-th decoded frame (a lower frame rate).
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -99,6 +106,8 @@ class DataConfig:
     retries: int = 3
     retry_delay: float = 1.0
     num_classes: int = 0
+    frames: int = 0
+    frame_stride: int = 1
 
     def __post_init__(self) -> None:
         _need_choice("source", self.source, SOURCES)
@@ -134,7 +143,12 @@ class DataConfig:
         if self.source == "shards" and self.label == "cls" and self.num_classes < 1:
             raise DataConfigError("num_classes", "must be >= 1 with source 'shards' and label 'cls' (a stream has "
                                   "no up-front count of its classes)")
-        if self.source != "emoji" and self.path is None:
+        if (self.source in VIDEO_SOURCES) != (self.frames > 0):
+            raise DataConfigError(
+                "frames", f"must be >= 1 for the video sources {list(VIDEO_SOURCES)} and 0 for image sources "
+                f"(source {self.source!r}, frames {self.frames})"
+            )
+        if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
 
 

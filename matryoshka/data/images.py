@@ -48,6 +48,7 @@ REASONS = (
     "bad_row",  # a malformed TSV row
     "no_image",  # a webdataset sample with no image member
     "missing_label",  # a label was requested but the item has none
+    "too_short",  # a video with fewer frames than a clip needs
 )
 
 BytesOrPath = str | os.PathLike | bytes | bytearray | memoryview

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .schedules import NoiseSchedule
+from .spacetime import check_frames, downsample, level_name, shift_ratio, upsample
 
 Prediction = Literal["eps", "x0", "v"]
 PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
@@ -148,6 +148,9 @@ class MatryoshkaDiffusion:
         min_snr_gamma: gamma of the min-SNR weighting.
         upsampled_residual: each outer level's output is read as a correction to the next
             lower level's x0 estimate upsampled (see ``network_output``).
+        frames: None for images, else the frame count of every level, highest first, for
+            clips (B, C, F, H, W) (the space-time pyramid of ``spacetime``).
+        temporal_shift: count frames in the resolution shift (``spacetime.shift_ratio``).
     """
 
     def __init__(
@@ -164,6 +167,8 @@ class MatryoshkaDiffusion:
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
         upsampled_residual: bool = False,
+        frames: Sequence[int] | None = None,
+        temporal_shift: bool = False,
     ) -> None:
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
@@ -177,6 +182,10 @@ class MatryoshkaDiffusion:
             raise ValueError(f"need {num_levels} level weights, got {len(level_weights)}")
         if mixed_ratio is not None and not 0 < mixed_ratio <= 1:
             raise ValueError(f"mixed_ratio must be None or in (0, 1], got {mixed_ratio}")
+        self.frames = None if frames is None else check_frames(frames)
+        if self.frames is not None and len(self.frames) != num_levels:
+            raise ValueError(f"need {num_levels} frame counts (highest level first), got {self.frames}")
+        self.temporal_shift = temporal_shift
         self.schedule = schedule
         self.num_levels = num_levels
         self.factor = int(factor)
@@ -194,7 +203,7 @@ class MatryoshkaDiffusion:
         self.min_snr_gamma = float(min_snr_gamma)
         self.upsampled_residual = upsampled_residual
         self._level_schedules = tuple(
-            schedule.shifted(self.level_ratio(i), self.shift_power) for i in range(num_levels)
+            schedule.shifted(self.shift_ratio(i), self.shift_power) for i in range(num_levels)
         )
 
     @property
@@ -204,6 +213,18 @@ class MatryoshkaDiffusion:
     def level_ratio(self, level: int) -> int:
         """Side of ``level`` divided by the base level's side."""
         return self.factor ** (self.num_levels - 1 - level)
+
+    def frame_stride(self, level: int) -> int:
+        """Frames of ``level`` per frame of the level below it (1 for images and the base level)."""
+        if self.frames is None or level == self.num_levels - 1:
+            return 1
+        return self.frames[level] // self.frames[level + 1]
+
+    def shift_ratio(self, level: int) -> float:
+        """s_r of ``level``'s shifted schedule (the side ratio for images)."""
+        if self.frames is None:
+            return self.level_ratio(level)
+        return shift_ratio(self.level_ratio(level), self.frames[level] / self.frames[-1], self.temporal_shift)
 
     def schedule_for_level(self, level: int) -> NoiseSchedule:
         return self._level_schedules[level]
@@ -219,9 +240,14 @@ class MatryoshkaDiffusion:
         return alpha, sigma
 
     def pyramid(self, x: Tensor) -> list[Tensor]:
-        """Data pyramid (x^1, ..., x^R), x^{r+1} = avg_pool(x^r, factor), highest first."""
-        if x.ndim != 4:
+        """Data pyramid (x^1, ..., x^R), x^{r+1} = avg_pool(x^r, factor), highest first.
+
+        Clips (B, C, F, H, W) also keep every ``frame_stride``-th frame per level (``spacetime``).
+        """
+        if self.frames is None and x.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        if self.frames is not None and (x.ndim != 5 or x.shape[2] != self.frames[0]):
+            raise ValueError(f"expected clips (B, C, {self.frames[0]}, H, W), got shape {tuple(x.shape)}")
         total = self.factor ** (self.num_levels - 1)
         if x.shape[-2] % total or x.shape[-1] % total:
             raise ValueError(
@@ -229,8 +255,8 @@ class MatryoshkaDiffusion:
                 f"({self.num_levels} levels, factor {self.factor})"
             )
         levels = [x]
-        for _ in range(self.num_levels - 1):
-            levels.append(F.avg_pool2d(levels[-1], self.factor))
+        for level in range(self.num_levels - 1):
+            levels.append(downsample(levels[-1], self.factor, self.frame_stride(level)))
         return levels
 
     def initial_noise(
@@ -243,19 +269,21 @@ class MatryoshkaDiffusion:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> list[Tensor]:
-        """Independent N(0, I) noise for every level; (height, width) is the top level's size."""
+        """Independent N(0, I) noise for every level; (height, width) is the top level's size
+        (with the process's frame counts for a video pyramid)."""
         width = height if width is None else width
         total = self.factor ** (self.num_levels - 1)
         if height % total or width % total:
             raise ValueError(f"size {(height, width)} is not divisible by {total}")
+        frames = [()] * self.num_levels if self.frames is None else [(f,) for f in self.frames]
         return [
             torch.randn(
-                (batch_size, channels, height // f, width // f),
+                (batch_size, channels, *frames[i], height // f, width // f),
                 generator=generator,
                 device=device,
                 dtype=dtype,
             )
-            for f in (self.factor**i for i in range(self.num_levels))
+            for i, f in enumerate(self.factor**i for i in range(self.num_levels))
         ]
 
     def sample_timesteps(
@@ -301,7 +329,7 @@ class MatryoshkaDiffusion:
             alpha, sigma = self.coefficients(level + 1, t, low_z)
             low_x0 = convert_prediction(preds[level + 1].float(), self.prediction, "x0", low_z, alpha, sigma)
             k = preds[level].shape[0]
-            base = F.interpolate(low_x0.detach()[:k].clamp(-1, 1), scale_factor=self.factor, mode="bicubic")
+            base = upsample(low_x0.detach()[:k].clamp(-1, 1), self.factor, self.frame_stride(level))
             top_z = z[level].float()
             alpha, sigma = self.coefficients(level, t[:k], top_z)
             shift = convert_prediction(base.clamp(-1, 1), "x0", self.prediction, top_z, alpha, sigma)
@@ -327,10 +355,10 @@ class MatryoshkaDiffusion:
         t: Tensor | int | None = None,
         noise: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training loss (paper §3.1) for a batch of images x (B, C, H, W) or a ready pyramid.
+        """Training loss (paper §3.1) for images x (B, C, H, W), clips (B, C, F, H, W) or a ready pyramid.
 
         Per level r: the network output is converted to ``loss_target`` and
-        l_r(b) = w_r(b) * mean over (C, H, W) of (pred - target)^2 for sample b, with
+        l_r(b) = w_r(b) * mean over (C, [F,] H, W) of (pred - target)^2 for sample b, with
         w_r(b) = 1 or the min-SNR factor at that level's SNR (``loss_weight``). The loss is
         sum_r w_r * mean_b l_r(b) over the levels in the loss (all, or only the top).
 
@@ -387,7 +415,7 @@ class MatryoshkaDiffusion:
                 self.loss_target, self.schedule_for_level(level).log_snr(t[:n]).float(), self.loss_weighting, self.min_snr_gamma
             )
             level_loss = (weight * (pred_t - target).pow(2).flatten(1).mean(1)).mean()
-            logs[f"loss/{pred.shape[-2]}x{pred.shape[-1]}"] = level_loss.detach()
+            logs[f"loss/{level_name(pred)}"] = level_loss.detach()
             if level == 0 or self.loss_on_all_levels:
                 total = total + self.level_weights[level] * level_loss
             else:

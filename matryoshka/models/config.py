@@ -36,6 +36,9 @@ class LevelConfig:
     """Divide this level's noisy input by its per-sample std (ml-mdm ``skip_normalization=False``)."""
     micro_conditioning: dict[str, float] = field(default_factory=dict)
     """Micro-conditioning keys with default values, e.g. ``{"scale": 64}`` (ml-mdm ``scale:64``)."""
+    temporal: bool = False
+    """Space-time level (video): a temporal convolution and temporal self-attention after every
+    ResNet block (``temporal.py``); False keeps the level spatial-only (frames are independent)."""
 
     def __post_init__(self) -> None:
         if not self.channels:
@@ -68,6 +71,9 @@ class LevelConfig:
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+        if self.temporal and any(width % self.attention_heads for width in self.channels):
+            raise ValueError(f"a temporal level attends over frames at every stage: every channel width "
+                             f"{self.channels} must be divisible by attention_heads={self.attention_heads}")
 
     @property
     def attention_groups(self) -> int:
@@ -100,6 +106,9 @@ class ModelConfig:
     text_attention_mask: bool = True
     """Honour the padding mask in cross-attention (ml-mdm's released 64² model does not)."""
     gradient_checkpointing: bool = False
+    frames: list[int] = field(default_factory=list)
+    """Video: frames of each level, innermost first like ``levels`` (each a multiple of the one
+    inside it; the innermost may be 1, an image model inside the video model); empty: images."""
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -108,6 +117,13 @@ class ModelConfig:
             raise ValueError(f"between 1 and 4 nested levels are supported, got {len(self.levels)}")
         if self.num_classes < 0 or self.text_dim < 0 or self.text_proj_dim < 0:
             raise ValueError("num_classes, text_dim and text_proj_dim must be >= 0")
+        if self.frames:
+            if len(self.frames) != len(self.levels):
+                raise ValueError(f"frames needs one count per level (innermost first), got {self.frames}")
+            if any(f < 1 for f in self.frames) or any(o % i for i, o in zip(self.frames, self.frames[1:])):
+                raise ValueError(f"frames must be >= 1, each a multiple of the level inside it; got {self.frames}")
+        elif any(level.temporal for level in self.levels):
+            raise ValueError("a temporal level needs model.frames (one frame count per level, innermost first)")
         ratios = {level.downsampling for level in self.levels[1:]}
         if len(ratios) > 1:
             raise ValueError(
@@ -118,6 +134,10 @@ class ModelConfig:
     @property
     def num_levels(self) -> int:
         return len(self.levels)
+
+    @property
+    def is_video(self) -> bool:
+        return bool(self.frames)
 
     @property
     def nest_ratio(self) -> int:
@@ -140,4 +160,4 @@ class ModelConfig:
         """The same model with only its innermost ``num_levels`` levels (progressive training)."""
         from dataclasses import replace
 
-        return replace(self, levels=list(self.levels[:num_levels]))
+        return replace(self, levels=list(self.levels[:num_levels]), frames=list(self.frames[:num_levels]))

@@ -135,7 +135,8 @@ class Attention(nn.Module):
 class Stage(nn.Module):
     """ResNet blocks (each optionally followed by attention layers) and an optional resample.
 
-    On the way up every ResNet block first concatenates one skip activation.
+    On the way up every ResNet block first concatenates one skip activation. In a temporal
+    (video) stage each block ends with a ``TemporalBlock`` over the ``frames`` folded into the batch.
     """
 
     def __init__(
@@ -153,7 +154,10 @@ class Stage(nn.Module):
         cond_dim: int,
         ffn: bool,
         checkpointing: bool = False,
+        temporal: bool = False,
     ) -> None:
+        from .temporal import TemporalBlock
+
         super().__init__()
         self.checkpointing = checkpointing
         self.resnets = nn.ModuleList(ResNet(c, out_ch, embed_dim, groups, dropout) for c in in_channels)
@@ -165,6 +169,9 @@ class Stage(nn.Module):
             )
             if attention_layers
             else None
+        )
+        self.temporal = (
+            nn.ModuleList(TemporalBlock(out_ch, heads, groups) for _ in in_channels) if temporal else None
         )
         self.resample_mode = resample
         stride = 2 if resample == "down" else 1
@@ -182,6 +189,7 @@ class Stage(nn.Module):
         tokens: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         skips: list[torch.Tensor] | None = None,
+        frames: int = 1,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns the output and the activations to keep as skip connections."""
         activations = []
@@ -191,6 +199,8 @@ class Stage(nn.Module):
             x = self._run(resnet, x, emb)
             for layer in range(self.attention_layers):
                 x = self._run(self.attn[index * self.attention_layers + layer], x, tokens, mask)
+            if self.temporal is not None and frames > 1:
+                x = self._run(self.temporal[index], x, frames)
             activations.append(x)
         if self.resample_mode == "up":
             # Nearest upsampling in float32, as ml-mdm (bf16 interpolation is not exact).

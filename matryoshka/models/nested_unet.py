@@ -4,11 +4,17 @@ The module is the outermost level; ``inner_unet`` holds the next level down, rec
 so a model with one level is a plain UNet and parameter names match ml-mdm's checkpoints.
 The innermost level owns the conditioning (text projection, pooled text and class
 embeddings) and the mid blocks; outer levels reuse its conditioning embedding.
+
+Video (``config.frames``): every level takes clips (B, C, F, H, W) and runs its spatial layers
+per frame (frames folded into the batch); temporal levels add ``temporal.py``'s layers. Between
+levels the adapters follow the space-time pyramid: the in_adapter's features go to the inner
+level's frames (every k-th frame, as the data), the inner features come back repeated k times.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,7 @@ from torch import nn
 from .conditioning import Conditioning
 from .config import LevelConfig, ModelConfig
 from .layers import SinusoidalEmbedding, Stage, zero_init
+from .temporal import fold_frames, unfold_frames
 
 
 @dataclass
@@ -27,6 +34,15 @@ class _Context:
     tokens: torch.Tensor | None
     mask: torch.Tensor | None
     micro: dict[str, torch.Tensor]
+
+    def repeated(self, frames: int) -> _Context:
+        """Every sample's conditioning repeated for each of its frames (frames folded into the batch)."""
+
+        def repeat(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.repeat_interleave(frames, dim=0)
+
+        micro = {key: repeat(value) for key, value in self.micro.items()}
+        return _Context(repeat(self.embedding), repeat(self.tokens), repeat(self.mask), micro)
 
 
 class NestedUNet(nn.Module):
@@ -57,6 +73,7 @@ class NestedUNet(nn.Module):
             cond_dim=cond_dim,
             ffn=level.attention_ffn,
             checkpointing=config.gradient_checkpointing,
+            temporal=level.temporal,
         )
         width = level.channels[0]
         self.conv_in = nn.Conv2d(config.in_channels, width, 3, padding=1)
@@ -158,22 +175,43 @@ class NestedUNet(nn.Module):
         if len(levels) != self.config.num_levels:
             raise ValueError(f"model has {self.config.num_levels} levels but got {len(levels)} inputs")
         batch = levels[-1].shape[0]
+        self._check_frames(levels)
         if t.dim() == 0:
             t = t.expand(batch)
         context = self.innermost._context(cond, batch, levels[-1].device)
         outputs, _ = self._denoise(levels, t, context, None)
         return outputs
 
+    def _check_frames(self, levels: list[torch.Tensor]) -> None:
+        """Clips at every level of a video model (any frame counts nested like ``config.frames``)."""
+        if not self.config.is_video:
+            return
+        if any(level.dim() != 5 for level in levels):
+            shapes = [tuple(x.shape) for x in levels]
+            raise ValueError(f"a video model takes clips (B, C, F, H, W) at every level, got {shapes}")
+        frames = [level.shape[2] for level in levels]
+        if any(outer % inner for outer, inner in pairwise(frames)):
+            raise ValueError(f"each level's frames must be a multiple of the next lower level's, got {frames}")
+
     def _denoise(
         self, levels: list[torch.Tensor], t: torch.Tensor, context: _Context, features: torch.Tensor | None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         top = levels[0]
         k = top.shape[0]  # samples whose top level is computed
-        emb = self._time_embedding(t, context)[:k]
-        tokens = None if context.tokens is None else context.tokens[:k]
-        mask = None if context.mask is None else context.mask[:k]
+        video = top.dim() == 5
+        frames = top.shape[2] if video else 1
+        level_t, level_context = t, context
+        if video:
+            # Spatial layers run per frame, each frame with its sample's time and conditioning:
+            # computed on the folded batch, so an inflated model is exactly the image model per frame.
+            top = fold_frames(top)
+            level_t, level_context = t.repeat_interleave(frames), context.repeated(frames)
+        rows = k * frames
+        emb = self._time_embedding(level_t, level_context)[:rows]
+        tokens = None if level_context.tokens is None else level_context.tokens[:rows]
+        mask = None if level_context.mask is None else level_context.mask[:rows]
 
-        if self.level.normalize_input:
+        if self.level.normalize_input:  # per image, so per frame for clips
             top = top / top.flatten(1).std(dim=1).reshape(-1, *([1] * (top.dim() - 1)))
         x = self.conv_in(top)
         if features is not None:
@@ -181,25 +219,35 @@ class NestedUNet(nn.Module):
 
         skips = [x]
         for block in self.down_blocks:
-            x, activations = block(x, emb, tokens, mask)
+            x, activations = block(x, emb, tokens, mask, frames=frames)
             skips += activations
 
         if self.inner_unet is None:
             lower: list[torch.Tensor] = []
-            x, _ = self.mid_blocks[0](x, emb, tokens, mask)
-            x, _ = self.mid_blocks[1](x, emb)
+            x, _ = self.mid_blocks[0](x, emb, tokens, mask, frames=frames)
+            x, _ = self.mid_blocks[1](x, emb, frames=frames)
         else:
             inner_features = self.in_adapter(x)
+            inner_frames = levels[1].shape[2] if video else 1
+            stride = frames // inner_frames
+            if video:  # the inner level sees every stride-th frame, as its data (spacetime.downsample)
+                inner_features = fold_frames(unfold_frames(inner_features, frames)[:, :, ::stride])
             full = levels[1].shape[0]
             if full > k:  # the rest of the batch has no top level: its adapter input is zero
-                inner_features = torch.cat([inner_features, inner_features.new_zeros(full - k, *inner_features.shape[1:])])
+                padding = inner_features.new_zeros((full - k) * inner_frames, *inner_features.shape[1:])
+                inner_features = torch.cat([inner_features, padding])
             lower, inner_out = self.inner_unet._denoise(levels[1:], t, context, inner_features)
-            x = x + self.out_adapter(inner_out)[:k]
+            adapted = self.out_adapter(inner_out)
+            if video:  # each inner frame stands for the stride frames it was taken from
+                adapted = fold_frames(unfold_frames(adapted, inner_frames)[:k].repeat_interleave(stride, dim=2))
+            else:
+                adapted = adapted[:k]
+            x = x + adapted
 
         for block in self.up_blocks:
             count = len(block.resnets)
-            x, _ = block(x, emb, tokens, mask, skips=skips[-count:])
+            x, _ = block(x, emb, tokens, mask, skips=skips[-count:], frames=frames)
             del skips[-count:]
 
         out = self.conv_out(F.silu(self.norm_out(x)))
-        return [out, *lower], x
+        return [unfold_frames(out, frames) if video else out, *lower], x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from .config import LevelConfig, ModelConfig
@@ -99,10 +100,34 @@ def unet64() -> ModelConfig:
     return ModelConfig(levels=[level], time_embed_dim=256)
 
 
+def tiny_video() -> ModelConfig:
+    """``tiny`` for clips, for tests: 4 frames at 16² nested around 2 frames at 8², both space-time."""
+    base = tiny(2)
+    return ModelConfig(
+        levels=[replace(level, temporal=True) for level in base.levels], time_embed_dim=32, frames=[2, 4]
+    )
+
+
+def emoji_video() -> ModelConfig:
+    """CPU-sized video model: 8 frames at 32² (thin, space-time) around 4 frames at 16² (space-time).
+
+    The inner level is an ``emoji64``-like image UNet at 16² plus temporal layers; the outer one
+    adds detail at 32² and also mixes frames, so every level can move its content.
+    """
+    inner = LevelConfig(
+        channels=[64, 128, 128], res_blocks=[1], attention_stages=[2], attention_heads=4, temporal=True
+    )
+    outer = LevelConfig(channels=[16, 32], res_blocks=[1], norm_groups=8, attention_heads=4, mid_attention=False,
+                        temporal=True)
+    return ModelConfig(levels=[inner, outer], time_embed_dim=256, frames=[4, 8])
+
+
 MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "emoji64": emoji64,
     "unet64": unet64,
+    "tiny-video": tiny_video,
+    "emoji-video": emoji_video,
     "mlmdm-64": mlmdm_64,
     "mlmdm-256": mlmdm_256,
     "mlmdm-1024": mlmdm_1024,

@@ -7,18 +7,21 @@ so they do not depend on how the global batch is split over processes or micro-b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..data.loader import mix_seed
 from ..diffusion.process import MatryoshkaDiffusion
+from ..diffusion.spacetime import downsample
 from ..models import NULL_LABEL, Conditioning
 
 
-def top_images(batch: dict, device: torch.device, missing_levels: int, nest_ratio: int) -> torch.Tensor:
-    """The batch at the top resolution of a model that lacks the outermost ``missing_levels``."""
+def top_images(
+    batch: dict, device: torch.device, missing_levels: int, nest_ratio: int, frame_stride: int = 1
+) -> torch.Tensor:
+    """The batch (images or clips) at the top level of a model that lacks the outermost
+    ``missing_levels``; ``frame_stride``: full clip frames per frame of that level."""
     images = batch["image"].to(device, non_blocking=True)
     factor = nest_ratio**missing_levels
-    return F.avg_pool2d(images, factor) if factor > 1 else images
+    return downsample(images, factor, frame_stride) if factor > 1 else images
 
 
 def sample_randomness(

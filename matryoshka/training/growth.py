@@ -9,6 +9,8 @@ optimizer moments into that prefix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -27,10 +29,18 @@ def inner_module(model: nn.Module, total_levels: int, inner_levels: int) -> nn.M
     return model
 
 
-def load_inner(model: nn.Module, total_levels: int, tensors: dict[str, torch.Tensor], inner_levels: int, source: str) -> None:
-    """Load a smaller model's weights into the innermost ``inner_levels`` levels of ``model``."""
+def load_inner(
+    model: nn.Module,
+    total_levels: int,
+    tensors: dict[str, torch.Tensor],
+    inner_levels: int,
+    source: str,
+    optional: Callable[[str], bool] | None = None,
+) -> None:
+    """Load a smaller model's weights into the innermost ``inner_levels`` levels of ``model``
+    (``optional``: names that may be missing, see ``load_into``)."""
     try:
-        load_into(inner_module(model, total_levels, inner_levels), tensors, source)
+        load_into(inner_module(model, total_levels, inner_levels), tensors, source, optional)
     except CheckpointError as error:
         prefix = inner_prefix(total_levels, inner_levels)
         where = f" (its tensors go under '{prefix}')" if prefix else ""

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoints import load_into, load_tensors, load_train_state, resolve_checkpoint
 from ..models import NestedUNet
+from ..models.temporal import is_temporal_parameter
 from .growth import load_inner
 
 _FULL = StateDictOptions(full_state_dict=True)
@@ -57,15 +58,21 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def init_inner_from(module: NestedUNet, source: str | Path, sharded: bool) -> None:
-    """Load another run's EMA weights into the innermost levels of ``module`` (e.g. a 64² model)."""
+    """Load another run's EMA weights into the innermost levels of ``module`` (e.g. a 64² model).
+
+    A video model may start from an image run (inflation, paper §4.3): its spatial weights load
+    by name and the temporal layers the image model lacks keep their identity initialisation,
+    so at step 0 the video model is the image model applied to every frame.
+    """
     checkpoint = resolve_checkpoint(source)
     levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", 1))
     tensors = load_tensors(checkpoint / "ema.safetensors")
+    optional = is_temporal_parameter if module.config.is_video else None
     if not sharded:
-        load_inner(module, module.config.num_levels, tensors, levels, str(checkpoint))
+        load_inner(module, module.config.num_levels, tensors, levels, str(checkpoint), optional)
         return
     # Every rank read the file: merge it into a full copy of this model's weights, then reshard.
     merged = NestedUNet(module.config)
     merged.load_state_dict(get_model_state_dict(module, options=_FULL))
-    load_inner(merged, module.config.num_levels, tensors, levels, str(checkpoint))
+    load_inner(merged, module.config.num_levels, tensors, levels, str(checkpoint), optional)
     set_model_state_dict(module, merged.state_dict(), options=_FULL)

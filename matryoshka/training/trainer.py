@@ -44,7 +44,9 @@ from ..data import build_dataset, make_loader
 from ..data.loader import mix_seed
 from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
+from ..diffusion.spacetime import level_name
 from ..utils.images import save_grid
+from ..utils.video import save_clip_grid
 from .batches import batch_conditioning, sample_randomness, top_images
 from .distributed import DistContext
 from .ema import EMA
@@ -318,7 +320,7 @@ class Trainer:
             batch = next(self.batches)
             torch.manual_seed(mix_seed(train.seed, self.step, micro, self.dist.rank))  # network dropout
             missing = self.config.model.num_levels - self.num_levels
-            images = top_images(batch, self.device, missing, self.config.model.nest_ratio)
+            images = top_images(batch, self.device, missing, self.config.model.nest_ratio, self._frame_stride())
             indices = batch["index"].tolist()
             t, noise, drop = sample_randomness(self.process, indices, images, train.seed, self.step, train.cond_drop_prob)
             cond = batch_conditioning(batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device)
@@ -366,6 +368,11 @@ class Trainer:
             previous,
             exit_code=3,
         )
+
+    def _frame_stride(self) -> int:
+        """Data frames per frame of the current top level (1 for images, or with all levels grown)."""
+        frames = self.config.model.frames
+        return frames[-1] // frames[self.num_levels - 1] if frames else 1
 
     def _ensure_stage(self) -> None:
         """Grow the model when the next step belongs to a stage with more levels."""
@@ -459,7 +466,7 @@ class Trainer:
         return Pipeline(model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
 
     def save_samples(self, pipeline: Pipeline) -> list[Path]:
-        """Grids of ``sample.num`` samples, one image per level."""
+        """Grids of ``sample.num`` samples, one image per level (for clips, a row of frames per sample)."""
         num = self.config.sample.num
         prompts = self.config.sample.prompts
         if self.text_encoder is not None and not prompts:
@@ -468,8 +475,11 @@ class Trainer:
             else:
                 prompts = [self.dataset[(i * len(self.dataset) // num, 0)]["caption"] for i in range(num)]
         levels = pipeline.generate(num=num, cond=pipeline.condition(num, prompts=prompts or None))
+        folder = self.run_dir / "samples"
         return [
-            save_grid(level, self.run_dir / "samples" / f"step_{self.step:08d}_{level.shape[-1]}px.png")
+            save_clip_grid(level, folder / f"step_{self.step:08d}_{level_name(level)}px.png")
+            if level.dim() == 5
+            else save_grid(level, folder / f"step_{self.step:08d}_{level.shape[-1]}px.png")
             for level in levels
         ]
 
