@@ -79,3 +79,12 @@ def _parse(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def progress_bar(step: int, total_steps: int, max_minutes: float, quiet: bool) -> tqdm:
+    """Counts steps, or seconds when a time limit is set (so the ETA is the real end)."""
+    options = dict(disable=quiet, dynamic_ncols=True)
+    if not max_minutes:
+        return tqdm(total=total_steps, initial=step, unit="step", **options)
+    bar_format = "{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]"
+    return tqdm(total=round(60 * max_minutes), unit="s", bar_format=bar_format, **options)

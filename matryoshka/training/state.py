@@ -28,6 +28,12 @@ _FULL = StateDictOptions(full_state_dict=True)
 _FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def all_finite(tensors) -> bool:
+    """One synchronisation for all tensors (FSDP2 parameters: this rank's shard)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()) if local else True
+
+
 def full_weights(module: NestedUNet, sharded: bool) -> dict[str, torch.Tensor]:
     """Unsharded CPU weights; under FSDP a collective whose result only rank 0 holds."""
     if not sharded:

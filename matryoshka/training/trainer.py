@@ -14,9 +14,7 @@ moments for the kept parameters.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -24,67 +22,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..checkpoints import (
-    CheckpointError,
-    checkpoint_step,
-    latest_checkpoint,
-    list_checkpoints,
-    load_tensors,
-    load_train_state,
-    point_latest,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    set_aside,
-)
+from ..checkpoints import latest_checkpoint, remove_partial_checkpoints
 from ..config import dump_yaml
 from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset, make_loader
 from ..data.loader import mix_seed
 from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
-from ..diffusion.spacetime import level_name
-from ..utils.images import save_grid
-from ..utils.video import save_clip_grid
 from .batches import batch_conditioning, sample_randomness, top_images
 from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
 from .lr import lr_factor
 from .memory import check_model_fits
-from .metrics import MetricsLog
+from .metrics import MetricsLog, progress_bar
 from .parallel import shard, wrap
 from .precision import use_bf16
+from .previews import evaluate_run, save_sample_grids
+from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
+from .saving import TrainingStopped, write_checkpoint
 from .stages import stage_boundaries
-from .state import full_weights, init_inner_from, load_optimizer_state, optimizer_state, set_full_weights
-
-STATE_KEYS = ("step", "num_levels", "optimizer", "ema_updates")
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped early (signal or divergence) after saving a checkpoint."""
-
-    def __init__(self, message: str, checkpoint: Path | None, exit_code: int) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
-        self.exit_code = exit_code
-
-
-def _all_finite(tensors) -> bool:
-    """One synchronisation for all tensors (FSDP2 parameters: this rank's shard)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()) if local else True
-
-
-def read_checkpoint(checkpoint: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Training state and weights of a checkpoint; CheckpointError if any file is damaged."""
-    state = load_train_state(checkpoint / "state.pt")
-    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"{checkpoint / 'state.pt'} is not an mdm training state (no {', '.join(missing)})")
-    weights = {name: load_tensors(checkpoint / f"{name}.safetensors") for name in ("model", "ema")}
-    return state, weights
+from .state import all_finite, full_weights, init_inner_from, load_optimizer_state, optimizer_state, set_full_weights
 
 
 class Trainer:
@@ -101,7 +60,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
         self.notes: list[str] = []
         """What the trainer decided about the run directory, for the command to print."""
-        self._check_paths()
+        check_run_paths(config, self.run_dir)
 
         self.dataset = build_dataset(config.data)
         self._check_labels()
@@ -121,9 +80,11 @@ class Trainer:
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
 
+        found = find_checkpoint(self.run_dir, resume_from)
         # Checkpoints after the one resumed from (damaged, or abandoned by going back), renamed at train().
-        self._set_aside: list[tuple[Path, str]] = []
-        checkpoint, state, weights = self._find_checkpoint(resume_from)
+        self._set_aside = found.set_aside
+        self.notes += found.notes
+        checkpoint, state, weights = found.checkpoint, found.state, found.weights
         self.step = int(state.get("step", 0))
         self.data_state: dict[str, Any] = dict(state.get("data") or {})  # a stream's shard sizes: skip, don't read
         # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
@@ -135,55 +96,6 @@ class Trainer:
             self._resume(checkpoint, state, weights)
         elif config.init_from:
             self._init_from(config.init_from)
-
-    def _check_paths(self) -> None:
-        data = self.config.data
-        if data.source == "imagefolder" and data.path:
-            images, run = Path(data.path).expanduser().resolve(), self.run_dir.resolve()
-            if run == images or images in run.parents:
-                raise ValueError(
-                    f"run_dir {run} is inside data.path {images}: its sample grids would become training images; "
-                    "put the run outside the image folder"
-                )
-        cpus = os.cpu_count() or 1
-        if data.num_workers > max(32, 4 * cpus):
-            raise ValueError(f"data.num_workers={data.num_workers} processes for {cpus} CPUs: use at most {4 * cpus}")
-
-    def _find_checkpoint(self, resume_from: Path | None) -> tuple[Path | None, dict[str, Any], dict[str, Any]]:
-        """The checkpoint to resume: ``resume_from``, else the newest one that reads back intact."""
-        if resume_from is not None:
-            state, weights = read_checkpoint(resume_from)  # named by the user: a damaged one is an error
-            later = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) > checkpoint_step(resume_from)]
-            self._set_aside = [(c, "superseded") for c in later]
-            if later:
-                self.notes.append(
-                    f"going back to {resume_from.name}: the later {', '.join(c.name for c in later)} will be kept "
-                    "as *.superseded (no longer resumed or pruned); their metrics go to metrics.jsonl.superseded"
-                )
-            return resume_from, state, weights
-        latest = latest_checkpoint(self.run_dir)
-        candidates = [latest] if latest else []
-        candidates += [c for c in reversed(list_checkpoints(self.run_dir)) if c != latest]
-        damaged: list[str] = []
-        for checkpoint in candidates:
-            try:
-                state, weights = read_checkpoint(checkpoint)
-            except CheckpointError as error:
-                damaged.append(str(error))
-                self._set_aside.append((checkpoint, "damaged"))
-                continue
-            if damaged:
-                self.notes.append(
-                    f"warning: {'; '.join(damaged)}. Resuming from {checkpoint.name}, the newest intact checkpoint; "
-                    f"the damaged ones are kept as *.damaged"
-                )
-            return checkpoint, state, weights
-        if damaged:
-            raise CheckpointError(
-                f"no intact checkpoint in {self.run_dir / 'checkpoints'}: {'; '.join(damaged)}. "
-                "Move that folder away to start the run afresh"
-            )
-        return None, {}, {}
 
     # ------------------------------------------------------------------ stages
     def _check_labels(self) -> None:
@@ -356,7 +268,7 @@ class Trainer:
         checkpoint sees the weights: the last checkpoint holds finite ones. Resuming it unchanged
         would replay the same deterministic steps into the same update, hence the advice.
         """
-        if not self.dist.any(not _all_finite(list(self.model.parameters())), self.device):
+        if not self.dist.any(not all_finite(list(self.model.parameters())), self.device):
             return
         self.optimizer.zero_grad(set_to_none=True)
         previous = latest_checkpoint(self.run_dir)
@@ -408,43 +320,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path | None:
-        """Gather full weights and optimizer state to rank 0 (collective), which writes them once.
-
-        Non-finite weights are never written: with ``keep_checkpoints=1`` the save would prune
-        the last good checkpoint, and ``latest`` would point every later resume at NaNs.
-        """
+        """Gather full weights and optimizer state to rank 0 (collective), which writes them once."""
         model = full_weights(self.model, self.sharded)
         ema = full_weights(self.ema.model, self.sharded)
         state = self._train_state()
         path, failure = None, None
         if self.dist.is_main:
-            previous = latest_checkpoint(self.run_dir)
-            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            bad = [name for name, weights in (("model", model), ("EMA", ema)) if not _all_finite(weights.values())]
-            if bad:
-                failure = TrainingStopped(
-                    f"refusing to save step {self.step}: the {' and '.join(bad)} weights are NaN/Inf. {kept}; "
-                    "lower train.lr and run the same command to resume from it",
-                    previous,
-                    exit_code=3,
-                )
-            else:
-                try:
-                    path = save_checkpoint(
-                        self.run_dir, self.step, model, ema, state, self.config, keep=self.config.train.keep_checkpoints
-                    )
-                except OSError as error:
-                    failure = TrainingStopped(
-                        f"could not save the checkpoint of step {self.step} in {self.run_dir}: {error}. {kept}; "
-                        "free space or fix permissions, then run the same command to resume",
-                        previous,
-                        exit_code=4,
-                    )
-                else:
-                    try:  # a summary for people: the checkpoint's state.pt holds the stage history
-                        (self.run_dir / "stages.json").write_text(json.dumps(self.stage_history, indent=1) + "\n")
-                    except OSError as error:
-                        self.metrics.warn(f"could not write stages.json: {error}")
+            path, failure = write_checkpoint(self.run_dir, self.step, model, ema, state, self.config, self.metrics)
         # Every rank learns rank 0's outcome (this collective is also the barrier after the write).
         code = int(self.dist.max(failure.exit_code if failure else 0, self.device))
         if code:
@@ -465,35 +347,6 @@ class Trainer:
             return None
         return Pipeline(model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
 
-    def save_samples(self, pipeline: Pipeline) -> list[Path]:
-        """Grids of ``sample.num`` samples, one image per level (for clips, a row of frames per sample)."""
-        num = self.config.sample.num
-        prompts = self.config.sample.prompts
-        if self.text_encoder is not None and not prompts:
-            if getattr(self.dataset, "streaming", False):
-                prompts = self.dataset.first_captions(num)
-            else:
-                prompts = [self.dataset[(i * len(self.dataset) // num, 0)]["caption"] for i in range(num)]
-        levels = pipeline.generate(num=num, cond=pipeline.condition(num, prompts=prompts or None))
-        folder = self.run_dir / "samples"
-        return [
-            save_clip_grid(level, folder / f"step_{self.step:08d}_{level_name(level)}px.png")
-            if level.dim() == 5
-            else save_grid(level, folder / f"step_{self.step:08d}_{level.shape[-1]}px.png")
-            for level in levels
-        ]
-
-    def evaluate(self, pipeline: Pipeline) -> dict[str, float]:
-        """Quality metrics at every level, e.g. fd_effnet-lite0/64x64."""
-        from ..evaluation import evaluate_pipeline
-
-        settings = self.config.eval
-        return evaluate_pipeline(
-            pipeline, settings.reference, num=settings.num, feature=settings.feature, metrics=tuple(settings.metrics),
-            sampler=settings.sampler, steps=settings.steps, batch_size=settings.batch_size,
-            seed=self.config.sample.seed, prompts=self.config.sample.prompts or None,
-        )
-
     def _samples_and_evaluation(self, sample: bool, evaluate: bool) -> None:
         """Rank 0 samples/evaluates while the other ranks wait without a collective timeout."""
         if not (sample or evaluate):
@@ -503,37 +356,21 @@ class Trainer:
         def work() -> None:
             if sample:
                 try:
-                    self.save_samples(pipeline)
+                    save_sample_grids(pipeline, self.dataset, self.run_dir / "samples")
                 except OSError as error:
                     self.metrics.warn(f"could not write samples: {error}")
             if evaluate:
-                self.metrics.write({"step": self.step, **self.evaluate(pipeline)})
+                self.metrics.write({"step": self.step, **evaluate_run(pipeline)})
 
         self.dist.run_on_main(work)
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(self.run_dir)
-        for checkpoint, reason in self._set_aside:
-            set_aside(checkpoint, reason)
-        if self._set_aside and self.resumed_from is not None:
-            point_latest(self.resumed_from)
+        set_aside_checkpoints(self.run_dir, self._set_aside, self.resumed_from, self.metrics, self.step)
         dump_yaml(self.config, self.run_dir / "config.yaml")
-        dropped = self.metrics.keep_until(self.step)
-        if dropped and any(reason == "superseded" for _, reason in self._set_aside):
-            with open(self.run_dir / "metrics.jsonl.superseded", "a") as handle:
-                handle.write("".join(line + "\n" for line in dropped))
 
     # ------------------------------------------------------------------ the loop
-    def _progress_bar(self) -> tqdm:
-        """Counts steps, or seconds when a time limit is set (so the ETA is the real end)."""
-        options = dict(disable=self.quiet, dynamic_ncols=True)
-        if not self.config.train.max_minutes:
-            return tqdm(total=self.total_steps, initial=self.step, unit="step", **options)
-        seconds = round(60 * self.config.train.max_minutes)
-        bar_format = "{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]"
-        return tqdm(total=seconds, unit="s", bar_format=bar_format, **options)
-
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
@@ -557,7 +394,7 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         last_time, last_step = time.perf_counter(), self.step
         deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
-        bar = self._progress_bar()
+        bar = progress_bar(self.step, self.total_steps, self.config.train.max_minutes, self.quiet)
         start = step_started = last_time
         checkpoint = None
         try:

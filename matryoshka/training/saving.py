@@ -1,0 +1,57 @@
+"""Rank 0's half of a checkpoint save, and how a run that cannot go on stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import latest_checkpoint, save_checkpoint
+from ..config.run import RunConfig
+from .metrics import MetricsLog
+from .state import all_finite
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (signal, divergence, a failed save) with the checkpoint to resume from."""
+
+    def __init__(self, message: str, checkpoint: Path | None, exit_code: int) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.exit_code = exit_code
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    config: RunConfig,
+    metrics: MetricsLog,
+) -> tuple[Path | None, TrainingStopped | None]:
+    """Write the checkpoint of ``step``: its path, or why it was not written (the previous one is intact).
+
+    Non-finite weights are never written: with ``keep_checkpoints=1`` the save would prune the
+    last good checkpoint, and ``latest`` would point every later resume at NaNs.
+    """
+    previous = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    bad = [name for name, weights in (("model", model), ("EMA", ema)) if not all_finite(weights.values())]
+    if bad:
+        message = (f"refusing to save step {step}: the {' and '.join(bad)} weights are NaN/Inf. {kept}; "
+                   "lower train.lr and run the same command to resume from it")
+        return None, TrainingStopped(message, previous, exit_code=3)
+    try:
+        path = save_checkpoint(run_dir, step, model, ema, state, config, keep=config.train.keep_checkpoints)
+    except OSError as error:
+        message = (f"could not save the checkpoint of step {step} in {run_dir}: {error}. {kept}; "
+                   "free space or fix permissions, then run the same command to resume")
+        return None, TrainingStopped(message, previous, exit_code=4)
+    try:  # a summary for people: the checkpoint's state.pt holds the stage history
+        (run_dir / "stages.json").write_text(json.dumps(state.get("stage_history", []), indent=1) + "\n")
+    except OSError as error:
+        metrics.warn(f"could not write stages.json: {error}")
+    return path, None
