@@ -81,8 +81,11 @@ def main() -> None:
         count = max(args.samples * 2, args.per_shard * 4)
         patterns = {name: write_shards(root, name, count, args.per_shard) for name in FORMATS}
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                                   "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             time.sleep(1.0)  # let the server bind
             for name, (_, size, _) in FORMATS.items():
@@ -90,8 +93,13 @@ def main() -> None:
                 for where, base in (("local", str(root)), ("http", f"http://127.0.0.1:{port}")):
                     for workers in args.workers:
                         rate = measure(f"{base}/{name}/{patterns[name]}", size, workers, args.samples, args.batch_size)
-                        row = {"format": name, "kb_per_sample": round(mb, 1), "where": where, "workers": workers,
-                               "samples_per_s": round(rate, 1)}
+                        row = {
+                            "format": name,
+                            "kb_per_sample": round(mb, 1),
+                            "where": where,
+                            "workers": workers,
+                            "samples_per_s": round(rate, 1),
+                        }
                         rows.append(row)
                         print(json.dumps(row), flush=True)
         finally:

@@ -61,14 +61,21 @@ def main() -> None:
         results[name] = train(config, args.minutes)
         if name == "progressive":
             history = json.loads((root / name / "stages.json").read_text())
-            results[name]["steps"] = f"{history[1]['start_step']} (16² alone) + {results[name]['steps'] - history[1]['start_step']} (nested)"
+            results[name]["steps"] = (
+                f"{history[1]['start_step']} (16² alone) + {results[name]['steps'] - history[1]['start_step']} (nested)"
+            )
         pipeline = load_pipeline(config.run_dir)
         metrics = evaluate_pipeline(pipeline, "emoji", num=args.num, sampler="dpm++2m", steps=args.steps, seed=0)
         results[name]["parameters_M"] = round(sum(p.numel() for p in pipeline.model.parameters()) / 1e6, 2)
         results[name].update({key: round(value, 2) for key, value in metrics.items()})
         print(name, results[name], flush=True)
-    report = {"minutes_per_run": args.minutes, "num_samples": args.num, "sampler": f"dpm++2m/{args.steps}",
-              "cpu_threads": torch.get_num_threads(), "results": results}
+    report = {
+        "minutes_per_run": args.minutes,
+        "num_samples": args.num,
+        "sampler": f"dpm++2m/{args.steps}",
+        "cpu_threads": torch.get_num_threads(),
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

@@ -27,10 +27,18 @@ from pathlib import Path
 
 # The emoji64 recipe before issue 12, spelled out so it stays reproducible after the preset moves on.
 OLD_RECIPE = [
-    "model.levels.0.res_blocks=[2,2,2]", "model.levels.0.attention_stages=[1,2]",
-    "model.levels.1.channels=[32,64,64]", "model.levels.1.norm_groups=16", "stages=[]",
-    "train.batch_size=32", "train.lr=4e-4", "train.warmup_steps=200", "train.channels_last=false",
-    "diffusion.loss_weighting=none", "diffusion.upsampled_residual=false", "sample.spacing=mlmdm",
+    "model.levels.0.res_blocks=[2,2,2]",
+    "model.levels.0.attention_stages=[1,2]",
+    "model.levels.1.channels=[32,64,64]",
+    "model.levels.1.norm_groups=16",
+    "stages=[]",
+    "train.batch_size=32",
+    "train.lr=4e-4",
+    "train.warmup_steps=200",
+    "train.channels_last=false",
+    "diffusion.loss_weighting=none",
+    "diffusion.upsampled_residual=false",
+    "sample.spacing=mlmdm",
 ]
 ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "new": []}
 
@@ -56,19 +64,55 @@ def train_and_evaluate(name: str, overrides: list[str], args: argparse.Namespace
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     rows, trained = [], 0.0
     for point in args.points:
-        train = ["mdm", "train", args.preset, f"run_dir={run_dir}", f"train.max_minutes={point - trained}",
-                 "train.steps=1000000", "train.sample_every=1000000", "train.checkpoint_every=1000000", *overrides]
+        train = [
+            "mdm",
+            "train",
+            args.preset,
+            f"run_dir={run_dir}",
+            f"train.max_minutes={point - trained}",
+            "train.steps=1000000",
+            "train.sample_every=1000000",
+            "train.checkpoint_every=1000000",
+            *overrides,
+        ]
         start = time.perf_counter()
         run(train, env, log)
         trained = point
         step = last_step(run_dir)
         report = args.out / f"{name}_{point:g}min.json"
-        run(["mdm", "eval", str(run_dir), "--reference", str(args.reference), "--feature", "effnet-lite0",
-             "--num", str(args.num), "--metrics", "fd", "--sampler", "dpm++2m", "--steps", str(args.steps),
-             "--out", str(report)], env, log)
+        run(
+            [
+                "mdm",
+                "eval",
+                str(run_dir),
+                "--reference",
+                str(args.reference),
+                "--feature",
+                "effnet-lite0",
+                "--num",
+                str(args.num),
+                "--metrics",
+                "fd",
+                "--sampler",
+                "dpm++2m",
+                "--steps",
+                str(args.steps),
+                "--out",
+                str(report),
+            ],
+            env,
+            log,
+        )
         metrics = json.loads(report.read_text())["metrics"]
-        rows.append({"arm": name, "minutes": point, "step": step, "wall_s": round(time.perf_counter() - start, 1),
-                     **{key: round(value, 2) for key, value in metrics.items()}})
+        rows.append(
+            {
+                "arm": name,
+                "minutes": point,
+                "step": step,
+                "wall_s": round(time.perf_counter() - start, 1),
+                **{key: round(value, 2) for key, value in metrics.items()},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -78,8 +122,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10, help="training minutes per arm")
     parser.add_argument("--points", default="", help="comma-separated minutes to evaluate at (default: the end)")
     parser.add_argument("--arms", default="old,new")
-    parser.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
-                        help="an extra arm: the preset with space-separated KEY=VALUE overrides")
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="an extra arm: the preset with space-separated KEY=VALUE overrides",
+    )
     parser.add_argument("--preset", default="emoji64")
     parser.add_argument("--num", type=int, default=128, help="samples per evaluation")
     parser.add_argument("--steps", type=int, default=25, help="DPM++(2M) steps")
@@ -101,18 +150,50 @@ def main() -> None:
     if args.reference is None:
         args.reference = args.out / "emoji-ref-effnet.npz"
     if not args.reference.exists():
-        run(["mdm", "eval-stats", "emoji", "--resolution", "64", "--levels", "64,16", "--feature", "effnet-lite0",
-             "--out", str(args.reference)], dict(os.environ), args.out / "reference.log")
+        run(
+            [
+                "mdm",
+                "eval-stats",
+                "emoji",
+                "--resolution",
+                "64",
+                "--levels",
+                "64,16",
+                "--feature",
+                "effnet-lite0",
+                "--out",
+                str(args.reference),
+            ],
+            dict(os.environ),
+            args.out / "reference.log",
+        )
 
     cores = os.cpu_count() or 1
     if args.parallel:
         threads = max(1, cores // len(names))
-        command = [sys.executable, __file__, "--minutes", str(args.minutes), "--points", ",".join(map(str, args.points)),
-                   "--preset", args.preset, "--num", str(args.num), "--steps", str(args.steps),
-                   "--reference", str(args.reference), "--out", str(args.out)]
+        command = [
+            sys.executable,
+            __file__,
+            "--minutes",
+            str(args.minutes),
+            "--points",
+            ",".join(map(str, args.points)),
+            "--preset",
+            args.preset,
+            "--num",
+            str(args.num),
+            "--steps",
+            str(args.steps),
+            "--reference",
+            str(args.reference),
+            "--out",
+            str(args.out),
+        ]
         extra = [item for spec in args.arm for item in ("--arm", spec)]
-        children = [subprocess.Popen([*command, *extra, "--arms", name], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-                    for name in names]
+        children = [
+            subprocess.Popen([*command, *extra, "--arms", name], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            for name in names
+        ]
         if any(child.wait() for child in children):
             raise SystemExit("an arm failed; see its log in " + str(args.out))
         rows = [row for name in names for row in json.loads((args.out / f"{name}.json").read_text())]
@@ -128,9 +209,20 @@ def main() -> None:
     print("| arm | minutes | steps | " + " | ".join(level.split("/")[-1] + " FD" for level in levels) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in levels) + " |")
     for row in rows:
-        print(f"| {row['arm']} | {row['minutes']:g} | {row['step']} | " + " | ".join(f"{row[level]:.1f}" if level in row else "—" for level in levels) + " |")
-    summary = {"threads_per_arm": threads, "parallel": args.parallel, "cores": cores, "num": args.num,
-               "sampler": f"dpm++2m-{args.steps}", "arms": {name: arms[name] for name in names}, "rows": rows}
+        print(
+            f"| {row['arm']} | {row['minutes']:g} | {row['step']} | "
+            + " | ".join(f"{row[level]:.1f}" if level in row else "—" for level in levels)
+            + " |"
+        )
+    summary = {
+        "threads_per_arm": threads,
+        "parallel": args.parallel,
+        "cores": cores,
+        "num": args.num,
+        "sampler": f"dpm++2m-{args.steps}",
+        "arms": {name: arms[name] for name in names},
+        "rows": rows,
+    }
     (args.out / "time_to_quality.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, levels, args.out / "time_to_quality.png")
 
@@ -148,7 +240,9 @@ def plot(rows: list[dict], levels: list[str], path: Path) -> None:
         for arm in dict.fromkeys(row["arm"] for row in rows):
             points = [(row["minutes"], row[level]) for row in rows if row["arm"] == arm and level in row]
             axis.plot(*zip(*points), marker="o", label=arm)
-        axis.set(xlabel="training minutes", ylabel=f"FD_effnet-lite0 {level.split('/')[-1]}", title=level.split("/")[-1])
+        axis.set(
+            xlabel="training minutes", ylabel=f"FD_effnet-lite0 {level.split('/')[-1]}", title=level.split("/")[-1]
+        )
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()

@@ -2,7 +2,8 @@
 
     python benchmarks/train_throughput.py --preset emoji64 --batch-size 32 --steps 10
     python benchmarks/train_throughput.py --preset mlmdm-256 --batch-size 8 --device cuda --bf16
-    python benchmarks/train_throughput.py --preset emoji64 --batch-size 16 --channels-last --set levels.0.res_blocks=[2,2,2]
+    python benchmarks/train_throughput.py --preset emoji64 --batch-size 16 --channels-last \
+        --set levels.0.res_blocks=[2,2,2]
 
 Times full optimizer steps (forward, loss on every level, backward, AdamW) on random
 data after warm-up steps, so it measures the model and the diffusion loss, not the
@@ -19,9 +20,9 @@ from contextlib import nullcontext
 
 import torch
 
+from matryoshka.config import apply_overrides, from_dict, to_dict
 from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.schedules import make_schedule
-from matryoshka.config import apply_overrides, from_dict, to_dict
 from matryoshka.models import Conditioning, NestedUNet, model_preset
 from matryoshka.models.config import ModelConfig
 
@@ -41,8 +42,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--mixed-ratio", type=float, help="mixed-resolution batch fraction for the top level")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights (train.channels_last)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="model config overrides, e.g. levels.1.channels=[32,64,64]")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config overrides, e.g. levels.1.channels=[32,64,64]",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -54,7 +60,10 @@ def main() -> None:
         model.to(memory_format=torch.channels_last)
     network = torch.compile(model) if args.compile else model
     process = MatryoshkaDiffusion(
-        make_schedule("squaredcos"), num_levels=config.num_levels, factor=max(2, config.nest_ratio), mixed_ratio=args.mixed_ratio
+        make_schedule("squaredcos"),
+        num_levels=config.num_levels,
+        factor=max(2, config.nest_ratio),
+        mixed_ratio=args.mixed_ratio,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, config.in_channels, resolution, resolution, device=device).clamp(-1, 1)
@@ -81,24 +90,34 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({
-        "preset": args.preset,
-        "resolution": resolution,
-        "levels": config.num_levels,
-        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "batch_size": args.batch_size,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "bf16": args.bf16,
-        "channels_last": args.channels_last,
-        "overrides": args.set,
-        "checkpointing": args.checkpointing,
-        "compile": args.compile,
-        "images_per_s": round(args.batch_size * args.steps / elapsed, 2),
-        "step_s": round(elapsed / args.steps, 4),
-        "peak_memory_GiB": round(peak, 3),
-        "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
-    }))
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "resolution": resolution,
+                "levels": config.num_levels,
+                "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "batch_size": args.batch_size,
+                "device": torch.cuda.get_device_name()
+                if device.type == "cuda"
+                else f"cpu ({torch.get_num_threads()} threads)",
+                "bf16": args.bf16,
+                "channels_last": args.channels_last,
+                "overrides": args.set,
+                "checkpointing": args.checkpointing,
+                "compile": args.compile,
+                "images_per_s": round(args.batch_size * args.steps / elapsed, 2),
+                "step_s": round(elapsed / args.steps, 4),
+                "peak_memory_GiB": round(peak, 3),
+                "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from matryoshka.interop.mlmdm import convert_state_dict
 from matryoshka.models import MODEL_PRESETS, Conditioning, ModelConfig, NestedUNet, model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import DEFAULT_RESOLUTION  # noqa: E402  (the presets' top resolutions)
+from train_throughput import DEFAULT_RESOLUTION
 
 MLMDM_HEADS = 8  # ml-mdm's SelfAttention is always built with its default num_heads=8
 TEXT_TOKENS = 77
@@ -70,8 +70,13 @@ def import_mlmdm(src: Path) -> types.SimpleNamespace:
 
     # ml_mdm.config only registers classes by name for its CLI, but imports simple_parsing and
     # ml_mdm.reader (mlx-data, transformers): keep just the registering decorators.
-    stub("ml_mdm.config", **{name: no_op_decorator for name in (
-        "register_model_config", "register_model", "register_pipeline_config", "register_pipeline")})
+    stub(
+        "ml_mdm.config",
+        **{
+            name: no_op_decorator
+            for name in ("register_model_config", "register_model", "register_pipeline_config", "register_pipeline")
+        },
+    )
     # Used by UNet.load / ModelEma to unpickle old checkpoints; it imports all of ml-mdm (mlx, T5).
     stub("ml_mdm.utils.fix_old_checkpoints", mimic_old_modules=lambda: None)
     # Only downloads a pretrained inner UNet from S3 (initialize_inner_with_pretrained); imports boto3.
@@ -99,7 +104,8 @@ def mlmdm_unet_config(m: types.SimpleNamespace, config: ModelConfig) -> object:
         attends = any(level.stage_attention_layers(s) for s in range(len(level.channels))) or innermost
         if attends and level.attention_groups != 32:
             raise SystemExit(
-                f"level {index}: ml-mdm's attention always uses 32 norm groups, this level uses {level.attention_groups}"
+                f"level {index}: ml-mdm's attention always uses 32 norm groups, this level uses "
+                f"{level.attention_groups}"
             )
         if innermost and (not level.mid_attention or level.normalize_input):
             raise SystemExit("ml-mdm's innermost UNet always has mid attention and never normalizes its input")
@@ -117,8 +123,10 @@ def mlmdm_unet_config(m: types.SimpleNamespace, config: ModelConfig) -> object:
         )
         if innermost:
             # The innermost UNet owns the text path: projection, pooled embedding, masking.
-            options.update(conditioning_feature_proj_dim=config.text_proj_dim or -1,
-                           masked_cross_attention=int(config.text_attention_mask))
+            options.update(
+                conditioning_feature_proj_dim=config.text_proj_dim or -1,
+                masked_cross_attention=int(config.text_attention_mask),
+            )
             section = m.unet.UNetConfig(**options)
         else:
             section = m.nested.NestedUNetConfig(
@@ -134,16 +142,25 @@ def build_mlmdm(m: types.SimpleNamespace, config: ModelConfig) -> tuple[torch.nn
     unet_config = mlmdm_unet_config(m, config)
     S = m.samplers
     sampler = S.SamplerConfig(
-        num_diffusion_steps=1000, schedule_type=S.ScheduleType.DEEPFLOYD, prediction_type=S.PredictionType.V_PREDICTION,
-        loss_target_type=S.PredictionType.DDPM, schedule_shifted=True,
+        num_diffusion_steps=1000,
+        schedule_type=S.ScheduleType.DEEPFLOYD,
+        prediction_type=S.PredictionType.V_PREDICTION,
+        loss_target_type=S.PredictionType.DDPM,
+        schedule_shifted=True,
     )
     if config.num_levels == 1:
         vision = m.unet.UNet(config.in_channels, config.out_channels, unet_config)
-        pipeline = m.diffusion.Diffusion(vision, m.diffusion.DiffusionConfig(sampler_config=sampler, use_vdm_loss_weights=False))
+        pipeline = m.diffusion.Diffusion(
+            vision, m.diffusion.DiffusionConfig(sampler_config=sampler, use_vdm_loss_weights=False)
+        )
     else:
         vision = m.nested.NestedUNet(config.in_channels, config.out_channels, unet_config)
-        pipeline = m.diffusion.NestedDiffusion(vision, m.diffusion.NestedDiffusionConfig(
-            sampler_config=sampler, use_vdm_loss_weights=False, use_double_loss=True, no_use_residual=True))
+        pipeline = m.diffusion.NestedDiffusion(
+            vision,
+            m.diffusion.NestedDiffusionConfig(
+                sampler_config=sampler, use_vdm_loss_weights=False, use_double_loss=True, no_use_residual=True
+            ),
+        )
     return vision, pipeline
 
 
@@ -172,8 +189,12 @@ def main() -> None:
 
     m = import_mlmdm(args.mlmdm_src.expanduser().resolve())
     config = model_preset(args.preset)
-    preset_heads = sorted({lv.attention_heads for lv in config.levels[:1] + [lv for lv in config.levels if lv.attention_stages]})
-    config = dataclasses.replace(config, levels=[dataclasses.replace(lv, attention_heads=MLMDM_HEADS) for lv in config.levels])
+    preset_heads = sorted(
+        {lv.attention_heads for lv in config.levels[:1] + [lv for lv in config.levels if lv.attention_stages]}
+    )
+    config = dataclasses.replace(
+        config, levels=[dataclasses.replace(lv, attention_heads=MLMDM_HEADS) for lv in config.levels]
+    )
     resolution = DEFAULT_RESOLUTION[args.preset]
     torch.manual_seed(args.seed)
 
@@ -193,7 +214,9 @@ def main() -> None:
         "lm_mask": torch.ones(args.batch_size, TEXT_TOKENS) if text is not None else None,
     }
     cond = Conditioning(text=text) if text is not None else None
-    process = MatryoshkaDiffusion(make_schedule("squaredcos"), num_levels=config.num_levels, factor=max(2, config.nest_ratio))
+    process = MatryoshkaDiffusion(
+        make_schedule("squaredcos"), num_levels=config.num_levels, factor=max(2, config.nest_ratio)
+    )
     ours_images = images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
     if args.channels_last:
         ours = ours.to(memory_format=torch.channels_last)
@@ -225,26 +248,35 @@ def main() -> None:
     for name, step in runs.items():
         step_s, loss = time_steps(step, args.warmup, args.steps)
         throughput[name] = args.batch_size / step_s
-        print(json.dumps({
-            "implementation": name,
-            "preset": args.preset,
-            "resolution": resolution,
-            "levels": config.num_levels,
-            "parameters": count[name],
-            "batch_size": args.batch_size,
-            "device": f"cpu ({torch.get_num_threads()} threads)",
-            "bf16": args.bf16,
-            "channels_last": args.channels_last and name == "ours",
-            "images_per_s": round(throughput[name], 3),
-            "step_s": round(step_s, 4),
-            "last_loss": round(loss, 5),
-        }), flush=True)
-    print(json.dumps({
-        "ratio_ours_over_mlmdm": round(throughput["ours"] / throughput["ml-mdm"], 3),
-        "same_parameter_count": count["ours"] == count["ml-mdm"],
-        "parameter_difference": count["ours"] - count["ml-mdm"],
-        "attention_heads": f"{MLMDM_HEADS} on both (ml-mdm's fixed count; preset: {preset_heads})",
-    }))
+        print(
+            json.dumps(
+                {
+                    "implementation": name,
+                    "preset": args.preset,
+                    "resolution": resolution,
+                    "levels": config.num_levels,
+                    "parameters": count[name],
+                    "batch_size": args.batch_size,
+                    "device": f"cpu ({torch.get_num_threads()} threads)",
+                    "bf16": args.bf16,
+                    "channels_last": args.channels_last and name == "ours",
+                    "images_per_s": round(throughput[name], 3),
+                    "step_s": round(step_s, 4),
+                    "last_loss": round(loss, 5),
+                }
+            ),
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "ratio_ours_over_mlmdm": round(throughput["ours"] / throughput["ml-mdm"], 3),
+                "same_parameter_count": count["ours"] == count["ml-mdm"],
+                "parameter_difference": count["ours"] - count["ml-mdm"],
+                "attention_heads": f"{MLMDM_HEADS} on both (ml-mdm's fixed count; preset: {preset_heads})",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

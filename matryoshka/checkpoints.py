@@ -90,7 +90,9 @@ def save_checkpoint(
             "num_levels": str(train_state["num_levels"]),
             "class_names": json.dumps(list(train_state.get("class_names", []))),
         }
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors", metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors", metadata
+        )
         save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors", metadata)
         buffer = io.BytesIO()
         torch.save(train_state, buffer)
@@ -170,7 +172,7 @@ def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     for old in root.glob(".old-step_*"):  # a re-save was interrupted after moving the old copy aside
-        final = root / old.name[len(".old-"):].rsplit("-", 1)[0]
+        final = root / old.name[len(".old-") :].rsplit("-", 1)[0]
         if not final.exists() and is_complete(old):
             old.rename(final)
     leftovers = [p for p in root.glob(".*") if p.name.startswith((".tmp-", ".old-", ".latest-"))]
@@ -201,7 +203,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
-            raise CheckpointError(f"{path} has no complete checkpoint (expected {path}/checkpoints/step_*/ with {', '.join(CHECKPOINT_FILES)})")
+            raise CheckpointError(
+                f"{path} has no complete checkpoint (expected {path}/checkpoints/step_*/ with "
+                f"{', '.join(CHECKPOINT_FILES)})"
+            )
         return found
     raise CheckpointError(f"{path} is not a run directory or a checkpoint directory")
 
@@ -261,7 +266,7 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the one-line refusal
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unusable file
+    except Exception as error:
         raise CheckpointError(
             f"refusing or unable to read training state {path}: {_load_failure(error)} "
             "(an mdm state.pt holds only tensors and plain values: this one is damaged or foreign)"

@@ -10,19 +10,19 @@ A video run gives clips, one (B, C, F, H, W) tensor per level (docs/video.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from .checkpoints import checkpoint_info, load_into, load_tensors, resolve_checkpoint
 from .config.presets import load_run_config
 from .config.run import RunConfig, SampleConfig
 from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import make_schedule
 from .models import Conditioning, NestedUNet
-from .checkpoints import checkpoint_info, load_into, load_tensors, resolve_checkpoint
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -74,10 +74,13 @@ def load_encoder(config: RunConfig, device: torch.device):
         return None
     from .text import load_text_encoder
 
-    encoder = load_text_encoder(config.text.encoder, config.text.max_length, device=device, mlmdm_compat=config.text.mlmdm_compat)
+    encoder = load_text_encoder(
+        config.text.encoder, config.text.max_length, device=device, mlmdm_compat=config.text.mlmdm_compat
+    )
     if encoder.dim != config.model.text_dim:
         raise ValueError(
-            f"text encoder '{config.text.encoder}' gives {encoder.dim}-d tokens but model.text_dim={config.model.text_dim}"
+            f"text encoder '{config.text.encoder}' gives {encoder.dim}-d tokens but "
+            f"model.text_dim={config.model.text_dim}"
         )
     return encoder
 
@@ -126,7 +129,9 @@ class Pipeline:
         labels_cond = self._labels(num, labels)
         if text is None:
             return labels_cond
-        return Conditioning(labels=None if labels_cond is None else labels_cond.labels, text=text.text, text_mask=text.text_mask)
+        return Conditioning(
+            labels=None if labels_cond is None else labels_cond.labels, text=text.text, text_mask=text.text_mask
+        )
 
     def negative(self, cond: Conditioning, prompt: str) -> Conditioning:
         """The unconditional branch of guidance with ``prompt`` instead of the empty text."""

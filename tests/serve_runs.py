@@ -29,8 +29,21 @@ def make_images(root: Path) -> Path:
 
 def train_class_run(root: Path) -> Path:
     images, run = make_images(root / "images"), root / "class"
-    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={images}",
-                 "data.label=folder", "model.num_classes=2", *FAST]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"run_dir={run}",
+                "data.source=imagefolder",
+                f"data.path={images}",
+                "data.label=folder",
+                "model.num_classes=2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -43,7 +56,23 @@ def train_plain_run(root: Path) -> Path:
 
 def train_text_run(root: Path) -> Path:
     images, run = make_images(root / "captioned"), root / "text"
-    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={images}",
-                 "model.text_dim=384", "text.encoder=minilm", "text.max_length=16", "data.captions=true",
-                 f"text.cache_dir={root / 'cache'}", "sample.prompts=[red square, green star]", *FAST]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"run_dir={run}",
+                "data.source=imagefolder",
+                f"data.path={images}",
+                "model.text_dim=384",
+                "text.encoder=minilm",
+                "text.max_length=16",
+                "data.captions=true",
+                f"text.cache_dir={root / 'cache'}",
+                "sample.prompts=[red square, green star]",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return run

@@ -38,8 +38,18 @@ def folder(tmp_path_factory) -> Path:
 
 
 def train(run: Path, folder: Path, *extra: str) -> int:
-    return main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}",
-                 "train.checkpoint_every=4", *FAST, *extra])
+    return main(
+        [
+            "train",
+            "tiny",
+            f"run_dir={run}",
+            "data.source=imagefolder",
+            f"data.path={folder}",
+            "train.checkpoint_every=4",
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def test_resumed_run_continues_the_same_loss_curve(tmp_path, folder):
@@ -78,7 +88,9 @@ def test_sample_every_level_with_each_sampler(tmp_path, folder, sampler, capsys)
 
 def test_training_writes_outputs_and_reports_skipped_files(tmp_path, folder, capsys):
     run = tmp_path / "run"
-    assert train(run, folder, "train.steps=4", "train.sample_every=2", "eval.every=4", "eval.num=4", "eval.steps=2") == 0
+    assert (
+        train(run, folder, "train.steps=4", "train.sample_every=2", "eval.every=4", "eval.num=4", "eval.steps=2") == 0
+    )
     printed = capsys.readouterr().out
     assert "11 items" in printed or "12 items" in printed
     assert "1 skipped" in printed
@@ -97,13 +109,44 @@ def _pngs(folder: Path) -> np.ndarray:
 
 def test_class_conditional_training_and_sampling(tmp_path, folder):
     run = tmp_path / "run"
-    assert train(run, folder, "train.steps=3", "train.lr=0.01", "train.warmup_steps=1", "data.label=folder",
-                 "model.num_classes=2") == 0
+    assert (
+        train(
+            run,
+            folder,
+            "train.steps=3",
+            "train.lr=0.01",
+            "train.warmup_steps=1",
+            "data.label=folder",
+            "model.num_classes=2",
+        )
+        == 0
+    )
     written = {}
     for name in ("cats", "dogs"):
         out = tmp_path / name
-        assert main(["sample", str(run), "--num", "2", "--steps", "2", "--class", name, "--guidance", "3",
-                     "--sampler", "ddim", "--seed", "5", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    str(run),
+                    "--num",
+                    "2",
+                    "--steps",
+                    "2",
+                    "--class",
+                    name,
+                    "--guidance",
+                    "3",
+                    "--sampler",
+                    "ddim",
+                    "--seed",
+                    "5",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         written[name] = _pngs(out / "16px")
     assert written["cats"].shape == (2, 16, 16, 3)
     # The label reaches the model: the same seed gives other images for another class,
@@ -120,8 +163,29 @@ def test_class_conditional_training_and_sampling(tmp_path, folder):
     (alone / "state.pt").unlink()
     config = (alone / "config.yaml").read_text().replace(str(folder), str(tmp_path / "gone"))
     (alone / "config.yaml").write_text(config)
-    assert main(["sample", str(alone), "--num", "2", "--steps", "2", "--class", "dogs", "--guidance", "3",
-                 "--sampler", "ddim", "--seed", "5", "--out", str(tmp_path / "alone-dogs")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(alone),
+                "--num",
+                "2",
+                "--steps",
+                "2",
+                "--class",
+                "dogs",
+                "--guidance",
+                "3",
+                "--sampler",
+                "ddim",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path / "alone-dogs"),
+            ]
+        )
+        == 0
+    )
     assert np.array_equal(_pngs(tmp_path / "alone-dogs" / "16px"), written["dogs"])
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -54,7 +54,7 @@ class Train:
 @dataclass
 class Data:
     path: str = "data"
-    root: Optional[Path] = None
+    root: Path | None = None
     resolution: int = 64
 
 
@@ -63,7 +63,7 @@ class Model:
     kind: Literal["unet", "nested_unet"] = "nested_unet"
     channels: list[int] = field(default_factory=lambda: [64, 128])
     dropout: float = 0.0
-    ema: Optional[float] = None
+    ema: float | None = None
     use_fp16: bool = False
     mode: Mode = Mode.FAST
 
@@ -75,7 +75,7 @@ class Experiment:
     model: Model = field(default_factory=Model)
     train: Train = field(default_factory=Train)
     data: Data = field(default_factory=Data)
-    notes: Optional[str] = None
+    notes: str | None = None
 
 
 @dataclass
@@ -105,8 +105,12 @@ def test_round_trip_to_dict_dump_load(tmp_path: Path) -> None:
         {
             "name": "run: 1",
             "model": {"kind": "unet", "channels": [8, 16], "ema": 0.999, "use_fp16": True, "mode": "slow"},
-            "train": {"optim": {"lr": 3e-5, "betas": [0.5, 0.9]}, "stages": [{"steps": 5}],
-                      "loss_weights": {"a": 2, "b": 0.5}, "level_scale": {64: 1.5}},
+            "train": {
+                "optim": {"lr": 3e-5, "betas": [0.5, 0.9]},
+                "stages": [{"steps": 5}],
+                "loss_weights": {"a": 2, "b": 0.5},
+                "level_scale": {64: 1.5},
+            },
             "data": {"root": "/tmp/pics", "path": "yes"},
             "notes": "1e-4",
         },
@@ -329,7 +333,7 @@ def test_file_preset_chain_and_errors(tmp_path: Path) -> None:
 
     (tmp_path / "typo.yaml").write_text("model:\n  chanels: [1]\n")
     msg = _error(load_config, Experiment, tmp_path / "typo.yaml")
-    assert "unknown config key 'model.chanels' (did you mean 'model.channels'?)" == msg
+    assert msg == "unknown config key 'model.chanels' (did you mean 'model.channels'?)"
 
 
 def test_missing_and_invalid_files(tmp_path: Path) -> None:

@@ -37,5 +37,5 @@ def test_configs_saved_by_earlier_versions_still_load(tmp_path):
     assert load_run_config(saved) == load_run_config("tiny")
     data["model"]["spatial_dims"] = 3
     saved.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="model.spatial_dims"):
+    with pytest.raises(ConfigError, match=r"model.spatial_dims"):
         load_run_config(saved)

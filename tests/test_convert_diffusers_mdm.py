@@ -64,37 +64,71 @@ def test_every_tensor_of_the_port_lands_on_a_model_tensor_of_the_same_shape(leve
 
 # ---------------------------------------------------------------------------- small checkpoints in the port's layout
 
+
 def port_config(levels: int) -> dict:
     """A port config.json: innermost [32, 64] (attention at stage 1), outer levels [32, 32], width 128 or 512."""
     inner = {
-        "block_out_channels": [32, 64] if levels == 1 else [128, 128], "layers_per_block": [1, 2],
-        "transformer_layers_per_block": [0, 2], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "attention_head_dim": 8, "cross_attention_dim": CROSS, "encoder_hid_dim": TEXT,
-        "resnet_time_scale_shift": "scale_shift", "addition_embed_type": "matryoshka",
-        "micro_conditioning_scale": 64, "masked_cross_attention": False, "nesting": levels > 1,
-        "use_attention_ffn": True, "norm_num_groups": 16,
+        "block_out_channels": [32, 64] if levels == 1 else [128, 128],
+        "layers_per_block": [1, 2],
+        "transformer_layers_per_block": [0, 2],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "attention_head_dim": 8,
+        "cross_attention_dim": CROSS,
+        "encoder_hid_dim": TEXT,
+        "resnet_time_scale_shift": "scale_shift",
+        "addition_embed_type": "matryoshka",
+        "micro_conditioning_scale": 64,
+        "masked_cross_attention": False,
+        "nesting": levels > 1,
+        "use_attention_ffn": True,
+        "norm_num_groups": 16,
     }
     if levels == 1:
         return {**inner, "_class_name": "MatryoshkaUNet2DConditionModel", "flip_sin_to_cos": True}
     return {
-        "_class_name": "NestedUNet2DConditionModel", "block_out_channels": [32, 32], "layers_per_block": [1, 1],
-        "transformer_layers_per_block": [0, 0], "down_block_types": ["DownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "UpBlock2D"], "mid_block_type": None, "cross_attention_dim": CROSS,
-        "resnet_time_scale_shift": "scale_shift", "addition_embed_type": "matryoshka", "flip_sin_to_cos": False,
-        "micro_conditioning_scale": 256, "time_embedding_dim": 512, "skip_normalization": False, "nesting": False,
-        "norm_num_groups": 8, "use_attention_ffn": False, "inner_config": inner,
+        "_class_name": "NestedUNet2DConditionModel",
+        "block_out_channels": [32, 32],
+        "layers_per_block": [1, 1],
+        "transformer_layers_per_block": [0, 0],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "mid_block_type": None,
+        "cross_attention_dim": CROSS,
+        "resnet_time_scale_shift": "scale_shift",
+        "addition_embed_type": "matryoshka",
+        "flip_sin_to_cos": False,
+        "micro_conditioning_scale": 256,
+        "time_embedding_dim": 512,
+        "skip_normalization": False,
+        "nesting": False,
+        "norm_num_groups": 8,
+        "use_attention_ffn": False,
+        "inner_config": inner,
     }
 
 
 _RESNET = {"time_layer": "time_emb_proj", "conv3": "conv_shortcut"}
-_ATTENTION = {"norm": "attn1.group_norm", "qkv": "attn1.to_qkv", "norm_cond": "attn2.norm_cross",
-              "kv_cond": "attn2.to_kv", "proj_out": "proj_out", "ffn.0": "ff.group_norm",
-              "ffn.1": "ff.linear_gelu.proj", "ffn.3": "ff.linear_out"}
-_TOP = {"temb.layer1": "time_embedding.linear_1", "temb.layer2": "time_embedding.linear_2",
-        "cond_layers.scale.layer1": "add_embedding.add_timestep_embedder.linear_1",
-        "cond_layers.scale.layer2": "add_embedding.add_timestep_embedder.linear_2",
-        "cond_emb": "add_embedding.cond_emb", "lm_proj": "encoder_hid_proj", "norm_out": "conv_norm_out"}
+_ATTENTION = {
+    "norm": "attn1.group_norm",
+    "qkv": "attn1.to_qkv",
+    "norm_cond": "attn2.norm_cross",
+    "kv_cond": "attn2.to_kv",
+    "proj_out": "proj_out",
+    "ffn.0": "ff.group_norm",
+    "ffn.1": "ff.linear_gelu.proj",
+    "ffn.3": "ff.linear_out",
+}
+_TOP = {
+    "temb.layer1": "time_embedding.linear_1",
+    "temb.layer2": "time_embedding.linear_2",
+    "cond_layers.scale.layer1": "add_embedding.add_timestep_embedder.linear_1",
+    "cond_layers.scale.layer2": "add_embedding.add_timestep_embedder.linear_2",
+    "cond_emb": "add_embedding.cond_emb",
+    "lm_proj": "encoder_hid_proj",
+    "norm_out": "conv_norm_out",
+}
 
 
 def to_port(name: str, value: torch.Tensor, model, flips: list[bool]) -> tuple[str, torch.Tensor]:
@@ -102,7 +136,7 @@ def to_port(name: str, value: torch.Tensor, model, flips: list[bool]) -> tuple[s
     prefix = re.match(r"(inner_unet\.)*", name).group(0)
     depth = prefix.count("inner_unet.")
     level = model.levels[model.num_levels - 1 - depth]
-    rest, (layer, leaf) = name[len(prefix):], name[len(prefix):].rsplit(".", 1)
+    rest, (layer, leaf) = name[len(prefix) :], name[len(prefix) :].rsplit(".", 1)
     if layer in _TOP:
         if layer == "temb.layer1" and leaf == "weight" and flips[model.num_levels - 1 - depth]:
             sin, cos = value.chunk(2, dim=1)
@@ -188,8 +222,11 @@ def test_the_port_layouts_by_hand(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pipe_model.temb(t), expected, rtol=1e-5, atol=1e-5)
     # The second transformer block after the first ResNet of up block 0 (stage 1), in the port's terms.
-    p = {k.removeprefix("up_blocks.0.attentions.0.transformer_blocks.1."): v for k, v in state.items()
-         if k.startswith("up_blocks.0.attentions.0.transformer_blocks.1.")}
+    p = {
+        k.removeprefix("up_blocks.0.attentions.0.transformer_blocks.1."): v
+        for k, v in state.items()
+        if k.startswith("up_blocks.0.attentions.0.transformer_blocks.1.")
+    }
     x, tokens = torch.randn(2, 64, 4, 4), torch.randn(2, 5, CROSS)
     heads, width = 8, 8
     h = F.group_norm(x, 32, p["attn1.group_norm.weight"], p["attn1.group_norm.bias"]).flatten(2).transpose(1, 2)
@@ -205,8 +242,11 @@ def test_the_port_layouts_by_hand(tmp_path):
     out = F.linear(out.transpose(1, 2).reshape(2, 16, 64), p["proj_out.weight"], p["proj_out.bias"])
     y = x + out.transpose(1, 2).reshape(x.shape)
     f = F.group_norm(y, 32, p["ff.group_norm.weight"], p["ff.group_norm.bias"]).flatten(2).transpose(1, 2)
-    f = F.linear(F.gelu(F.linear(f, p["ff.linear_gelu.proj.weight"], p["ff.linear_gelu.proj.bias"])),
-                 p["ff.linear_out.weight"], p["ff.linear_out.bias"])
+    f = F.linear(
+        F.gelu(F.linear(f, p["ff.linear_gelu.proj.weight"], p["ff.linear_gelu.proj.bias"])),
+        p["ff.linear_out.weight"],
+        p["ff.linear_out.bias"],
+    )
     expected = y + f.transpose(1, 2).reshape(x.shape)
     with torch.no_grad():
         torch.testing.assert_close(pipe_model.up_blocks[0].attn[1](x, tokens), expected, rtol=1e-4, atol=1e-5)
@@ -217,6 +257,7 @@ def test_the_port_layouts_by_hand(tmp_path):
 
 
 # ---------------------------------------------------------------------------- refusals: precise, nothing written
+
 
 def _edit(config: dict, path: str, value) -> dict:
     config = copy.deepcopy(config)

@@ -61,6 +61,7 @@ def cli(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------- released configs
 
+
 def _inner64(nested: bool) -> dict:
     return {
         "attention_levels": [1, 2],
@@ -76,8 +77,13 @@ def _inner64(nested: bool) -> dict:
         "skip_cond_emb": False,
         "skip_mid_blocks": False,
         "temporal_mode": False,
-        "resnet_config": {"dropout": 0.0, "num_channels": -1, "num_groups_norm": 32, "output_channels": -1,
-                          "use_attention_ffn": True},
+        "resnet_config": {
+            "dropout": 0.0,
+            "num_channels": -1,
+            "num_groups_norm": 32,
+            "output_channels": -1,
+            "use_attention_ffn": True,
+        },
     }
 
 
@@ -106,8 +112,14 @@ def _outer(channels: list[int], scale: int, skip_normalization: bool, inner: dic
 
 
 def _sampler(shifted: bool, power: int | None = None) -> dict:
-    config = {"num_diffusion_steps": 1000, "reproject_signal": False, "prediction_type": "V_PREDICTION",
-              "loss_target_type": "DDPM", "schedule_type": "DEEPFLOYD", "schedule_shifted": shifted}
+    config = {
+        "num_diffusion_steps": 1000,
+        "reproject_signal": False,
+        "prediction_type": "V_PREDICTION",
+        "loss_target_type": "DDPM",
+        "schedule_type": "DEEPFLOYD",
+        "schedule_shifted": shifted,
+    }
     if power is not None:
         config["schedule_shifted_power"] = power
     return config
@@ -117,38 +129,67 @@ def released_yaml(kind: str) -> str:
     """YAML text with the released configs' model/diffusion values and their duplicate keys."""
     if kind == "64":
         body = {
-            "sample_image_size": 64, "model": "unet", "text_model": "google/flan-t5-xl", "batch_size": 32,
+            "sample_image_size": 64,
+            "model": "unet",
+            "text_model": "google/flan-t5-xl",
+            "batch_size": 32,
             "unet_config": _inner64(False),
-            "diffusion_config": {"sampler_config": {**_sampler(False), "threshold_function": "CLIP",
-                                                    "rescale_schedule": 1.0},
-                                 "model_output_scale": 0.0, "use_vdm_loss_weights": False},
+            "diffusion_config": {
+                "sampler_config": {**_sampler(False), "threshold_function": "CLIP", "rescale_schedule": 1.0},
+                "model_output_scale": 0.0,
+                "use_vdm_loss_weights": False,
+            },
             "reader_config": {"image_size": 64, "max_caption_length": 512, "max_token_length": 128},
-            "lr": 5.0e-05, "warmup_steps": 10000, "gradient_clip_norm": 2,
+            "lr": 5.0e-05,
+            "warmup_steps": 10000,
+            "gradient_clip_norm": 2,
         }
         # An earlier diffusion_config with options that would be refused: the later one must win.
         first = "diffusion_config:\n  sampler_config:\n    loss_target_type: HA_STYLE\n    predict_variances: false\n"
         return first + "batch_size: 16\n" + yaml.safe_dump(body, sort_keys=False)
     if kind == "256":
         body = {
-            "sample_image_size": 256, "model": "nested_unet", "text_model": "google/flan-t5-xl",
-            "diffusion_config": {"sampler_config": {**_sampler(True), "rescale_signal": 1}, "model_output_scale": 0,
-                                 "use_vdm_loss_weights": False, "use_double_loss": True, "no_use_residual": True},
+            "sample_image_size": 256,
+            "model": "nested_unet",
+            "text_model": "google/flan-t5-xl",
+            "diffusion_config": {
+                "sampler_config": {**_sampler(True), "rescale_signal": 1},
+                "model_output_scale": 0,
+                "use_vdm_loss_weights": False,
+                "use_double_loss": True,
+                "no_use_residual": True,
+            },
             "unet_config": _outer([64, 128, 256], 256, True, _inner64(True), False),
-            "reader_config": {"image_size": 256, "max_token_length": 128, "append_eos": True,
-                              "prepad_caption_with_space": True, "padding_token": "<pad>"},
+            "reader_config": {
+                "image_size": 256,
+                "max_token_length": 128,
+                "append_eos": True,
+                "prepad_caption_with_space": True,
+                "padding_token": "<pad>",
+            },
             "mixed_ratio": "2:1",
         }
         return yaml.safe_dump(body, sort_keys=False)
     body = {
-        "sample_image_size": 1024, "model": "nested2_unet", "text_model": "google/flan-t5-xl",
-        "diffusion_config": {"sampler_config": {**_sampler(True, 2), "rescale_signal": 1}, "model_output_scale": 0,
-                             "use_vdm_loss_weights": False, "use_double_loss": True, "no_use_residual": True},
-        "unet_config": _outer([32, 32, 64], 1024, True,
-                              _outer([64, 128, 256], 256, False, _inner64(True), True), False),
+        "sample_image_size": 1024,
+        "model": "nested2_unet",
+        "text_model": "google/flan-t5-xl",
+        "diffusion_config": {
+            "sampler_config": {**_sampler(True, 2), "rescale_signal": 1},
+            "model_output_scale": 0,
+            "use_vdm_loss_weights": False,
+            "use_double_loss": True,
+            "no_use_residual": True,
+        },
+        "unet_config": _outer(
+            [32, 32, 64], 1024, True, _outer([64, 128, 256], 256, False, _inner64(True), True), False
+        ),
         "multi_res_weights": "16:4:1",
     }
-    reader = ("reader_config:\n  image_size: 1024\n  max_caption_length: -1\n  max_caption_length: 512\n"
-              "  max_token_length: 128\n")
+    reader = (
+        "reader_config:\n  image_size: 1024\n  max_caption_length: -1\n  max_caption_length: 512\n"
+        "  max_token_length: 128\n"
+    )
     return yaml.safe_dump(body, sort_keys=False) + reader
 
 
@@ -174,7 +215,11 @@ def test_released_configs_map_to_the_released_architectures(kind, tmp_path):
     assert (text.encoder, text.max_length, text.mlmdm_compat) == ("google/flan-t5-xl", 128, "sample")
     diffusion = config.diffusion
     assert (diffusion.schedule, diffusion.num_steps, diffusion.prediction, diffusion.loss_target) == (
-        "squaredcos", 1000, "v", "eps")
+        "squaredcos",
+        1000,
+        "v",
+        "eps",
+    )
     assert diffusion.shift_power == (2.0 if kind == "1024" else 1.0)
     # ml-mdm's '16:4:1' weighs the highest resolution most; ours lists the innermost level first.
     assert diffusion.level_loss_weights == ([1.0, 4.0, 16.0] if kind == "1024" else [])
@@ -222,10 +267,18 @@ TEXT_DIM = 24
 def tiny_mlmdm_config(levels: int) -> dict:
     """ml-mdm config of the released structure, small: 8px innermost UNet, x2 nesting."""
     inner = {
-        "attention_levels": [0, 1], "num_attention_layers": [0, 2], "num_resnets_per_resolution": [1, 2],
-        "resolution_channels": [32, 64], "conditioning_feature_dim": TEXT_DIM,
-        "conditioning_feature_proj_dim": TEXT_DIM, "masked_cross_attention": 0, "micro_conditioning": "scale:8",
-        "nesting": levels > 1, "skip_cond_emb": False, "skip_mid_blocks": False, "num_lm_head_layers": 0,
+        "attention_levels": [0, 1],
+        "num_attention_layers": [0, 2],
+        "num_resnets_per_resolution": [1, 2],
+        "resolution_channels": [32, 64],
+        "conditioning_feature_dim": TEXT_DIM,
+        "conditioning_feature_proj_dim": TEXT_DIM,
+        "masked_cross_attention": 0,
+        "micro_conditioning": "scale:8",
+        "nesting": levels > 1,
+        "skip_cond_emb": False,
+        "skip_mid_blocks": False,
+        "num_lm_head_layers": 0,
         "resnet_config": {"num_groups_norm": 32, "dropout": 0.0, "use_attention_ffn": True},
     }
     config = inner
@@ -235,12 +288,21 @@ def tiny_mlmdm_config(levels: int) -> dict:
             # the middle level of three cross-attends too (released outer levels do not)
             "attention_levels": [1] if level == 1 and levels == 3 else [],
             "num_attention_layers": [0, 1] if level == 1 and levels == 3 else [0, 0],
-            "num_resnets_per_resolution": [1, 1], "resolution_channels": [32, 32],
-            "conditioning_feature_dim": -1, "conditioning_feature_proj_dim": TEXT_DIM if level == 1 else -1,
-            "masked_cross_attention": 1, "micro_conditioning": f"scale:{side}", "nesting": level < levels - 1,
-            "skip_cond_emb": True, "skip_mid_blocks": True, "skip_normalization": level == levels - 1,
-            "skip_inner_unet_input": False, "temporal_dim": 128, "freeze_inner_unet": False,
-            "initialize_inner_with_pretrained": None, "interp_conditioning": False,
+            "num_resnets_per_resolution": [1, 1],
+            "resolution_channels": [32, 32],
+            "conditioning_feature_dim": -1,
+            "conditioning_feature_proj_dim": TEXT_DIM if level == 1 else -1,
+            "masked_cross_attention": 1,
+            "micro_conditioning": f"scale:{side}",
+            "nesting": level < levels - 1,
+            "skip_cond_emb": True,
+            "skip_mid_blocks": True,
+            "skip_normalization": level == levels - 1,
+            "skip_inner_unet_input": False,
+            "temporal_dim": 128,
+            "freeze_inner_unet": False,
+            "initialize_inner_with_pretrained": None,
+            "interp_conditioning": False,
             "resnet_config": {"num_groups_norm": 32, "dropout": 0.0, "use_attention_ffn": False},
             "inner_config": config,
         }
@@ -254,7 +316,8 @@ def tiny_mlmdm_config(levels: int) -> dict:
         "unet_config": config,
         "diffusion_config": {
             "sampler_config": {**_sampler(True, 2 if levels == 3 else 1), "threshold_function": "CLIP"},
-            "model_output_scale": 0, "use_vdm_loss_weights": False,
+            "model_output_scale": 0,
+            "use_vdm_loss_weights": False,
             **({"use_double_loss": True, "no_use_residual": True} if levels > 1 else {}),
         },
         "reader_config": {"image_size": top, "max_token_length": 16},
@@ -291,16 +354,26 @@ class ThresholdType(enum.Enum):
 
 
 FAKE_CLASSES = {
-    "samplers": {"ScheduleType": ScheduleType, "PredictionType": PredictionType, "ThresholdType": ThresholdType,
-                 "SamplerConfig": type("SamplerConfig", (), {})},
+    "samplers": {
+        "ScheduleType": ScheduleType,
+        "PredictionType": PredictionType,
+        "ThresholdType": ThresholdType,
+        "SamplerConfig": type("SamplerConfig", (), {}),
+    },
     "models.unet": {"UNetConfig": type("UNetConfig", (), {}), "ResNetConfig": type("ResNetConfig", (), {})},
-    "models.nested_unet": {"NestedUNetConfig": type("NestedUNetConfig", (), {}),
-                           "Nested2UNetConfig": type("Nested2UNetConfig", (), {})},
+    "models.nested_unet": {
+        "NestedUNetConfig": type("NestedUNetConfig", (), {}),
+        "Nested2UNetConfig": type("Nested2UNetConfig", (), {}),
+    },
     "diffusion": {"NestedDiffusionConfig": type("NestedDiffusionConfig", (), {})},
     "reader": {"ReaderConfig": type("ReaderConfig", (), {})},
 }
-ENUM_FIELDS = {"schedule_type": ScheduleType, "prediction_type": PredictionType, "loss_target_type": PredictionType,
-               "threshold_function": ThresholdType}
+ENUM_FIELDS = {
+    "schedule_type": ScheduleType,
+    "prediction_type": PredictionType,
+    "loss_target_type": PredictionType,
+    "threshold_function": ThresholdType,
+}
 
 
 def _instance(module: str, name: str, fields: dict):
@@ -321,8 +394,10 @@ def mlmdm_args(config: dict) -> argparse.Namespace:
             return _instance("models.nested_unet", "NestedUNetConfig", fields)
         return _instance("models.unet", "UNetConfig", fields)
 
-    sampler = {key: ENUM_FIELDS[key][value] if key in ENUM_FIELDS else value
-               for key, value in config["diffusion_config"]["sampler_config"].items()}
+    sampler = {
+        key: ENUM_FIELDS[key][value] if key in ENUM_FIELDS else value
+        for key, value in config["diffusion_config"]["sampler_config"].items()
+    }
     diffusion = dict(config["diffusion_config"], sampler_config=_instance("samplers", "SamplerConfig", sampler))
     if config["model"] != "unet":
         diffusion.setdefault("mixed_ratio", None)  # every dataclass field is saved
@@ -444,8 +519,21 @@ def test_plain_state_dict_and_safetensors_inputs(tmp_path):
     save_file(tensors, tmp_path / "weights.safetensors")
     for name in ("plain.pth", "weights.safetensors"):
         out = tmp_path / f"out-{name}"
-        assert cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / name), "--config", str(config_file),
-                    "--out", str(out)]) == 0
+        assert (
+            cli(
+                [
+                    "convert",
+                    "mlmdm",
+                    "--checkpoint",
+                    str(tmp_path / name),
+                    "--config",
+                    str(config_file),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert_converted(out, tensors, 2, step=0)
     # A plain state dict has no saved arguments: the YAML is required.
     with pytest.raises(MlmdmConfigError, match="--config"):
@@ -455,14 +543,26 @@ def test_plain_state_dict_and_safetensors_inputs(tmp_path):
 def test_state_dict_only_writes_just_the_weights(tiny_checkpoint, tmp_path):
     pth, config_file, _, tensors = tiny_checkpoint
     out = tmp_path / "weights"
-    cli(["convert", "mlmdm", "--checkpoint", str(pth), "--config", str(config_file), "--out", str(out),
-         "--state-dict-only"])
+    cli(
+        [
+            "convert",
+            "mlmdm",
+            "--checkpoint",
+            str(pth),
+            "--config",
+            str(config_file),
+            "--out",
+            str(out),
+            "--state-dict-only",
+        ]
+    )
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
     weights = load_file(out / "model.safetensors")
     assert set(weights) == {from_mlmdm_key(k) for k in tensors}
 
 
 # ---------------------------------------------------------------------------- bad files: refused, nothing written
+
 
 def _nothing_written(tmp_path: Path, out: Path) -> None:
     assert not out.exists()
@@ -486,11 +586,25 @@ def test_tensor_mismatches_are_refused_by_name(damage, tmp_path):
     torch.save({"state_dict": tensors}, tmp_path / "bad.pth")
     out = tmp_path / "out"
     with pytest.raises(MlmdmError) as info:
-        cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "bad.pth"),
-             "--config", str(write_yaml(tmp_path / "c.yaml", config)), "--out", str(out)])
+        cli(
+            [
+                "convert",
+                "mlmdm",
+                "--checkpoint",
+                str(tmp_path / "bad.pth"),
+                "--config",
+                str(write_yaml(tmp_path / "c.yaml", config)),
+                "--out",
+                str(out),
+            ]
+        )
     message = str(info.value)
-    expected = {"missing": "missing (1)", "wrong_shape": "wrong shape (1)", "unexpected": "unexpected (1)",
-                "nan": "NaN"}[damage]
+    expected = {
+        "missing": "missing (1)",
+        "wrong_shape": "wrong shape (1)",
+        "unexpected": "unexpected (1)",
+        "nan": "NaN",
+    }[damage]
     assert expected in message
     assert (victim if damage != "unexpected" else "inner_unet.lm_head.0.weight") in message
     _nothing_written(tmp_path, out)
@@ -544,19 +658,40 @@ def test_other_files_are_refused_clearly(tmp_path):
     with pytest.raises(CheckpointFormatError, match="neither an ml-mdm checkpoint"):
         read_weights(tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError):
-        cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "nope.pth"), "--config", str(config),
-             "--out", str(tmp_path / "out")])
+        cli(
+            [
+                "convert",
+                "mlmdm",
+                "--checkpoint",
+                str(tmp_path / "nope.pth"),
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     with pytest.raises(FileNotFoundError):
         read_mlmdm_yaml(tmp_path / "nope.yaml")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     torch.save(synthetic_state_dict(tiny_mlmdm_config(1)), tmp_path / "ok.pth")
     with pytest.raises(MlmdmError, match="not empty"):
-        cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "ok.pth"), "--config", str(config),
-             "--out", str(tmp_path / "taken")])
+        cli(
+            [
+                "convert",
+                "mlmdm",
+                "--checkpoint",
+                str(tmp_path / "ok.pth"),
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / "taken"),
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------- options that change the computation
+
 
 def _edit(config: dict, path: str, value) -> dict:
     config = copy.deepcopy(config)
@@ -665,6 +800,7 @@ def test_text_width_comes_from_the_checkpoint_when_the_config_disagrees(tmp_path
 
 # ---------------------------------------------------------------------------- ml-mdm's layouts, by hand
 
+
 def _group_norm(x, weight, bias, groups=32):
     return F.group_norm(x, groups, weight, bias, eps=1e-5)
 
@@ -680,13 +816,13 @@ def test_attention_and_resnet_follow_mlmdm_layouts_by_hand():
 
     # --- attention: stage 1 has 2 layers after each ResNet; take the second one.
     prefix = "down_blocks.1.attn.1."
-    p = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    p = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     channels, heads, width = 64, 8, 8
     x = torch.randn(2, channels, 4, 4)
     tokens = torch.randn(2, 5, TEXT_DIM)
     h = _group_norm(x, p["norm.weight"], p["norm.bias"]).flatten(2)  # (B, C, N)
     qkv = torch.einsum("oc,bcn->bon", p["qkv.weight"][:, :, 0, 0], h) + p["qkv.bias"][None, :, None]
-    q, k, v = qkv[:, :channels], qkv[:, channels:2 * channels], qkv[:, 2 * channels:]
+    q, k, v = qkv[:, :channels], qkv[:, channels : 2 * channels], qkv[:, 2 * channels :]
     t = F.layer_norm(tokens, (TEXT_DIM,), p["norm_cond.weight"], p["norm_cond.bias"])
     kv = t @ p["kv_cond.weight"].T + p["kv_cond.bias"]  # (B, L, 2C)
     k_text, v_text = kv[..., :channels], kv[..., channels:]
@@ -697,8 +833,9 @@ def test_attention_and_resnet_follow_mlmdm_layouts_by_hand():
         out[:, c] += torch.einsum("bnm,bcm->bcn", self_w, v[:, c])
         text_w = torch.softmax(torch.einsum("bcn,blc->bnl", q[:, c], k_text[..., c]) / math.sqrt(width), dim=-1)
         out[:, c] += torch.einsum("bnl,blc->bcn", text_w, v_text[..., c])
-    y = x + (torch.einsum("oc,bcn->bon", p["proj_out.weight"][:, :, 0, 0], out)
-             + p["proj_out.bias"][None, :, None]).reshape(x.shape)
+    y = x + (
+        torch.einsum("oc,bcn->bon", p["proj_out.weight"][:, :, 0, 0], out) + p["proj_out.bias"][None, :, None]
+    ).reshape(x.shape)
     hidden = F.conv2d(_group_norm(y, p["ffn.0.weight"], p["ffn.0.bias"]), p["ffn.1.weight"], p["ffn.1.bias"])
     expected = y + F.conv2d(F.gelu(hidden), p["ffn.3.weight"], p["ffn.3.bias"])
     with torch.no_grad():
@@ -707,7 +844,7 @@ def test_attention_and_resnet_follow_mlmdm_layouts_by_hand():
 
     # --- ResNet with a 1x1 skip (32 -> 64 channels): time_layer output is scale | shift.
     prefix = "down_blocks.1.resnets.0."
-    p = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    p = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     x = torch.randn(2, 32, 4, 4)
     emb = torch.randn(2, 128)
     scale_shift = F.silu(emb) @ p["time_layer.weight"].T + p["time_layer.bias"]
@@ -727,9 +864,18 @@ def _sample(model, process, spacing: str, sampling: dict, text: torch.Tensor, ne
     generator = torch.Generator().manual_seed(0)
     noise = process.initial_noise(1, 3, 16, generator=generator)
     return get_sampler(sampling["sampler"])(
-        model, noise, process, 3, cond=Conditioning(text=text), uncond=Conditioning(text=negative),
-        guidance=sampling["guidance"], generator=generator, clip_x0=sampling["clip_x0"],
-        dynamic_threshold=sampling["dynamic_threshold"], eta=sampling["eta"], spacing=spacing,
+        model,
+        noise,
+        process,
+        3,
+        cond=Conditioning(text=text),
+        uncond=Conditioning(text=negative),
+        guidance=sampling["guidance"],
+        generator=generator,
+        clip_x0=sampling["clip_x0"],
+        dynamic_threshold=sampling["dynamic_threshold"],
+        eta=sampling["eta"],
+        spacing=spacing,
     )
 
 
@@ -744,8 +890,18 @@ def test_converted_model_samples_like_the_original_weights(tmp_path):
     tensors = synthetic_state_dict(config)
     torch.save(tensors, tmp_path / "w.pth")
     out = tmp_path / "out"
-    cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "w.pth"),
-         "--config", str(write_yaml(tmp_path / "c.yaml", config)), "--out", str(out)])
+    cli(
+        [
+            "convert",
+            "mlmdm",
+            "--checkpoint",
+            str(tmp_path / "w.pth"),
+            "--config",
+            str(write_yaml(tmp_path / "c.yaml", config)),
+            "--out",
+            str(out),
+        ]
+    )
     pipe = load_pipeline(out, device="cpu")
     sampling = torch.load(out / "state.pt", weights_only=True)["source"]["sampling"]
     assert (sampling["sampler"], sampling["eta"], sampling["guidance"]) == ("ddim", 0.0, 7.5)
@@ -801,12 +957,29 @@ def test_converted_dynamic_threshold_model_samples_as_mlmdm_without_flags(tmp_pa
     config = _edit(tiny_mlmdm_config(1), "diffusion_config.sampler_config.threshold_function", "DYNAMIC")
     torch.save(synthetic_state_dict(config, seed=5), tmp_path / "w.pth")
     out = tmp_path / "out"
-    cli(["convert", "mlmdm", "--checkpoint", str(tmp_path / "w.pth"),
-         "--config", str(write_yaml(tmp_path / "c.yaml", config)), "--out", str(out)])
+    cli(
+        [
+            "convert",
+            "mlmdm",
+            "--checkpoint",
+            str(tmp_path / "w.pth"),
+            "--config",
+            str(write_yaml(tmp_path / "c.yaml", config)),
+            "--out",
+            str(out),
+        ]
+    )
     pipe = load_pipeline(out, device="cpu")
     sample = pipe.config.sample
-    assert (sample.sampler, sample.eta, sample.threshold, sample.threshold_percentile, sample.threshold_max,
-            sample.negative_prompt, sample.guidance) == ("ddim", 0.0, "dynamic", 0.995, 100.0, "", 7.5)
+    assert (
+        sample.sampler,
+        sample.eta,
+        sample.threshold,
+        sample.threshold_percentile,
+        sample.threshold_max,
+        sample.negative_prompt,
+        sample.guidance,
+    ) == ("ddim", 0.0, "dynamic", 0.995, 100.0, "", 7.5)
     assert pipe.config.text.mlmdm_compat == "sample"
     pipe.text_encoder = encoder = _WordEncoder()
     cond = pipe.condition(2, prompts=["a red chair"])
@@ -817,8 +990,18 @@ def test_converted_dynamic_threshold_model_samples_as_mlmdm_without_flags(tmp_pa
     noise = pipe.process.initial_noise(2, 3, pipe.resolution, generator=generator)
     negative = encoder.encode([""] * 2)
     expected = get_sampler("ddim")(
-        pipe.model, noise, pipe.process, 4, cond=cond,
-        uncond=Conditioning(text=negative.tokens, text_mask=negative.mask), guidance=7.5, generator=generator, clip_x0=True, dynamic_threshold=0.995, dynamic_max=100.0, eta=0.0,
+        pipe.model,
+        noise,
+        pipe.process,
+        4,
+        cond=cond,
+        uncond=Conditioning(text=negative.tokens, text_mask=negative.mask),
+        guidance=7.5,
+        generator=generator,
+        clip_x0=True,
+        dynamic_threshold=0.995,
+        dynamic_max=100.0,
+        eta=0.0,
         spacing="mlmdm",
     )
     torch.testing.assert_close(levels[0], expected[0].clamp(-1, 1))

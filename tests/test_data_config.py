@@ -50,21 +50,21 @@ def test_messages_say_what_is_allowed():
 
 
 def test_replace_checks_again():
-    with pytest.raises(DataConfigError, match="data.crop"):
+    with pytest.raises(DataConfigError, match=r"data.crop"):
         dataclasses.replace(DataConfig(), crop="diagonal")
 
 
 def test_build_dataset_rejects_unknown_keys():
-    with pytest.raises(DataConfigError, match="data.resolutoin is not a data setting"):
+    with pytest.raises(DataConfigError, match=r"data.resolutoin is not a data setting"):
         build_dataset({"resolutoin": 32})
 
 
 def test_build_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build_dataset({"source": "imagefolder", "path": str(tmp_path / "does-not-exist")})
-    with pytest.raises(DataConfigError, match="data.path"):
+    with pytest.raises(DataConfigError, match=r"data.path"):
         build_dataset({"source": "webdataset"})
-    with pytest.raises(DataConfigError, match="data.source"):
+    with pytest.raises(DataConfigError, match=r"data.source"):
         build_dataset({"source": "lmdb", "path": "x"})
     with pytest.raises(TypeError):
         build_dataset(42)

@@ -114,6 +114,7 @@ def test_export_round_trip(group_ds, cache_dir, tmp_path):
     a, b = folder[0], group_ds[0]
     assert (a["label"], a["caption"]) == (b["label"], b["caption"])
     assert torch.equal(a["image"], b["image"])
-    assert np.bincount([folder.items[i][1] for i in range(len(folder))]).tolist() == np.bincount(
-        group_ds.table.group[group_ds.items]
-    ).tolist()
+    assert (
+        np.bincount([folder.items[i][1] for i in range(len(folder))]).tolist()
+        == np.bincount(group_ds.table.group[group_ds.items]).tolist()
+    )

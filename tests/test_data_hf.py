@@ -15,10 +15,16 @@ def table(n=6, bad=None):
     images = [{"bytes": syn.encode(syn.solid_image("RGB", (20, 16), (i * 40, 0, 0))), "path": None} for i in range(n)]
     if bad is not None:
         images[bad] = {"bytes": syn.corrupt_bytes(), "path": None}
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["red", "dark"])})
-    return datasets.Dataset.from_dict({"image": images, "text": [f"row {i}" for i in range(n)],
-                                       "label": [i % 2 for i in range(n)]}, features=features)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["red", "dark"]),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {"image": images, "text": [f"row {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}, features=features
+    )
 
 
 def test_hf_saved_folder_and_parquet_files(tmp_path):
@@ -46,8 +52,15 @@ def test_hf_missing_path_and_columns_are_clear(tmp_path):
 def test_parquet_shards_stream_and_resume(tmp_path):
     for s in range(3):
         table(n=5 + s).to_parquet(str(tmp_path / f"train-{s:05d}.parquet"))
-    cfg = DataConfig(source="shards", path=str(tmp_path / "train-{00000..00002}.parquet"), resolution=8,
-                     captions=True, label="cls", num_classes=2, shuffle_buffer=4)
+    cfg = DataConfig(
+        source="shards",
+        path=str(tmp_path / "train-{00000..00002}.parquet"),
+        resolution=8,
+        captions=True,
+        label="cls",
+        num_classes=2,
+        shuffle_buffer=4,
+    )
     expected = sorted((s << SAMPLE_BITS) | i for s in range(3) for i in range(5 + s))
     epoch = make_loader(build_dataset(dataclasses.replace(cfg, shuffle_buffer=0)), batch_size=18, seed=0)
     assert sorted(next(epoch)["index"].tolist()) == expected  # a window may cross epochs: none here
@@ -63,8 +76,23 @@ def test_mdm_data_shards_from_parquet(tmp_path):
 
     table().to_parquet(str(tmp_path / "data.parquet"))
     out = tmp_path / "shards"
-    assert main(["data", "shards", "--from", str(tmp_path / "data.parquet"), "--out", str(out),
-                 "--per-shard", "4", "--size", "8"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                "--from",
+                str(tmp_path / "data.parquet"),
+                "--out",
+                str(out),
+                "--per-shard",
+                "4",
+                "--size",
+                "8",
+            ]
+        )
+        == 0
+    )
     ds = build_dataset(DataConfig(source="shards", path=str(out), resolution=8, captions=True, shuffle_buffer=0))
     batch = next(make_loader(ds, batch_size=6, seed=0, shuffle=False))
     assert batch["caption"] == [f"row {i}" for i in range(6)] and len(ds.urls) == 2

@@ -32,18 +32,31 @@ def make_tree(root):
     syn.write(root / ".hidden" / "x.png", syn.solid_image("RGB"))
     syn.write_jsonl(
         root / "metadata.jsonl",
-        [{"file_name": "dogs/d.png", "text": "a white dog"}, {"file_name": "cats/a.png", "text": "ignored: sidecar wins"}],
+        [
+            {"file_name": "dogs/d.png", "text": "a white dog"},
+            {"file_name": "cats/a.png", "text": "ignored: sidecar wins"},
+        ],
     )
     syn.write(root / "dogs" / "metadata.jsonl", '{"file_name": "e.gif", "text": "a red gif"}\nnot json\n')
 
 
 def test_imagefolder_labels_captions_and_skips(tmp_path):
     make_tree(tmp_path)
-    ds = build_dataset(DataConfig(source="imagefolder", path=str(tmp_path), resolution=16, label="folder", captions=True))
+    ds = build_dataset(
+        DataConfig(source="imagefolder", path=str(tmp_path), resolution=16, label="folder", captions=True)
+    )
     assert isinstance(ds, ImageFolderDataset)
     assert ds.class_names == ["cats", "dogs"] and ds.num_classes == 2
     names = [ds.describe(i) for i in range(len(ds))]
-    assert names == ["cats/a.png", "cats/b.jpg", "cats/sub/deep.webp", "dogs/c.png", "dogs/d.png", "dogs/e.gif", "dogs/f.TIFF"]
+    assert names == [
+        "cats/a.png",
+        "cats/b.jpg",
+        "cats/sub/deep.webp",
+        "dogs/c.png",
+        "dogs/d.png",
+        "dogs/e.gif",
+        "dogs/f.TIFF",
+    ]
 
     s = ds.skipped
     assert s["total"] == 3 and s["index_time"] == 3 and s["load_time"] == 0
@@ -67,7 +80,9 @@ def test_imagefolder_labels_captions_and_skips(tmp_path):
         label, caption, colour = expected[name]
         assert item["index"] == i and item["label"] == label and item["caption"] == caption
         assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
-        assert torch.allclose(item["image"].mean(dim=(1, 2)), torch.tensor(colour, dtype=torch.float32), atol=0.05), name
+        assert torch.allclose(item["image"].mean(dim=(1, 2)), torch.tensor(colour, dtype=torch.float32), atol=0.05), (
+            name
+        )
 
 
 def test_captions_off_and_no_labels(tmp_path):

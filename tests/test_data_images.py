@@ -82,7 +82,9 @@ def test_random_crop_and_flip_are_seeded():
     a = load_image(syn.encode(im), 16, "random", True, random.Random(7))
     b = load_image(syn.encode(im), 16, "random", True, random.Random(7))
     assert torch.equal(a, b)
-    flips = [load_image(syn.encode(syn.gradient_image((16, 16))), 16, "center", True, random.Random(s)) for s in range(16)]
+    flips = [
+        load_image(syn.encode(syn.gradient_image((16, 16))), 16, "center", True, random.Random(s)) for s in range(16)
+    ]
     left_to_right = [bool(f[0, 0, -1] > f[0, 0, 0]) for f in flips]
     assert any(left_to_right) and not all(left_to_right)
 

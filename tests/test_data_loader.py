@@ -30,8 +30,10 @@ def take(loader, n):
 
 def same(a, b):
     return all(
-        torch.equal(x["image"], y["image"]) and torch.equal(x["index"], y["index"])
-        and torch.equal(x["label"], y["label"]) and x["caption"] == y["caption"]
+        torch.equal(x["image"], y["image"])
+        and torch.equal(x["index"], y["index"])
+        and torch.equal(x["label"], y["label"])
+        and x["caption"] == y["caption"]
         for x, y in zip(a, b)
     )
 
@@ -93,7 +95,7 @@ def test_sharding_covers_dataset(n, world):
 def test_ranks_read_disjoint_batches():
     ds = TinyDataset(24)
     loaders = [make_loader(ds, 4, seed=5, rank=r, world_size=3) for r in range(3)]
-    seen = [torch.cat([b["index"] for b in take(l, 2)]).tolist() for l in loaders]  # one epoch each
+    seen = [torch.cat([b["index"] for b in take(loader, 2)]).tolist() for loader in loaders]  # one epoch each
     flat = [i for s in seen for i in s]
     assert sorted(flat) == list(range(24))
 

@@ -31,7 +31,9 @@ def make_layout(root):
         ],
     )
     # validation.tsv style: trailing tab in the header, tar named by base name only
-    (files / "validation.tsv").write_text("tar\tfile\tcaption\t\nimages_00001.tar\t0000000003.png\twhite\n", encoding="utf-8")
+    (files / "validation.tsv").write_text(
+        "tar\tfile\tcaption\t\nimages_00001.tar\t0000000003.png\twhite\n", encoding="utf-8"
+    )
     index = root / "repo" / "sample_training_0.tsv"
     index.write_text(
         "filename\ntests/test_files/images_00000.tsv\ntests/test_files/validation.tsv\ntests/test_files/nope.tsv\n",

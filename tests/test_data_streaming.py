@@ -53,12 +53,17 @@ def all_ids(counts) -> set[int]:
 
 
 def test_samples_labels_captions_and_json(tmp_path):
-    syn.write_tar(tmp_path / "a.tar", [
-        ("x/1.jpg", syn.encode(syn.solid_image("RGB", (24, 16), (255, 0, 0)), "JPEG")), ("x/1.cls", b"2"),
-        ("x/1.json", json.dumps({"caption": " red "}).encode()),
-        ("x/2.png", syn.encode(syn.solid_image("RGB", (16, 16), (0, 0, 255)))), ("x/2.cls", b"0"),
-        ("x/2.txt", b"blue"),
-    ])
+    syn.write_tar(
+        tmp_path / "a.tar",
+        [
+            ("x/1.jpg", syn.encode(syn.solid_image("RGB", (24, 16), (255, 0, 0)), "JPEG")),
+            ("x/1.cls", b"2"),
+            ("x/1.json", json.dumps({"caption": " red "}).encode()),
+            ("x/2.png", syn.encode(syn.solid_image("RGB", (16, 16), (0, 0, 255)))),
+            ("x/2.cls", b"0"),
+            ("x/2.txt", b"blue"),
+        ],
+    )
     ds = build_dataset(config(str(tmp_path / "a.tar"), label="cls", num_classes=3, shuffle_buffer=0))
     assert ds.class_names == ["0", "1", "2"] and ds.urls == [str(tmp_path / "a.tar")]
     batch = next(make_loader(ds, batch_size=2, seed=0, shuffle=False))
@@ -76,13 +81,19 @@ def test_one_epoch_reads_every_sample_once_local_gz_and_pipe(tmp_path):
         with open(plain, "rb") as src, gzip.open(tmp_path / f"shard-{s:03d}.tar.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         plain.unlink()
-    spec = "::".join([str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar.gz"),
-                      f"pipe:cat {tmp_path / 'shard-002.tar'}", str(tmp_path / "shard-003.tar.gz")])
+    spec = "::".join(
+        [
+            str(tmp_path / "shard-000.tar"),
+            str(tmp_path / "shard-001.tar.gz"),
+            f"pipe:cat {tmp_path / 'shard-002.tar'}",
+            str(tmp_path / "shard-003.tar.gz"),
+        ]
+    )
     ids = [i for b in stream_ids(config(spec, shuffle_buffer=7), steps=6, batch_size=3) for i in b]  # one epoch
     assert sorted(ids) == sorted(all_ids(counts))
-    assert sorted(streaming.shard_urls(str(tmp_path))) == [str(tmp_path / n) for n in
-                                                           ("shard-000.tar", "shard-001.tar.gz", "shard-002.tar",
-                                                            "shard-003.tar.gz")]
+    assert sorted(streaming.shard_urls(str(tmp_path))) == [
+        str(tmp_path / n) for n in ("shard-000.tar", "shard-001.tar.gz", "shard-002.tar", "shard-003.tar.gz")
+    ]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -102,8 +113,9 @@ def test_resume_continues_with_the_next_unseen_sample(tmp_path, workers, monkeyp
     for resume_state in (state, None):  # with the checkpoint's shard counts, or by reading past them
         mine = opened[resume_state is None] = []
         monkeypatch.setattr(streaming, "open_shard", lambda url, mine=mine: mine.append(url) or real(url))
-        resumed = make_loader(build_dataset(cfg), batch_size=4, seed=3, start_step=9, num_workers=workers,
-                              state=resume_state)
+        resumed = make_loader(
+            build_dataset(cfg), batch_size=4, seed=3, start_step=9, num_workers=workers, state=resume_state
+        )
         try:
             assert [next(resumed)["index"].tolist() for _ in range(5)] == full[9:]
         finally:
@@ -278,8 +290,23 @@ def test_mdm_data_shards_from_an_image_folder_round_trips(tmp_path, capsys):
         syn.write(tmp_path / "pets" / cls / f"{i}.png", syn.solid_image("RGB", (30 + i, 20), (i * 30, 0, 0)))
         syn.write(tmp_path / "pets" / cls / f"{i}.txt", f"pet {i}")
     out = tmp_path / "shards"
-    assert main(["data", "shards", "--from", str(tmp_path / "pets"), "--out", str(out), "--per-shard", "3",
-                 "--label", "folder"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                "--from",
+                str(tmp_path / "pets"),
+                "--out",
+                str(out),
+                "--per-shard",
+                "3",
+                "--label",
+                "folder",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "info.json").read_text())
     assert info["count"] == 7 and info["shards"] == 3 and info["class_names"] == ["cats", "dogs"]
     assert "data.source=shards" in capsys.readouterr().out
@@ -299,9 +326,18 @@ def test_trainer_streams_shards_and_resumes_exactly(tmp_path):
     from .test_cli import metrics
 
     pattern = make_shards(tmp_path / "data", [6, 5, 7])
-    common = ["data.source=shards", f"data.path={pattern}", "data.shuffle_buffer=4", "train.batch_size=4",
-              "train.log_every=1", "train.sample_every=1000", "train.warmup_steps=2", "train.checkpoint_every=3",
-              "sample.steps=2", "sample.num=2"]
+    common = [
+        "data.source=shards",
+        f"data.path={pattern}",
+        "data.shuffle_buffer=4",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.sample_every=1000",
+        "train.warmup_steps=2",
+        "train.checkpoint_every=3",
+        "sample.steps=2",
+        "sample.num=2",
+    ]
     assert main(["train", "tiny", f"run_dir={tmp_path / 'straight'}", "train.steps=6", *common]) == 0
     assert main(["train", "tiny", f"run_dir={tmp_path / 'resumed'}", "train.steps=3", *common]) == 0
     state = torch.load(tmp_path / "resumed/checkpoints/step_00000003/state.pt", weights_only=True)
@@ -338,9 +374,23 @@ def test_torchrun_two_ranks_two_workers_read_each_sample_once(tmp_path):
     script.write_text(RANK_SCRIPT)
     steps = 12
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             str(script), pattern, str(tmp_path), str(steps)],
-                            capture_output=True, text=True, timeout=240, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(script),
+            pattern,
+            str(tmp_path),
+            str(steps),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     order = per_rank[0]["order"]
@@ -369,8 +419,16 @@ def test_torchrun_training_on_streamed_shards(tmp_path):
 
     pattern = make_shards(tmp_path / "data", [5, 7, 6, 4])
     run = tmp_path / "run"
-    result = torchrun(f"run_dir={run}", "train.steps=3", "train.batch_size=2", "train.checkpoint_every=3",
-                      "data.source=shards", f"data.path={pattern}", "data.num_workers=1", *COMMON)
+    result = torchrun(
+        f"run_dir={run}",
+        "train.steps=3",
+        "train.batch_size=2",
+        "train.checkpoint_every=3",
+        "data.source=shards",
+        f"data.path={pattern}",
+        "data.num_workers=1",
+        *COMMON,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 streamed shards" in result.stdout + result.stderr
     state = torch.load(run / "checkpoints/step_00000003/state.pt", weights_only=True)

@@ -57,7 +57,9 @@ def test_brace_expansion():
 
 def test_webdataset_samples_labels_captions(tmp_path):
     make_shards(tmp_path)
-    cfg = DataConfig(source="webdataset", path=str(tmp_path / "shard-{000..003}.tar"), resolution=8, label="cls", captions=True)
+    cfg = DataConfig(
+        source="webdataset", path=str(tmp_path / "shard-{000..003}.tar"), resolution=8, label="cls", captions=True
+    )
     ds = build_dataset(cfg)
     assert isinstance(ds, WebDatasetTarDataset)
     assert len(ds.shards) == 4
@@ -73,7 +75,13 @@ def test_webdataset_samples_labels_captions(tmp_path):
     for c, want in zip(colours, [(1, -1, -1), (-1, -1, 1), (1, 1, 1), (1, -1, -1)]):
         assert torch.allclose(c, torch.tensor(want, dtype=torch.float32), atol=0.05)
     s = ds.skipped
-    assert s["by_reason"] == {"unreadable_shard": 2, "no_image": 1, "not_an_image": 1, "zero_bytes": 1, "missing_label": 1}
+    assert s["by_reason"] == {
+        "unreadable_shard": 2,
+        "no_image": 1,
+        "not_an_image": 1,
+        "zero_bytes": 1,
+        "missing_label": 1,
+    }
     assert any("shard-003.tar" in e for e in s["examples"]["unreadable_shard"])
     assert s["warnings"] == {"caption_not_utf8": 1}
 

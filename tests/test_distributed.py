@@ -1,6 +1,5 @@
 """torchrun on CPU (gloo, 2 processes): DDP parity with one process, FSDP2 checkpoints, failure handling."""
 
-import json
 import os
 import signal
 import subprocess
@@ -26,8 +25,18 @@ def folder(tmp_path_factory) -> Path:
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-               "-m", "matryoshka.cli", "train", "tiny", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        "-m",
+        "matryoshka.cli",
+        "train",
+        "tiny",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -37,7 +46,10 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder):
     two = torchrun(f"run_dir={tmp_path / 'two'}", "train.batch_size=4", "train.steps=4", *data, *COMMON)
     assert two.returncode == 0, two.stderr[-3000:]
     torch.set_num_threads(1)
-    assert main(["train", "tiny", f"run_dir={tmp_path / 'one'}", "train.batch_size=8", "train.steps=4", *data, *COMMON]) == 0
+    assert (
+        main(["train", "tiny", f"run_dir={tmp_path / 'one'}", "train.batch_size=8", "train.steps=4", *data, *COMMON])
+        == 0
+    )
 
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-4)
@@ -50,7 +62,9 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder):
 def test_fsdp_trains_checkpoints_and_resumes_on_one_process(tmp_path, folder):
     run = tmp_path / "fsdp"
     data = ["data.source=imagefolder", f"data.path={folder}"]
-    result = torchrun(f"run_dir={run}", "train.strategy=fsdp", "train.steps=3", "train.checkpoint_every=3", *data, *COMMON)
+    result = torchrun(
+        f"run_dir={run}", "train.strategy=fsdp", "train.steps=3", "train.checkpoint_every=3", *data, *COMMON
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "samples" / "step_00000003_16px.png").is_file()
     state = torch.load(run / "checkpoints/step_00000003/state.pt", weights_only=True)
@@ -64,11 +78,30 @@ def test_fsdp_trains_checkpoints_and_resumes_on_one_process(tmp_path, folder):
 
 
 def test_killing_one_rank_ends_the_job_with_an_error(tmp_path, folder):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               "--monitor_interval=0.5", "-m", "matryoshka.cli", "train", "tiny", f"run_dir={tmp_path / 'run'}",
-               "train.steps=100000", "data.source=imagefolder", f"data.path={folder}", *COMMON]
-    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "--monitor_interval=0.5",
+        "-m",
+        "matryoshka.cli",
+        "train",
+        "tiny",
+        f"run_dir={tmp_path / 'run'}",
+        "train.steps=100000",
+        "data.source=imagefolder",
+        f"data.path={folder}",
+        *COMMON,
+    ]
+    launcher = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         metrics_file = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 120
@@ -103,6 +136,8 @@ def test_rank0_work_longer_than_the_collective_timeout_does_not_kill_the_job(tmp
     script = tmp_path / "rank0_work.py"
     script.write_text(RANK0_WORK)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0: sampled 1.0" in result.stdout and "rank 1: None 1.0" in result.stdout

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from matryoshka.checkpoints import save_checkpoint
+from matryoshka.cli.main import main
 from matryoshka.config.presets import tiny
 from matryoshka.data import DataConfig
 from matryoshka.evaluation import ReferenceStats, evaluate_pipeline, run_evaluation
 from matryoshka.evaluation.errors import EvaluationError
 from matryoshka.models import NestedUNet
 from matryoshka.pipeline import Pipeline, build_process, load_pipeline
-from matryoshka.checkpoints import save_checkpoint
-from matryoshka.cli.main import main
 
 
 def mdm(*argv: str) -> int:
@@ -34,8 +34,12 @@ def make_folder(root: Path, count: int = 10, side: int = 20) -> Path:
 def make_run(run: Path, folder: Path, num_classes: int = 0) -> Path:
     """A checkpoint of an untrained tiny model (16px nested in 8px): no training needed to test evaluation."""
     base = tiny()
-    config = replace(base, run_dir=str(run), model=replace(base.model, num_classes=num_classes),
-                     data=DataConfig(source="imagefolder", path=str(folder), resolution=16))
+    config = replace(
+        base,
+        run_dir=str(run),
+        model=replace(base.model, num_classes=num_classes),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+    )
     torch.manual_seed(0)
     model = NestedUNet(config.model)
     state = {"step": 7, "num_levels": config.model.num_levels}
@@ -60,18 +64,48 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
     assert stats.levels[16].cov.shape == (1280, 1280)
 
     report_path = root / "report.json"
-    argv = ["eval", run, "--reference", stats_path, "--num", 6, "--steps", 2, "--batch-size", 4,
-            "--metrics", "fid,kid,pr", "--out", report_path, "--kid-subsets", 5, "--quiet"]
+    argv = [
+        "eval",
+        run,
+        "--reference",
+        stats_path,
+        "--num",
+        6,
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--metrics",
+        "fid,kid,pr",
+        "--out",
+        report_path,
+        "--kid-subsets",
+        5,
+        "--quiet",
+    ]
     assert mdm(*argv) == 0
     printed = capsys.readouterr().out
     assert "fd_effnet-lite0" in printed and "16x16" in printed and "NOT comparable with published FIDs" in printed
     report = json.loads(report_path.read_text())
-    keys = {"fd_effnet-lite0", "kid_effnet-lite0", "kid_std_effnet-lite0", "precision_effnet-lite0", "recall_effnet-lite0"}
+    keys = {
+        "fd_effnet-lite0",
+        "kid_effnet-lite0",
+        "kid_std_effnet-lite0",
+        "precision_effnet-lite0",
+        "recall_effnet-lite0",
+    }
     assert set(report["metrics"]) == {f"{key}/{level}" for key in keys for level in ("16x16", "8x8")}
     assert all(np.isfinite(value) for value in report["metrics"].values())
     assert report["levels"] == ["16x16", "8x8"] and report["num"] == 6 and report["step"] == 7
-    assert report["sampling"] == {"sampler": "dpm++2m", "steps": 2, "guidance": 1.0, "seed": 0, "batch_size": 4, "labels": "none",
-                                  "prompts": ""}
+    assert report["sampling"] == {
+        "sampler": "dpm++2m",
+        "steps": 2,
+        "guidance": 1.0,
+        "seed": 0,
+        "batch_size": 4,
+        "labels": "none",
+        "prompts": "",
+    }
     assert report["feature"]["name"] == "effnet-lite0" and report["feature"]["fid_comparable"] is False
     cache = Path(report["cache"])
     assert cache.parent == run / "eval" / "samples" and len(list(cache.glob("batch_*.npz"))) == 2
@@ -88,29 +122,79 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
         assert again["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
     # a reference folder directly (statistics computed on the fly), default report path
-    assert mdm("eval", run, "--reference", folder, "--num", 4, "--steps", 2, "--batch-size", 4, "--metrics", "fd",
-               "--feature", "effnet-lite0", "--no-cache", "--quiet") == 0
+    assert (
+        mdm(
+            "eval",
+            run,
+            "--reference",
+            folder,
+            "--num",
+            4,
+            "--steps",
+            2,
+            "--batch-size",
+            4,
+            "--metrics",
+            "fd",
+            "--feature",
+            "effnet-lite0",
+            "--no-cache",
+            "--quiet",
+        )
+        == 0
+    )
     assert list((run / "eval").glob("step_00000007_dpm++2m2_g1_seed0_n4_effnet-lite0_*_fd.json"))
 
 
 def test_eval_explains_bad_inputs(setup, capsys, tmp_path):
-    root, folder, run = setup
+    _root, folder, run = setup
     assert mdm("eval", run, "--reference", tmp_path / "nothing", "--num", 4, "--quiet") == 2
     assert "no such folder" in capsys.readouterr().err
     assert mdm("eval", run, "--reference", folder, "--metrics", "fd,bogus", "--quiet") == 2
     assert "unknown metric 'bogus'" in capsys.readouterr().err
-    assert mdm("eval-stats", folder, "--out", tmp_path / "s.npz", "--resolution", 16, "--levels", "16,5", "--quiet") == 2
+    assert (
+        mdm("eval-stats", folder, "--out", tmp_path / "s.npz", "--resolution", 16, "--levels", "16,5", "--quiet") == 2
+    )
     assert "do not divide" in capsys.readouterr().err
     # FD-only statistics cannot serve KID
-    assert mdm("eval-stats", folder, "--out", tmp_path / "fd.npz", "--run", run, "--max-features", 0,
-               "--feature", "effnet-lite0", "--quiet") == 0
-    assert mdm("eval", run, "--reference", tmp_path / "fd.npz", "--num", 4, "--steps", 1, "--metrics", "kid",
-               "--no-cache", "--quiet") == 2
+    assert (
+        mdm(
+            "eval-stats",
+            folder,
+            "--out",
+            tmp_path / "fd.npz",
+            "--run",
+            run,
+            "--max-features",
+            0,
+            "--feature",
+            "effnet-lite0",
+            "--quiet",
+        )
+        == 0
+    )
+    assert (
+        mdm(
+            "eval",
+            run,
+            "--reference",
+            tmp_path / "fd.npz",
+            "--num",
+            4,
+            "--steps",
+            1,
+            "--metrics",
+            "kid",
+            "--no-cache",
+            "--quiet",
+        )
+        == 2
+    )
     assert "feature vectors" in capsys.readouterr().err
 
 
 def test_evaluate_pipeline_for_periodic_evaluation_in_training(setup):
-    root, folder, run = setup
+    _root, _folder, run = setup
     loaded = load_pipeline(run, device="cpu")
     # what the trainer has in hand: an in-memory model, no checkpoint directory
     pipeline = Pipeline(loaded.model, build_process(loaded.config), loaded.config, step=3)
@@ -125,8 +209,17 @@ def test_clip_score_for_a_class_conditional_model(tmp_path):
     scorer = tiny_clip_scorer()
     folder = make_folder(tmp_path / "images", count=4)
     pipeline = load_pipeline(make_run(tmp_path / "run", folder, num_classes=3), device="cpu")
-    report = run_evaluation(pipeline, folder, num=3, metrics="clip", steps=1, batch_size=3, clip_model=scorer,
-                            clip_prompt="a photo of a {}", class_names=["cat", "dog", "owl"])
+    report = run_evaluation(
+        pipeline,
+        folder,
+        num=3,
+        metrics="clip",
+        steps=1,
+        batch_size=3,
+        clip_model=scorer,
+        clip_prompt="a photo of a {}",
+        class_names=["cat", "dog", "owl"],
+    )
     assert set(report["metrics"]) == {"clip_score_tiny-clip/16x16", "clip_score_tiny-clip/8x8"}
     assert all(0 <= value <= 100 for value in report["metrics"].values())
     assert report["sampling"]["labels"] == "cycle" and report["clip"]["model"] == "tiny-clip"
@@ -154,10 +247,25 @@ def tiny_clip_scorer():
 
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     return ClipScorer(transformers.CLIPModel(config), CharTokenizer(), "tiny-clip")
@@ -170,8 +278,11 @@ def test_clip_score_agrees_with_the_model_own_similarity():
     cosines = scorer.similarities(images, texts)
     tokens = scorer.tokenizer(texts)
     with torch.no_grad():
-        output = scorer.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                              pixel_values=scorer.preprocess(images))
+        output = scorer.model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            pixel_values=scorer.preprocess(images),
+        )
     expected = output.logits_per_image.diagonal() / scorer.model.logit_scale.exp()
     torch.testing.assert_close(cosines, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scorer.scores(images, texts), 100 * expected.clamp(min=0), atol=1e-3, rtol=1e-4)
@@ -190,24 +301,41 @@ class FakeTextEncoder:
 
         self.seen += list(prompts)
         tokens = torch.stack([torch.full((3, 8), float(len(prompt))) for prompt in prompts])
-        return types.SimpleNamespace(tokens=tokens.to(device), mask=torch.ones(len(prompts), 3, dtype=torch.bool, device=device))
+        return types.SimpleNamespace(
+            tokens=tokens.to(device), mask=torch.ones(len(prompts), 3, dtype=torch.bool, device=device)
+        )
 
 
 def test_text_to_image_model_generates_from_the_prompts_and_scores_them(tmp_path):
     from matryoshka.config.run import TextConfig
 
     base = tiny()
-    config = replace(base, model=replace(base.model, text_dim=8), text=TextConfig(encoder="fake"),
-                     data=replace(base.data, captions=True))
+    config = replace(
+        base,
+        model=replace(base.model, text_dim=8),
+        text=TextConfig(encoder="fake"),
+        data=replace(base.data, captions=True),
+    )
     torch.manual_seed(0)
     encoder = FakeTextEncoder()
     pipeline = Pipeline(NestedUNet(config.model), build_process(config), config, text_encoder=encoder)
     folder = make_folder(tmp_path / "images", count=4, side=16)
     prompts = ["a red cat", "a dog", "an owl at night"]
-    report = run_evaluation(pipeline, folder, num=4, metrics="fd,clip", feature="effnet-lite0", steps=1, batch_size=4,
-                            prompts=prompts, clip_model=tiny_clip_scorer())
+    report = run_evaluation(
+        pipeline,
+        folder,
+        num=4,
+        metrics="fd,clip",
+        feature="effnet-lite0",
+        steps=1,
+        batch_size=4,
+        prompts=prompts,
+        clip_model=tiny_clip_scorer(),
+    )
     assert encoder.seen == ["a red cat", "a dog", "an owl at night", "a red cat"]
     assert report["sampling"]["prompts"].startswith("3 prompts sha256:")
-    assert set(report["metrics"]) == {f"{m}/{s}" for m in ("fd_effnet-lite0", "clip_score_tiny-clip") for s in ("16x16", "8x8")}
+    assert set(report["metrics"]) == {
+        f"{m}/{s}" for m in ("fd_effnet-lite0", "clip_score_tiny-clip") for s in ("16x16", "8x8")
+    }
     with pytest.raises(EvaluationError, match="text-to-image"):
         run_evaluation(pipeline, folder, num=4, metrics="fd", feature="effnet-lite0", steps=1)

@@ -1,4 +1,5 @@
-"""Feature networks: EfficientNet-Lite0 with its real shipped weights, Inception with a generated state dict, CLIP plumbing."""
+"""Feature networks: EfficientNet-Lite0 with its real shipped weights, Inception with a generated state dict,
+CLIP plumbing."""
 
 import copy
 
@@ -19,8 +20,9 @@ def synthetic_images(side: int = 64) -> torch.Tensor:
     y, x = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
     checker = ((((x * 4).floor() + (y * 4).floor()) % 2) * 2 - 1).expand(3, side, side)
     spiral = torch.sign(torch.sin(torch.atan2(y, x) * 6 + (x**2 + y**2).sqrt() * 10)).expand(3, side, side)
-    disk = torch.where((x**2 + y**2) < 0.4, torch.tensor([1.0, 0.6, -1.0]).view(3, 1, 1),
-                       torch.tensor([-1.0, -0.2, 0.6]).view(3, 1, 1))
+    disk = torch.where(
+        (x**2 + y**2) < 0.4, torch.tensor([1.0, 0.6, -1.0]).view(3, 1, 1), torch.tensor([-1.0, -0.2, 0.6]).view(3, 1, 1)
+    )
     return torch.stack([checker, spiral, disk])
 
 
@@ -96,8 +98,11 @@ def test_inception_layout_matches_the_fid_state_dict_names():
     }
     for name, shape in shapes.items():
         assert tuple(state[name].shape) == shape, name
-    parameters = sum(value.numel() for name, value in state.items() if not name.startswith("bn") and "running" not in name
-                     and "num_batches" not in name)
+    parameters = sum(
+        value.numel()
+        for name, value in state.items()
+        if not name.startswith("bn") and "running" not in name and "num_batches" not in name
+    )
     assert parameters == 23_850_960
 
 
@@ -132,4 +137,6 @@ def test_fuse_batchnorm_keeps_the_function():
     model = randomise_batch_norms(FIDInceptionV3(), seed=1)
     x = torch.rand(1, 3, 80, 80) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(fuse_batchnorm(copy.deepcopy(model)).features(x), model.features(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            fuse_batchnorm(copy.deepcopy(model)).features(x), model.features(x), atol=1e-5, rtol=1e-4
+        )

@@ -100,8 +100,11 @@ def test_kid_on_whole_sets_is_the_unbiased_mmd():
 def population_mmd(points, shift):
     """MMD^2 between the uniform distribution on ``points`` and on ``points + shift``."""
     moved = points + shift
-    return (polynomial_kernel(points, points).mean() + polynomial_kernel(moved, moved).mean()
-            - 2 * polynomial_kernel(points, moved).mean())
+    return (
+        polynomial_kernel(points, points).mean()
+        + polynomial_kernel(moved, moved).mean()
+        - 2 * polynomial_kernel(points, moved).mean()
+    )
 
 
 def test_kid_is_unbiased_zero_for_one_distribution_and_the_mmd_under_a_shift():
@@ -152,7 +155,7 @@ def test_gaussian_and_errors():
     with pytest.raises(ValueError):
         frechet_distance(mean, cov, np.zeros(3), np.eye(3))
     with pytest.raises(ValueError):
-        FeatureStats().update(x[:1]).cov
+        _ = FeatureStats().update(x[:1]).cov
 
 
 def test_fd_to_samples_equals_fd_with_the_full_covariance():

@@ -52,8 +52,17 @@ def folder(tmp_path_factory) -> Path:
 
 def start(run: Path, folder: Path, *extra: str, slow_save: bool = False) -> subprocess.Popen:
     program = ["-c", SLOW_SAVE] if slow_save else ["-m", "matryoshka.cli"]
-    command = [sys.executable, *program, "train", "tiny", f"run_dir={run}", "data.source=imagefolder",
-               f"data.path={folder}", *FAST, *extra]
+    command = [
+        sys.executable,
+        *program,
+        "train",
+        "tiny",
+        f"run_dir={run}",
+        "data.source=imagefolder",
+        f"data.path={folder}",
+        *FAST,
+        *extra,
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -85,8 +94,21 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(tmp_path, folder)
     step = load_train_state(latest / "state.pt")["step"]
     load_pipeline(latest)  # weights load cleanly
 
-    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST,
-                 f"train.steps={step + 2}", "train.checkpoint_every=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"run_dir={run}",
+                "data.source=imagefolder",
+                f"data.path={folder}",
+                *FAST,
+                f"train.steps={step + 2}",
+                "train.checkpoint_every=2",
+            ]
+        )
+        == 0
+    )
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
     assert [m["step"] for m in metrics(run)] == list(range(1, step + 3))
 
@@ -122,8 +144,19 @@ def small_disk(tmp_path):
 
 def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(small_disk, folder, capsys):
     run = small_disk / "run"
-    code = main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST,
-                 "train.steps=50", "train.checkpoint_every=1", "train.keep_checkpoints=50"])
+    code = main(
+        [
+            "train",
+            "tiny",
+            f"run_dir={run}",
+            "data.source=imagefolder",
+            f"data.path={folder}",
+            *FAST,
+            "train.steps=50",
+            "train.checkpoint_every=1",
+            "train.keep_checkpoints=50",
+        ]
+    )
     assert code == 4
     message = capsys.readouterr().err
     assert "could not save the checkpoint" in message and "No space left" in message and "is intact" in message
@@ -135,8 +168,20 @@ def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoin
 
 def test_crafted_pickle_is_refused_without_running_code(tmp_path, folder):
     run = tmp_path / "run"
-    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST,
-                 "train.steps=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"run_dir={run}",
+                "data.source=imagefolder",
+                f"data.path={folder}",
+                *FAST,
+                "train.steps=2",
+            ]
+        )
+        == 0
+    )
     marker = tmp_path / "pwned"
 
     class Exploit:
@@ -148,15 +193,39 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path, folder):
     with pytest.raises(CheckpointError, match="refusing or unable to read"):
         load_train_state(state)
     # Resuming reads state.pt (sampling no longer needs it): refused, and nothing is run.
-    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST,
-                 "train.steps=3"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"run_dir={run}",
+                "data.source=imagefolder",
+                f"data.path={folder}",
+                *FAST,
+                "train.steps=3",
+            ]
+        )
+        == 2
+    )
     assert not marker.exists()
 
 
 def test_non_finite_or_mismatched_weights_are_refused(tmp_path, folder):
     run = tmp_path / "run"
-    assert main(["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST,
-                 "train.steps=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"run_dir={run}",
+                "data.source=imagefolder",
+                f"data.path={folder}",
+                *FAST,
+                "train.steps=2",
+            ]
+        )
+        == 0
+    )
     weights = run / "checkpoints" / "step_00000002" / "ema.safetensors"
     tensors = load_tensors(weights)
     name = next(iter(tensors))
@@ -181,9 +250,12 @@ def test_empty_dataset_is_an_error_before_training(tmp_path, capsys):
 
 def test_divergence_skips_steps_then_stops_with_the_last_finite_weights(tmp_path, folder, monkeypatch):
     base = tiny()
-    config = replace(base, run_dir=str(tmp_path / "run"),
-                     data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
-                     train=replace(base.train, steps=100, max_nonfinite_steps=3, sample_every=1000, checkpoint_every=1000))
+    config = replace(
+        base,
+        run_dir=str(tmp_path / "run"),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+        train=replace(base.train, steps=100, max_nonfinite_steps=3, sample_every=1000, checkpoint_every=1000),
+    )
     trainer = Trainer(config, quiet=True)
     real_loss = trainer.process.loss
     calls = {"n": 0}

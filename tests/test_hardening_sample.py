@@ -28,8 +28,19 @@ def pngs(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))])
 
 
-@pytest.mark.parametrize("bad", [["--num", "0"], ["--num", "-3"], ["--steps", "0"], ["--guidance", "nan"],
-                                 ["--guidance", "inf"], ["--guidance", "-1"], ["--batch-size", "0"], ["--seed", "-1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--num", "0"],
+        ["--num", "-3"],
+        ["--steps", "0"],
+        ["--guidance", "nan"],
+        ["--guidance", "inf"],
+        ["--guidance", "-1"],
+        ["--batch-size", "0"],
+        ["--seed", "-1"],
+    ],
+)
 def test_zero_negative_and_non_finite_values_are_refused(run, tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", str(run), *bad, "--out", str(tmp_path / "out")])
@@ -62,13 +73,17 @@ def test_out_must_be_a_new_or_empty_folder(run, tmp_path, capsys):
 
 def test_batches_are_streamed_and_the_settings_reproduce_the_images(run, tmp_path):
     out = tmp_path / "many"
-    assert main(["sample", str(run), "--num", "5", "--steps", "2", "--batch-size", "2", "--seed", "7",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["sample", str(run), "--num", "5", "--steps", "2", "--batch-size", "2", "--seed", "7", "--out", str(out)])
+        == 0
+    )
     assert len(list((out / "16px").glob("*.png"))) == 5 and len(list((out / "8px").glob("*.png"))) == 5
     # The first batch does not depend on how many images follow it.
     few = tmp_path / "few"
-    assert main(["sample", str(run), "--num", "2", "--steps", "2", "--batch-size", "2", "--seed", "7",
-                 "--out", str(few)]) == 0
+    assert (
+        main(["sample", str(run), "--num", "2", "--steps", "2", "--batch-size", "2", "--seed", "7", "--out", str(few)])
+        == 0
+    )
     assert np.array_equal(pngs(few / "16px"), pngs(out / "16px")[:2])
     command = shlex.split(json.loads((out / "settings.json").read_text())["command"])
     assert command[:2] == ["mdm", "sample"]
@@ -98,9 +113,11 @@ def test_a_bug_is_an_internal_error_with_its_traceback(run, tmp_path, capsys, mo
 
 
 def test_error_lines_never_advise_unpickling_untrusted_files():
-    error = CheckpointError("cannot read state.pt: Weights only load failed.\n(1) In PyTorch 2.6, we changed the "
-                            "default value of the `weights_only` argument\nre-running `torch.load` with "
-                            "`weights_only=False` will likely succeed")
+    error = CheckpointError(
+        "cannot read state.pt: Weights only load failed.\n(1) In PyTorch 2.6, we changed the "
+        "default value of the `weights_only` argument\nre-running `torch.load` with "
+        "`weights_only=False` will likely succeed"
+    )
     assert "weights_only" not in one_line(error) and "cannot read state.pt" in one_line(error)
 
 

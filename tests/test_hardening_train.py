@@ -71,8 +71,12 @@ def test_update_making_weights_non_finite_stops_and_keeps_the_good_checkpoint(tm
 
 def test_save_never_writes_non_finite_weights(tmp_path, folder):
     base = tiny()
-    config = replace(base, run_dir=str(tmp_path / "run"), data=DataConfig(source="imagefolder", path=str(folder),
-                     resolution=16), train=replace(base.train, steps=2, keep_checkpoints=1, sample_every=1000))
+    config = replace(
+        base,
+        run_dir=str(tmp_path / "run"),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+        train=replace(base.train, steps=2, keep_checkpoints=1, sample_every=1000),
+    )
     trainer = Trainer(config, quiet=True)
     first = trainer.train()
     with torch.no_grad():
@@ -86,8 +90,12 @@ def test_save_never_writes_non_finite_weights(tmp_path, folder):
 
 def test_metrics_are_valid_json_when_the_loss_is_nan(tmp_path, folder, monkeypatch):
     base = tiny()
-    config = replace(base, run_dir=str(tmp_path / "run"), data=DataConfig(source="imagefolder", path=str(folder),
-                     resolution=16), train=replace(base.train, steps=2, log_every=1, sample_every=1000))
+    config = replace(
+        base,
+        run_dir=str(tmp_path / "run"),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+        train=replace(base.train, steps=2, log_every=1, sample_every=1000),
+    )
     trainer = Trainer(config, quiet=True)
     real_loss = trainer.process.loss
     monkeypatch.setattr(trainer.process, "loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
@@ -143,11 +151,24 @@ def test_locked_run_stops_every_torchrun_rank_with_the_message(tmp_path, folder)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-                   "matryoshka.cli", "train", "tiny", f"run_dir={run}", "data.source=imagefolder",
-                   f"data.path={folder}", "train.steps=2"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            "-m",
+            "matryoshka.cli",
+            "train",
+            "tiny",
+            f"run_dir={run}",
+            "data.source=imagefolder",
+            f"data.path={folder}",
+            "train.steps=2",
+        ]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -186,8 +207,10 @@ def test_resume_from_a_checkpoint_copied_out_of_its_run_is_refused(tmp_path, fol
 def test_changed_yaml_on_an_existing_run_is_applied_and_listed(tmp_path, folder, capsys):
     run = tmp_path / "run"
     yaml = tmp_path / "run.yaml"
-    text = (f"preset: tiny\nrun_dir: {run}\ndata: {{source: imagefolder, path: {folder}, resolution: 16}}\n"
-            "train: {steps: 2, lr: 0.0003, sample_every: 100000, warmup_steps: 1}\nsample: {steps: 2, num: 2}\n")
+    text = (
+        f"preset: tiny\nrun_dir: {run}\ndata: {{source: imagefolder, path: {folder}, resolution: 16}}\n"
+        "train: {steps: 2, lr: 0.0003, sample_every: 100000, warmup_steps: 1}\nsample: {steps: 2, num: 2}\n"
+    )
     yaml.write_text(text)
     assert main(["train", str(yaml)]) == 0
     yaml.write_text(text.replace("steps: 2, lr: 0.0003", "steps: 3, lr: 0.001"))
@@ -226,8 +249,13 @@ def test_symlink_loop_is_walked_once(tmp_path):
     (root / "cats" / "again").symlink_to(root / "cats")
     (root / "dangling").symlink_to(tmp_path / "nothing")
     dataset = ImageFolderDataset(DataConfig(source="imagefolder", path=str(root), resolution=16, verify=False))
-    assert sorted(item[0] for item in dataset.items) == ["cats/1.png", "cats/3.png", "dogs/0.png", "dogs/2.png",
-                                                         "dogs/broken.png"]
+    assert sorted(item[0] for item in dataset.items) == [
+        "cats/1.png",
+        "cats/3.png",
+        "dogs/0.png",
+        "dogs/2.png",
+        "dogs/broken.png",
+    ]
 
 
 # ---------------------------------------------------------------- 6. one-line errors
@@ -326,20 +354,23 @@ def test_foreign_training_state_is_refused(tmp_path, folder, capsys):
 
 
 # ---------------------------------------------------------------- further hostile inputs
-@pytest.mark.parametrize("override, named", [
-    ("train.steps=-5", "steps"),
-    ("train.batch_size=0", "batch_size"),
-    ("train.keep_checkpoints=0", "keep_checkpoints"),
-    ("train.max_nonfinite_steps=0", "max_nonfinite_steps"),
-    ("train.min_lr_ratio=-1", "min_lr_ratio"),
-    ("train.seed=-1", "seed"),
-    ("train.max_minutes=.inf", "max_minutes"),
-    ("train.grad_clip=.nan", "grad_clip"),
-    ("stages=[{levels: 1, steps: 2}, {levels: 3}]", "stages"),
-    ("diffusion.level_loss_weights=[1, .nan]", "level_loss_weights"),
-    ("train.steps=1.5", "train.steps"),
-    ("train=5", "train"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.steps=-5", "steps"),
+        ("train.batch_size=0", "batch_size"),
+        ("train.keep_checkpoints=0", "keep_checkpoints"),
+        ("train.max_nonfinite_steps=0", "max_nonfinite_steps"),
+        ("train.min_lr_ratio=-1", "min_lr_ratio"),
+        ("train.seed=-1", "seed"),
+        ("train.max_minutes=.inf", "max_minutes"),
+        ("train.grad_clip=.nan", "grad_clip"),
+        ("stages=[{levels: 1, steps: 2}, {levels: 3}]", "stages"),
+        ("diffusion.level_loss_weights=[1, .nan]", "level_loss_weights"),
+        ("train.steps=1.5", "train.steps"),
+        ("train=5", "train"),
+    ],
+)
 def test_impossible_settings_are_refused_before_any_work(tmp_path, folder, capsys, override, named):
     assert train(tmp_path / "run", folder, override) == 2
     assert named in one_line_error(capsys)

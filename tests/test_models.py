@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from matryoshka.interop.mlmdm import from_mlmdm_key, to_mlmdm_key
 from matryoshka.models import Conditioning, LevelConfig, ModelConfig, NestedUNet, model_preset
@@ -59,8 +58,11 @@ def test_fresh_nesting_reproduces_inner_model(num_levels):
     nested.inner_unet.load_state_dict(inner.state_dict())
     z = pyramid(config, 3, 32)
     t = torch.tensor([1.0, 500.0, 999.0])
-    cond = Conditioning(labels=torch.tensor([0, 4, -1]), text=torch.randn(3, 6, 12),
-                        text_mask=torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [0] * 6]).bool())
+    cond = Conditioning(
+        labels=torch.tensor([0, 4, -1]),
+        text=torch.randn(3, 6, 12),
+        text_mask=torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [0] * 6]).bool(),
+    )
     with torch.no_grad():
         expected = inner(z[1:], t, cond)
         got = nested(z, t, cond)
@@ -107,7 +109,9 @@ def reference_attention(layer: Attention, x, tokens=None, mask=None):
 
     def attend(q, k, v, mask=None):
         scale = 1 / math.sqrt(math.sqrt(d))
-        weight = torch.einsum("bct,bcs->bts", (q * scale).reshape(b * heads, d, -1), (k * scale).reshape(b * heads, d, -1))
+        weight = torch.einsum(
+            "bct,bcs->bts", (q * scale).reshape(b * heads, d, -1), (k * scale).reshape(b * heads, d, -1)
+        )
         if mask is not None:
             weight = weight.masked_fill(~mask.repeat_interleave(heads, 0)[:, None, :], float("-inf"))
         weight = weight.softmax(-1)
@@ -128,7 +132,9 @@ def test_attention_matches_explicit_computation(with_text):
     x = torch.randn(2, 32, 4, 5)
     tokens = torch.randn(2, 7, 10) if with_text else None
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7]).bool() if with_text else None
-    torch.testing.assert_close(layer(x, tokens, mask), reference_attention(layer, x, tokens, mask), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        layer(x, tokens, mask), reference_attention(layer, x, tokens, mask), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_padding_tokens_do_not_change_output_and_null_text_is_finite():
@@ -209,7 +215,9 @@ def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="attention_stages"):
         LevelConfig(channels=[32, 64], res_blocks=[1], attention_stages=[2])
     with pytest.raises(ValueError, match="same factor"):
-        ModelConfig(levels=[LevelConfig(), LevelConfig(channels=[32, 64], res_blocks=[1]), LevelConfig(channels=[32, 64, 64])])
+        ModelConfig(
+            levels=[LevelConfig(), LevelConfig(channels=[32, 64], res_blocks=[1]), LevelConfig(channels=[32, 64, 64])]
+        )
     model = NestedUNet(tiny(2))
     with pytest.raises(ValueError, match="2 levels"):
         model([torch.randn(1, 3, 16, 16)], torch.tensor([1.0]))

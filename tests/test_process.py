@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka.diffusion.process import (
-    loss_weight,
     MatryoshkaDiffusion,
     convert_prediction,
     eps_from_v,
+    loss_weight,
     prediction_target,
     v_from_x0_eps,
     x0_from_v,
@@ -291,5 +291,9 @@ def test_upsampled_residual_makes_a_zero_output_copy_the_level_below(prediction)
     a1, s1 = p.coefficients(1, t, z[1])
     low = convert_prediction(0.5 * z[1], prediction, "x0", z[1], a1, s1)
     base = F.interpolate(low.clamp(-1, 1), scale_factor=4, mode="bicubic").clamp(-1, 1)
-    delta = convert_prediction(0.5 * z[0], prediction, "x0", z[0], a, s) - convert_prediction(0 * z[0], prediction, "x0", z[0], a, s)
-    torch.testing.assert_close(convert_prediction(out[0], prediction, "x0", z[0], a, s), base + delta, rtol=1e-3, atol=2e-4)
+    delta = convert_prediction(0.5 * z[0], prediction, "x0", z[0], a, s) - convert_prediction(
+        0 * z[0], prediction, "x0", z[0], a, s
+    )
+    torch.testing.assert_close(
+        convert_prediction(out[0], prediction, "x0", z[0], a, s), base + delta, rtol=1e-3, atol=2e-4
+    )

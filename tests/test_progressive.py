@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from matryoshka.checkpoints import CheckpointError
 from matryoshka.cli.main import main
 from matryoshka.config.presets import tiny, tiny_progressive
 from matryoshka.config.run import StageConfig
 from matryoshka.data.config import DataConfig
 from matryoshka.models.presets import tiny as tiny_model
-from matryoshka.checkpoints import CheckpointError
 from matryoshka.training.trainer import Trainer
 
 from .test_cli import make_image_folder, metrics
@@ -62,9 +62,17 @@ def test_growth_preserves_inner_predictions_weights_and_optimizer_state(tmp_path
 
 
 def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
-    common = ["train.log_every=1", "train.sample_every=100", "train.checkpoint_every=100", "train.keep_checkpoints=10",
-              "sample.steps=2", "sample.num=2", "data.source=imagefolder", f"data.path={folder}",
-              "stages=[{levels: 1, steps: 3, batch_size: 4}, {levels: 2, steps: 3, mixed_ratio: 0.5}]"]
+    common = [
+        "train.log_every=1",
+        "train.sample_every=100",
+        "train.checkpoint_every=100",
+        "train.keep_checkpoints=10",
+        "sample.steps=2",
+        "sample.num=2",
+        "data.source=imagefolder",
+        f"data.path={folder}",
+        "stages=[{levels: 1, steps: 3, batch_size: 4}, {levels: 2, steps: 3, mixed_ratio: 0.5}]",
+    ]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(["train", "tiny-progressive", f"run_dir={straight}", *common]) == 0
     assert main(["train", "tiny-progressive", f"run_dir={stopped}", *common]) == 0
@@ -83,14 +91,25 @@ def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
 
     # Each stage's checkpoint samples the levels that stage had.
     out = tmp_path / "out"
-    assert main(["sample", str(stopped / "checkpoints/step_00000003"), "--num", "2", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(["sample", str(stopped / "checkpoints/step_00000003"), "--num", "2", "--steps", "2", "--out", str(out)])
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["8px", "grid_8px.png", "settings.json"]
 
 
 def test_a_stage_with_minutes_ends_when_they_run_out_and_resumes_there(tmp_path, folder):
-    common = ["train.log_every=1", "train.sample_every=100", "train.checkpoint_every=100", "train.keep_checkpoints=10",
-              "sample.steps=2", "sample.num=2", "data.source=imagefolder", f"data.path={folder}",
-              "stages=[{levels: 1, steps: 1000, minutes: 0.0005, batch_size: 4}, {levels: 2, steps: 3}]"]
+    common = [
+        "train.log_every=1",
+        "train.sample_every=100",
+        "train.checkpoint_every=100",
+        "train.keep_checkpoints=10",
+        "sample.steps=2",
+        "sample.num=2",
+        "data.source=imagefolder",
+        f"data.path={folder}",
+        "stages=[{levels: 1, steps: 1000, minutes: 0.0005, batch_size: 4}, {levels: 2, steps: 3}]",
+    ]
     run = tmp_path / "run"
     assert main(["train", "tiny-progressive", f"run_dir={run}", *common]) == 0
     history = json.loads((run / "stages.json").read_text())
@@ -114,11 +133,18 @@ def test_a_stage_with_minutes_ends_when_they_run_out_and_resumes_there(tmp_path,
 
 def test_init_from_loads_a_smaller_model_and_rejects_an_incompatible_one(tmp_path, folder):
     data = DataConfig(source="imagefolder", path=str(folder), resolution=8)
-    small = replace(tiny(), run_dir=str(tmp_path / "small"), model=tiny_model(1), data=data,
-                    train=replace(tiny().train, steps=2, sample_every=100))
+    small = replace(
+        tiny(),
+        run_dir=str(tmp_path / "small"),
+        model=tiny_model(1),
+        data=data,
+        train=replace(tiny().train, steps=2, sample_every=100),
+    )
     Trainer(small, quiet=True).train()
 
-    big = replace(tiny(), run_dir=str(tmp_path / "big"), data=replace(data, resolution=16), init_from=str(tmp_path / "small"))
+    big = replace(
+        tiny(), run_dir=str(tmp_path / "big"), data=replace(data, resolution=16), init_from=str(tmp_path / "small")
+    )
     trainer = Trainer(big, quiet=True)
     source = load_file(tmp_path / "small" / "checkpoints" / "step_00000002" / "ema.safetensors")
     for name, value in source.items():

@@ -83,7 +83,7 @@ def recursion(schedule, mu, var, name, steps, eta=0.0, spacing="mlmdm"):
         gt, gs = schedule.gammas[t].item(), schedule.gammas[s].item()
         at, st = math.sqrt(gt), math.sqrt(1 - gt)
         k = at * var / (gt * var + 1 - gt)  # x0 = k z + (1 - k at) mu
-        xP, xQ, xN = k * P, k * Q + (1 - k * at) * mu, k * k * Nv
+        xP, xQ, _xN = k * P, k * Q + (1 - k * at) * mu, k * k * Nv
         if name == "dpm++2m":
             if s == 0:
                 P, Q = xP, xQ
@@ -128,8 +128,15 @@ def test_matches_exact_finite_step_recursion(name, steps, opts, spacing):
     process, model, means, variances, side = gaussian_setup(2)
     out, noise = run(name, process, model, side, steps, opts, spacing=spacing)
     for level in range(2):
-        P, Q, Nv = recursion(process.schedule_for_level(level), means[level].double(),
-                             variances[level].double(), name, steps, opts.get("eta", 0.0), spacing)
+        P, Q, Nv = recursion(
+            process.schedule_for_level(level),
+            means[level].double(),
+            variances[level].double(),
+            name,
+            steps,
+            opts.get("eta", 0.0),
+            spacing,
+        )
         if name == "dpm++2m" or opts.get("eta") == 0.0:
             # Deterministic: the output is exactly P * noise + Q, sample by sample.
             torch.testing.assert_close(out[level], (P * noise[level] + Q).float(), atol=2e-4, rtol=1e-4)
@@ -263,8 +270,18 @@ def guided_first_step(guidance, uncond=None, steps=4, **kw):
     cond = Labels(torch.tensor([1.0, 2.0, 3.0]))
     model = LabelModel()
     steps_seen = []
-    out = sample_ddim(model, noise, process, steps, cond=cond, uncond=uncond, guidance=guidance,
-                      callback=lambda i, n, t, x0, z: steps_seen.append(x0), clip_x0=False, **kw)
+    out = sample_ddim(
+        model,
+        noise,
+        process,
+        steps,
+        cond=cond,
+        uncond=uncond,
+        guidance=guidance,
+        callback=lambda i, n, t, x0, z: steps_seen.append(x0),
+        clip_x0=False,
+        **kw,
+    )
     return noise, cond, model, steps_seen, out
 
 
@@ -322,8 +339,17 @@ def test_tensor_conditioning_with_explicit_uncond():
     process = MatryoshkaDiffusion(squaredcos(), num_levels=1, prediction="x0")
     noise = process.initial_noise(2, 1, 4, generator=torch.Generator().manual_seed(0))
     x0s = []
-    sample_dpmpp_2m(TensorModel(), noise, process, 3, cond=torch.tensor([0.2, 0.4]), uncond=torch.zeros(2),
-                    guidance=2.0, clip_x0=False, callback=lambda i, n, t, x0, z: x0s.append(x0))
+    sample_dpmpp_2m(
+        TensorModel(),
+        noise,
+        process,
+        3,
+        cond=torch.tensor([0.2, 0.4]),
+        uncond=torch.zeros(2),
+        guidance=2.0,
+        clip_x0=False,
+        callback=lambda i, n, t, x0, z: x0s.append(x0),
+    )
     torch.testing.assert_close(x0s[0][0], 0.1 * noise[0] + 2.0 * torch.tensor([0.2, 0.4]).view(-1, 1, 1, 1))
 
 
@@ -347,12 +373,26 @@ def test_sampler_clips_x0():
     process, model, _, _, side = gaussian_setup(1)
     seen = []
     noise = process.initial_noise(8, 3, side, generator=torch.Generator().manual_seed(0))
-    out = sample_ddpm(model, noise, process, 5, generator=torch.Generator().manual_seed(0),
-                      callback=lambda i, n, t, x0, z: seen.append(x0[0]))
+    out = sample_ddpm(
+        model,
+        noise,
+        process,
+        5,
+        generator=torch.Generator().manual_seed(0),
+        callback=lambda i, n, t, x0, z: seen.append(x0[0]),
+    )
     assert all(x.abs().max() <= 1 for x in seen) and out[0].abs().max() <= 1
     seen.clear()
-    sample_ddpm(model, noise, process, 5, generator=torch.Generator().manual_seed(0), dynamic_threshold=0.9,
-                clip_x0=False, callback=lambda i, n, t, x0, z: seen.append(x0[0]))
+    sample_ddpm(
+        model,
+        noise,
+        process,
+        5,
+        generator=torch.Generator().manual_seed(0),
+        dynamic_threshold=0.9,
+        clip_x0=False,
+        callback=lambda i, n, t, x0, z: seen.append(x0[0]),
+    )
     assert all(x.abs().max() <= 1 for x in seen)
 
 
@@ -367,6 +407,6 @@ def test_registry():
 
 
 def test_bad_noise_pyramid():
-    process, model, _, _, side = gaussian_setup(2)
+    process, model, _, _, _side = gaussian_setup(2)
     with pytest.raises(ValueError, match="2 levels"):
         sample_ddim(model, [torch.zeros(1, 3, 8, 8)], process, 2)

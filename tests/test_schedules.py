@@ -93,14 +93,13 @@ def test_shift_identity_and_errors():
         base.shifted(0)
 
 
-
 def test_integer_accessor_rejects_floats():
     with pytest.raises(TypeError):
         squaredcos().gamma(torch.tensor([0.5]))
 
 
 def test_make_schedule_errors():
-    with pytest.raises(ValueError, match="squaredcos.*logsnr_cosine.*linear"):
+    with pytest.raises(ValueError, match=r"squaredcos.*logsnr_cosine.*linear"):
         make_schedule("cosine")
     with pytest.raises(ValueError):
         make_schedule("linear", 0)

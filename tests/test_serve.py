@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from matryoshka.cli.main import main
-from matryoshka.utils.images import to_uint8
 from matryoshka.serve.catalog import load_models
 from matryoshka.serve.generation import Cancelled, Finished, Frame, generate, stream
 from matryoshka.serve.settings import ALL_CLASSES, Settings, SettingsError, parse_settings
@@ -29,6 +28,7 @@ from matryoshka.serve.visuals import (
     strip,
     write_download,
 )
+from matryoshka.utils.images import to_uint8
 
 from .serve_runs import train_class_run, train_plain_run, train_text_run
 
@@ -46,28 +46,42 @@ def models(runs):
 
 
 def settings(model, **changes) -> Settings:
-    values = {"prompt": "", "negative_prompt": "", "class_choice": None, "sampler": "ddim", "steps": 3, "guidance": 1.0,
-              "interval_from": 0.0, "interval_to": 1.0, "seed": 0, "random_seed": False, "num": 2}
+    values = {
+        "prompt": "",
+        "negative_prompt": "",
+        "class_choice": None,
+        "sampler": "ddim",
+        "steps": 3,
+        "guidance": 1.0,
+        "interval_from": 0.0,
+        "interval_to": 1.0,
+        "seed": 0,
+        "random_seed": False,
+        "num": 2,
+    }
     values.update(changes)
     return parse_settings(model, **values)
 
 
 # ------------------------------------------------------------------ settings
-@pytest.mark.parametrize("changes, message", [
-    ({"steps": 0}, "Steps: must be a whole number from 1 to 1000"),
-    ({"steps": 2.5}, "Steps: must be a whole number"),
-    ({"steps": None}, "Steps: enter a number"),
-    ({"guidance": math.nan}, "Guidance: must be a number from 0 to 100"),
-    ({"guidance": -1}, "Guidance: must be a number from 0 to 100"),
-    ({"num": 17}, "Images: must be a whole number from 1 to 16"),
-    ({"num": 0}, "Images: must be a whole number from 1 to 16"),
-    ({"seed": -3}, "Seed: must be a whole number from 0"),
-    ({"interval_from": 0.8, "interval_to": 0.2}, "Guidance interval: need 0 ≤ from ≤ to ≤ 1"),
-    ({"sampler": "euler"}, "Sampler: unknown 'euler'"),
-    ({"class_choice": "horses"}, "Class: unknown class 'horses'"),
-    ({"class_choice": "5"}, "Class: choose one of the 2 classes"),
-    ({"prompt": "a cat"}, "Prompt: this model takes no text"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"steps": 0}, "Steps: must be a whole number from 1 to 1000"),
+        ({"steps": 2.5}, "Steps: must be a whole number"),
+        ({"steps": None}, "Steps: enter a number"),
+        ({"guidance": math.nan}, "Guidance: must be a number from 0 to 100"),
+        ({"guidance": -1}, "Guidance: must be a number from 0 to 100"),
+        ({"num": 17}, "Images: must be a whole number from 1 to 16"),
+        ({"num": 0}, "Images: must be a whole number from 1 to 16"),
+        ({"seed": -3}, "Seed: must be a whole number from 0"),
+        ({"interval_from": 0.8, "interval_to": 0.2}, "Guidance interval: need 0 ≤ from ≤ to ≤ 1"),
+        ({"sampler": "euler"}, "Sampler: unknown 'euler'"),
+        ({"class_choice": "horses"}, "Class: unknown class 'horses'"),
+        ({"class_choice": "5"}, "Class: choose one of the 2 classes"),
+        ({"prompt": "a cat"}, "Prompt: this model takes no text"),
+    ],
+)
 def test_invalid_settings_give_a_clear_message(models, changes, message):
     with pytest.raises(SettingsError) as error:
         settings(models["class"], **changes)
@@ -129,8 +143,10 @@ def test_generation_streams_every_level_and_is_reproducible(models):
 
 
 def test_the_shown_command_makes_the_same_images(models, tmp_path):
-    for chosen in (settings(models["class"], class_choice="dogs", guidance=3.0, seed=5, sampler="ddpm"),
-                   settings(models["text"], prompt="green star", negative_prompt="red square", guidance=2.0, seed=3)):
+    for chosen in (
+        settings(models["class"], class_choice="dogs", guidance=3.0, seed=5, sampler="ddpm"),
+        settings(models["text"], prompt="green star", negative_prompt="red square", guidance=2.0, seed=3),
+    ):
         levels = generate(chosen)
         out = tmp_path / chosen.model.pipe.config.run_dir.replace("/", "_")
         assert main([*shlex.split(chosen.command())[1:], "--out", str(out)]) == 0
@@ -187,8 +203,12 @@ def test_unservable_runs_fail_at_start_with_one_line(runs, tmp_path, capsys):
     subprocess.run(["cp", "-r", str(runs["text"]), str(no_encoder)], check=True)
     for config in no_encoder.glob("checkpoints/step_*/config.yaml"):
         config.write_text(config.read_text().replace("encoder: minilm", f"encoder: {tmp_path / 'no-such-encoder'}"))
-    for path, reason in [(tmp_path / "missing", "no such run"), (empty, "no complete checkpoint"),
-                         (corrupt, "cannot read weights"), (no_encoder, "no-such-encoder")]:
+    for path, reason in [
+        (tmp_path / "missing", "no such run"),
+        (empty, "no complete checkpoint"),
+        (corrupt, "cannot read weights"),
+        (no_encoder, "no-such-encoder"),
+    ]:
         assert main(["serve", str(path), "--port", "1"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"mdm serve: error: cannot serve {path}: ") and reason in err
@@ -243,8 +263,20 @@ def test_generate_api_endpoint(server, models):
     client = Client(server, verbose=False)
     source = models["class"].source
     status, pyramid, schedule, path, command, details, download = client.predict(
-        model=source, prompt="", negative_prompt="", class_name="dogs", sampler="ddim", steps=3, guidance=2.0,
-        guidance_from=0.0, guidance_to=1.0, seed=11, random_seed=False, num=2, api_name="/generate")
+        model=source,
+        prompt="",
+        negative_prompt="",
+        class_name="dogs",
+        sampler="ddim",
+        steps=3,
+        guidance=2.0,
+        guidance_from=0.0,
+        guidance_to=1.0,
+        seed=11,
+        random_seed=False,
+        num=2,
+        api_name="/generate",
+    )
     assert status.startswith("Done") and "seed 11" in status
     assert [item["caption"] for item in pyramid] == ["16² level", "8² level"]
     # Each level is one grid of the 2 images (2 px padding), enlarged 8x / 16x so every image is 128 px wide.
@@ -255,10 +287,34 @@ def test_generate_api_endpoint(server, models):
     assert "settings.json" in zipfile.ZipFile(download).namelist()
 
     with pytest.raises(AppError, match="Steps: must be a whole number from 1 to 1000, got 0"):
-        client.predict(model=source, prompt="", negative_prompt="", class_name=ALL_CLASSES, sampler="ddim", steps=0,
-                       guidance=1.0, guidance_from=0.0, guidance_to=1.0, seed=0, random_seed=False, num=2,
-                       api_name="/generate")
-    status, *_ = client.predict(model=models["text"].source, prompt="red square", negative_prompt="",
-                                class_name=None, sampler="dpm++2m", steps=2, guidance=1.0, guidance_from=0.0,
-                                guidance_to=1.0, seed=0, random_seed=True, num=1, api_name="/generate")
+        client.predict(
+            model=source,
+            prompt="",
+            negative_prompt="",
+            class_name=ALL_CLASSES,
+            sampler="ddim",
+            steps=0,
+            guidance=1.0,
+            guidance_from=0.0,
+            guidance_to=1.0,
+            seed=0,
+            random_seed=False,
+            num=2,
+            api_name="/generate",
+        )
+    status, *_ = client.predict(
+        model=models["text"].source,
+        prompt="red square",
+        negative_prompt="",
+        class_name=None,
+        sampler="dpm++2m",
+        steps=2,
+        guidance=1.0,
+        guidance_from=0.0,
+        guidance_to=1.0,
+        seed=0,
+        random_seed=True,
+        num=1,
+        api_name="/generate",
+    )
     assert status.startswith("Done")

@@ -47,11 +47,15 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("playwright is not installed (pip install -c constraints.txt playwright); "
-                    "set MATRYOSHKA_SKIP_BROWSER=1 to skip the browser tests")
+        pytest.fail(
+            "playwright is not installed (pip install -c constraints.txt playwright); "
+            "set MATRYOSHKA_SKIP_BROWSER=1 to skip the browser tests"
+        )
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MATRYOSHKA_CHROMIUM); "
-                    "set MATRYOSHKA_SKIP_BROWSER=1 to skip the browser tests")
+        pytest.fail(
+            f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MATRYOSHKA_CHROMIUM); "
+            "set MATRYOSHKA_SKIP_BROWSER=1 to skip the browser tests"
+        )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield chromium

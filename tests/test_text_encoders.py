@@ -15,9 +15,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from matryoshka.models import Conditioning, NestedUNet  # noqa: E402
-from matryoshka.models.presets import tiny  # noqa: E402
-from matryoshka.text import (  # noqa: E402
+from matryoshka.models import Conditioning, NestedUNet
+from matryoshka.models.presets import tiny
+from matryoshka.text import (
     HFTextEncoder,
     MlmdmT5Tokenizer,
     T5TextEncoder,
@@ -180,7 +180,9 @@ def test_load_t5_from_a_directory_loads_encoder_weights_only(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
     pieces = t5_pieces()
-    config = T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
     full = T5ForConditionalGeneration(config)
     full.save_pretrained(tmp_path)
     T5Tokenizer(vocab=pieces, extra_ids=0).save_pretrained(tmp_path)
@@ -220,7 +222,15 @@ def test_mlmdm_tokenizer_modes_eos_unknown_bytes_and_truncation(tmp_path):
 
 
 def test_mlmdm_tokenizer_is_least_cost_not_greedy():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581ab", -10.0), ("c", -1.0), ("\u2581a", -1.0), ("bc", -1.0)]
+    pieces = [
+        ("<pad>", 0.0),
+        ("</s>", 0.0),
+        ("<unk>", 0.0),
+        ("\u2581ab", -10.0),
+        ("c", -1.0),
+        ("\u2581a", -1.0),
+        ("bc", -1.0),
+    ]
     tokenizer = MlmdmT5Tokenizer(pieces, mode="sample")
     assert tokenizer.encode("abc") == [5, 6, 1]  # ▁a bc (cost 2) beats ▁ab c (cost 11)
 
@@ -239,16 +249,42 @@ def test_mlmdm_tokenizer_matches_sentencepiece_viterbi(tmp_path):
     """On text the vocabulary covers, ml-mdm's least-cost segmentation is SentencePiece's unigram Viterbi."""
     import random
 
-    words = "a red cat on the blue mat dog eats an apple grinning face with big eyes".split()
+    words = [
+        "a",
+        "red",
+        "cat",
+        "on",
+        "the",
+        "blue",
+        "mat",
+        "dog",
+        "eats",
+        "an",
+        "apple",
+        "grinning",
+        "face",
+        "with",
+        "big",
+        "eyes",
+    ]
     rng = random.Random(0)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=28, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(tmp_path / "spiece"),
+        vocab_size=28,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spiece.model"))
-    tokenizer = MlmdmT5Tokenizer([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())], mode="sample")
+    tokenizer = MlmdmT5Tokenizer(
+        [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())], mode="sample"
+    )
     for _ in range(200):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
         assert tokenizer.encode(text) == sp.encode(text) + [1], text
@@ -338,7 +374,10 @@ def test_cache_computes_each_caption_once_and_is_batch_independent(tmp_path):
 
 def test_cache_rank_shares_and_other_encoders_do_not_mix(tmp_path):
     captions = [f"caption {i}" for i in range(10)]
-    counts = [TextEmbeddingCache(tmp_path, FakeEncoder()).precompute(captions, rank=r, world_size=3, progress=False) for r in range(3)]
+    counts = [
+        TextEmbeddingCache(tmp_path, FakeEncoder()).precompute(captions, rank=r, world_size=3, progress=False)
+        for r in range(3)
+    ]
     assert counts == [4, 3, 3]
     assert len(TextEmbeddingCache(tmp_path, "fake@32")) == 10
     other = FakeEncoder(max_length=5)  # another id: its own folder and keys

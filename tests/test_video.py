@@ -73,8 +73,9 @@ def test_spacetime_pyramid_subsamples_frames_and_pools_space():
 @pytest.mark.parametrize("temporal_shift", [False, True])
 def test_spacetime_shift_against_closed_form(power, temporal_shift):
     base = squaredcos()
-    process = MatryoshkaDiffusion(base, num_levels=3, factor=4, shift_power=power, frames=[16, 4, 1],
-                                  temporal_shift=temporal_shift)
+    process = MatryoshkaDiffusion(
+        base, num_levels=3, factor=4, shift_power=power, frames=[16, 4, 1], temporal_shift=temporal_shift
+    )
     t = torch.arange(1, 1000)
     for level, (side_ratio, frame_ratio) in enumerate([(16, 16), (4, 4), (1, 1)]):
         # logSNR_r = logSNR - p ln(s_r), s_r = side ratio (x sqrt(frame ratio) when frames count).
@@ -251,8 +252,17 @@ def test_videofolder_reads_clips_and_skips_bad_videos(tmp_path):
     write_mp4(frames_with_levels(2), tmp_path / "b" / "too_short.mp4")
     (tmp_path / "b" / "corrupt.webm").write_bytes(b"\x1aE\xdf\xa3 this is not a webm file")
     (tmp_path / "b" / "empty.avi").write_bytes(b"")
-    dataset = build_dataset(dict(source="videofolder", path=str(tmp_path), frames=3, frame_stride=2,
-                                 resolution=16, captions=True, label="folder"))
+    dataset = build_dataset(
+        dict(
+            source="videofolder",
+            path=str(tmp_path),
+            frames=3,
+            frame_stride=2,
+            resolution=16,
+            captions=True,
+            label="folder",
+        )
+    )
     skipped = dataset.skipped["by_reason"]
     assert len(dataset) == 2 and skipped == {"too_short": 1, "corrupt": 1, "zero_bytes": 1}
     assert dataset.class_names == ["a", "b"]
@@ -338,7 +348,9 @@ def test_progressive_video_run_and_init_from_an_image_run(tmp_path):
     stages = "stages=[{levels: 1, steps: 2}, {levels: 2}]"
     assert main(["train", "tiny-video", f"run_dir={run}", "train.steps=3", stages, *FAST]) == 0
     assert [sorted(k for k in m if k.startswith("loss/")) for m in metrics(run)] == [
-        ["loss/2x8x8"], ["loss/2x8x8"], ["loss/2x8x8", "loss/4x16x16"]
+        ["loss/2x8x8"],
+        ["loss/2x8x8"],
+        ["loss/2x8x8", "loss/4x16x16"],
     ]
     image, video = tmp_path / "image", tmp_path / "video"
     assert main(["train", "tiny", f"run_dir={image}", "train.steps=1", *FAST]) == 0

@@ -1,7 +1,7 @@
 """``mdm convert``: turn other implementations' checkpoints into ours.
 
-    mdm convert mlmdm --checkpoint vis_model.pth --config cc12m_256x256.yaml --out converted/mlmdm-256
-    mdm convert diffusers-mdm --model matryoshka-diffusion-models/unet/nesting_level_1 --out converted/port-256
+mdm convert mlmdm --checkpoint vis_model.pth --config cc12m_256x256.yaml --out converted/mlmdm-256
+mdm convert diffusers-mdm --model matryoshka-diffusion-models/unet/nesting_level_1 --out converted/port-256
 """
 
 from __future__ import annotations
@@ -27,23 +27,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "without running code from it. See docs/mlmdm.md."
         ),
     )
-    mlmdm.add_argument("--checkpoint", required=True, metavar="FILE", help="vis_model.pth (or a state dict / safetensors file)")
     mlmdm.add_argument(
-        "--config", metavar="YAML",
+        "--checkpoint", required=True, metavar="FILE", help="vis_model.pth (or a state dict / safetensors file)"
+    )
+    mlmdm.add_argument(
+        "--config",
+        metavar="YAML",
         help="ml-mdm model config, e.g. cc12m_256x256.yaml (default: the training arguments saved in the checkpoint)",
     )
-    mlmdm.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist or be empty)")
     mlmdm.add_argument(
-        "--state-dict-only", action="store_true",
+        "--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist or be empty)"
+    )
+    mlmdm.add_argument(
+        "--state-dict-only",
+        action="store_true",
         help="write only the converted weights (model.safetensors) and config.yaml, not a full checkpoint",
     )
     mlmdm.add_argument(
-        "--text-dim", type=int, metavar="N",
+        "--text-dim",
+        type=int,
+        metavar="N",
         help="token width of the text encoder (default: the checkpoint's, else the config's text_model's)",
     )
     mlmdm.add_argument("--resolution", type=int, metavar="PX", help="top-level image size, if the config gives none")
     mlmdm.add_argument(
-        "--ignore-training-options", action="store_true",
+        "--ignore-training-options",
+        action="store_true",
         help="convert even when ml-mdm training options (loss weighting, freezing) cannot be reproduced by our trainer",
     )
     mlmdm.set_defaults(func=cmd_convert_mlmdm)
@@ -57,12 +66,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "running code. See docs/mlmdm.md."
         ),
     )
-    port.add_argument("--model", required=True, metavar="DIR",
-                      help="the nesting level's directory (or its weight file, next to its config.json)")
-    port.add_argument("--out", required=True, metavar="DIR",
-                      help="output checkpoint directory (must not exist or be empty)")
-    port.add_argument("--resolution", type=int, metavar="PX",
-                      help="top-level image size (default: 64 at the innermost level)")
+    port.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="the nesting level's directory (or its weight file, next to its config.json)",
+    )
+    port.add_argument(
+        "--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist or be empty)"
+    )
+    port.add_argument(
+        "--resolution", type=int, metavar="PX", help="top-level image size (default: 64 at the innermost level)"
+    )
     port.set_defaults(func=cmd_convert_diffusers_mdm)
     return convert
 
@@ -91,7 +106,8 @@ def cmd_convert_mlmdm(args: argparse.Namespace) -> int:
     sampling = result.sampling
     print(
         f"  ml-mdm sampling: {sampling['sampler']} eta={sampling['eta']}, {sampling['steps']} steps, guidance "
-        f"{sampling['guidance']}, threshold {sampling['threshold_function'].lower()} (recorded in state.pt; see docs/mlmdm.md)"
+        f"{sampling['guidance']}, threshold {sampling['threshold_function'].lower()} (recorded in "
+        f"state.pt; see docs/mlmdm.md)"
     )
     return 0
 

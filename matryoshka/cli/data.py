@@ -31,8 +31,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.label == "folder":
         raise UserError("--label for emoji is none, group or subgroup")
     summary = export_emoji(out, size=args.size, label=args.label)
-    print(f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
-          f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})")
+    print(
+        f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
+        f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})"
+    )
     return 0
 
 
@@ -58,8 +60,10 @@ def cmd_shards(args: argparse.Namespace, out: Path) -> int:
     dataset = build_dataset(cfg)
     print_skip_report(dataset)
     summary = write_shards(dataset, out, args.per_shard)
-    print(f"wrote {summary['count']} samples in {summary['shards']} shards to {out} "
-          f"(use data.source=shards data.path='{summary['pattern']}')")
+    print(
+        f"wrote {summary['count']} samples in {summary['shards']} shards to {out} "
+        f"(use data.source=shards data.path='{summary['pattern']}')"
+    )
 
 
 def _export_motion(args: argparse.Namespace, out: Path) -> int:
@@ -68,8 +72,10 @@ def _export_motion(args: argparse.Namespace, out: Path) -> int:
     if args.size < 8 or args.frames < 1 or (args.count is not None and args.count < 1) or args.fps <= 0:
         raise UserError("--size must be >= 8, --frames and --count >= 1, --fps > 0")
     summary = export_emoji_motion(out, size=args.size, frames=args.frames, fps=args.fps, count=args.count)
-    print(f"exported {summary['count']} emoji-motion clips ({args.frames} frames at {args.size}², mp4 with caption "
-          f".txt sidecars) to {args.out}; use data.source=videofolder data.path={args.out} data.frames={args.frames}")
+    print(
+        f"exported {summary['count']} emoji-motion clips ({args.frames} frames at {args.size}², mp4 with caption "
+        f".txt sidecars) to {args.out}; use data.source=videofolder data.path={args.out} data.frames={args.frames}"
+    )
     return 0
 
 
@@ -80,12 +86,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="export a built-in dataset, or write any data as WebDataset shards")
     data.add_argument("name", choices=["emoji", "emoji-motion", "shards"])
     data.add_argument("--out", required=True)
-    data.add_argument("--size", type=int, default=64,
-                      help="side in pixels (emoji-motion: 32 is the emoji-video size; image folders keep their files)")
-    data.add_argument("--label", default="group", choices=["none", "group", "subgroup", "folder"],
-                      help="emoji: none/group/subgroup; shards from a folder: folder (first-level folders) or none")
-    data.add_argument("--from", dest="source",
-                      help="shards: an image folder, emoji, tar shards, an ml-mdm TSV or a local Hugging Face data set")
+    data.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="side in pixels (emoji-motion: 32 is the emoji-video size; image folders keep their files)",
+    )
+    data.add_argument(
+        "--label",
+        default="group",
+        choices=["none", "group", "subgroup", "folder"],
+        help="emoji: none/group/subgroup; shards from a folder: folder (first-level folders) or none",
+    )
+    data.add_argument(
+        "--from",
+        dest="source",
+        help="shards: an image folder, emoji, tar shards, an ml-mdm TSV or a local Hugging Face data set",
+    )
     data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per shard")
     data.add_argument("--frames", type=int, default=8, help="emoji-motion: frames per clip")
     data.add_argument("--fps", type=float, default=8.0, help="emoji-motion: frames per second of the mp4 files")

@@ -31,7 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def one_line(error: BaseException) -> str:
     """The message without PyTorch's advice to unpickle untrusted files (never give users that advice)."""
     text = str(error) or type(error).__name__
-    kept = [line for line in text.splitlines() if "weights_only=False" not in line and "weights_only` argument" not in line]
+    kept = [
+        line for line in text.splitlines() if "weights_only=False" not in line and "weights_only` argument" not in line
+    ]
     return "\n".join(kept).strip() or type(error).__name__
 
 
@@ -46,8 +48,10 @@ def run_command(name: str, command: Callable[[], int]) -> int:
         sys.stdout.flush()  # progress bars are closed by now: the error starts on a line of its own
         print(f"mdm {name}: error: {one_line(error)}", file=sys.stderr)
         return USER_ERROR
-    except Exception:  # noqa: BLE001 - a bug: show everything, and say so
+    except Exception:
         traceback.print_exc()
-        print(f"mdm {name}: internal error (a bug in matryoshka; please report it with the traceback above)",
-              file=sys.stderr)
+        print(
+            f"mdm {name}: internal error (a bug in matryoshka; please report it with the traceback above)",
+            file=sys.stderr,
+        )
         return INTERNAL_ERROR

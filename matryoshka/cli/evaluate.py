@@ -29,31 +29,52 @@ def _sizes(text: str) -> list[int]:
 
 
 def _feature_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--feature", default="auto", choices=["auto", "inception", "effnet-lite0"],
-                        help="feature network: inception (FID-standard; needs its weights), effnet-lite0 (offline, "
-                             "not FID-comparable), auto: inception when its weights are on this machine "
-                             "(or the --reference statistics' network), else effnet-lite0")
-    parser.add_argument("--inception-weights", metavar="PATH",
-                        help="pt_inception-2015-12-05-6726825d.pth (default: $MATRYOSHKA_INCEPTION_WEIGHTS, the torch "
-                             "hub cache, or a download)")
+    parser.add_argument(
+        "--feature",
+        default="auto",
+        choices=["auto", "inception", "effnet-lite0"],
+        help="feature network: inception (FID-standard; needs its weights), effnet-lite0 (offline, "
+        "not FID-comparable), auto: inception when its weights are on this machine "
+        "(or the --reference statistics' network), else effnet-lite0",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="pt_inception-2015-12-05-6726825d.pth (default: $MATRYOSHKA_INCEPTION_WEIGHTS, the torch "
+        "hub cache, or a download)",
+    )
     parser.add_argument("--feature-batch-size", type=arguments.positive_int, default=64)
-    parser.add_argument("--max-features", type=arguments.non_negative_int, default=10_000,
-                        help="feature vectors kept per level for KID and precision/recall (a seeded subset; 0: none, "
-                             "which leaves FD only; default 10000)")
+    parser.add_argument(
+        "--max-features",
+        type=arguments.non_negative_int,
+        default=10_000,
+        help="feature vectors kept per level for KID and precision/recall (a seeded subset; 0: none, "
+        "which leaves FD only; default 10000)",
+    )
     parser.add_argument("--device", default="auto")
 
 
 def add_parsers(subparsers) -> None:
     """Register ``eval`` and ``eval-stats`` on an ``argparse`` subparsers object."""
     evaluate = subparsers.add_parser(
-        "eval", help="measure a model's samples against reference images (FD/FID, KID, precision/recall, CLIP score)",
-        description="Generate samples and compare every level of the pyramid with reference images pooled the same way.")
+        "eval",
+        help="measure a model's samples against reference images (FD/FID, KID, precision/recall, CLIP score)",
+        description="Generate samples and compare every level of the pyramid with reference images "
+        "pooled the same way.",
+    )
     evaluate.add_argument("run", help="run directory or checkpoint directory")
-    evaluate.add_argument("--reference", required=True, metavar="DATA_OR_STATS",
-                          help="image folder, 'emoji' (built-in set), 'train' (the run's training data) or a .npz "
-                               "from `mdm eval-stats`")
-    evaluate.add_argument("--num", type=arguments.positive_int, default=DEFAULT_NUM, help=f"samples to generate (default {DEFAULT_NUM})")
-    evaluate.add_argument("--metrics", default="fd,kid,pr", help="comma-separated: fd (fid), kid, pr, clip (default fd,kid,pr)")
+    evaluate.add_argument(
+        "--reference",
+        required=True,
+        metavar="DATA_OR_STATS",
+        help="image folder, 'emoji' (built-in set), 'train' (the run's training data) or a .npz from `mdm eval-stats`",
+    )
+    evaluate.add_argument(
+        "--num", type=arguments.positive_int, default=DEFAULT_NUM, help=f"samples to generate (default {DEFAULT_NUM})"
+    )
+    evaluate.add_argument(
+        "--metrics", default="fd,kid,pr", help="comma-separated: fd (fid), kid, pr, clip (default fd,kid,pr)"
+    )
     _feature_arguments(evaluate)
     evaluate.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: the run's sample.sampler")
     evaluate.add_argument("--steps", type=arguments.positive_int, help="default: the run's sample.steps")
@@ -61,36 +82,60 @@ def add_parsers(subparsers) -> None:
     evaluate.add_argument("--seed", type=arguments.seed, default=0)
     evaluate.add_argument("--batch-size", type=arguments.positive_int, default=16, help="samples generated at once")
     evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    evaluate.add_argument("--cache", metavar="DIR",
-                          help="keep generated samples here so an interrupted run continues "
-                               "(default: RUN/eval/samples/<checkpoint and settings>)")
+    evaluate.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="keep generated samples here so an interrupted run continues "
+        "(default: RUN/eval/samples/<checkpoint and settings>)",
+    )
     evaluate.add_argument("--no-cache", action="store_true", help="keep samples in memory only")
-    evaluate.add_argument("--max-reference-images", type=arguments.positive_int, help="use a seeded subset of the reference data")
+    evaluate.add_argument(
+        "--max-reference-images", type=arguments.positive_int, help="use a seeded subset of the reference data"
+    )
     evaluate.add_argument("--kid-subset-size", type=arguments.positive_int, default=1000)
     evaluate.add_argument("--kid-subsets", type=arguments.positive_int, default=100)
-    evaluate.add_argument("--pr-k", type=arguments.positive_int, default=3, help="k of the k-NN balls of precision/recall")
-    evaluate.add_argument("--prompts", metavar="FILE",
-                          help="text-to-image models: prompts to generate from, one per line (sample i uses line i mod "
-                               "count), e.g. the reference captions for a COCO-style FID")
+    evaluate.add_argument(
+        "--pr-k", type=arguments.positive_int, default=3, help="k of the k-NN balls of precision/recall"
+    )
+    evaluate.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="text-to-image models: prompts to generate from, one per line (sample i uses line i mod "
+        "count), e.g. the reference captions for a COCO-style FID",
+    )
     evaluate.add_argument("--clip-model", metavar="NAME_OR_PATH", help="Hugging Face CLIP model for --metrics clip")
-    evaluate.add_argument("--clip-prompt", metavar="TEXT",
-                          help="text for the CLIP score; '{}' is replaced by the class name (class-conditional models)")
-    evaluate.add_argument("--out", metavar="REPORT.json", help="default: RUN/eval/<checkpoint>_<settings>_n<N>_<feature>.json")
+    evaluate.add_argument(
+        "--clip-prompt",
+        metavar="TEXT",
+        help="text for the CLIP score; '{}' is replaced by the class name (class-conditional models)",
+    )
+    evaluate.add_argument(
+        "--out", metavar="REPORT.json", help="default: RUN/eval/<checkpoint>_<settings>_n<N>_<feature>.json"
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=cmd_eval)
 
     stats = subparsers.add_parser(
-        "eval-stats", help="precompute reference statistics (.npz) for `mdm eval --reference`",
+        "eval-stats",
+        help="precompute reference statistics (.npz) for `mdm eval --reference`",
         description="Read reference images once and store, per pyramid level, the feature mean and covariance "
-                    "(enough for FD) and up to --max-features feature vectors (needed by KID and precision/recall).")
+        "(enough for FD) and up to --max-features feature vectors (needed by KID and precision/recall).",
+    )
     stats.add_argument("data", help="image folder, 'emoji' or 'train' (with --run)")
     stats.add_argument("--out", required=True, metavar="STATS.npz")
     _feature_arguments(stats)
-    stats.add_argument("--run", metavar="RUN_OR_CHECKPOINT",
-                       help="take the resolution and level sides (and the data for 'train') from this run")
+    stats.add_argument(
+        "--run",
+        metavar="RUN_OR_CHECKPOINT",
+        help="take the resolution and level sides (and the data for 'train') from this run",
+    )
     stats.add_argument("--resolution", type=arguments.positive_int, help="top-level side (default: the run's, else 64)")
-    stats.add_argument("--levels", type=_sizes, metavar="S1,S2,...",
-                       help="level sides to pool to, e.g. 64,16 (default: the run's levels, else the resolution only)")
+    stats.add_argument(
+        "--levels",
+        type=_sizes,
+        metavar="S1,S2,...",
+        help="level sides to pool to, e.g. 64,16 (default: the run's levels, else the resolution only)",
+    )
     stats.add_argument("--max-images", type=arguments.positive_int, help="use a seeded subset of the data")
     stats.add_argument("--batch-size", type=arguments.positive_int, default=64)
     stats.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -130,8 +175,10 @@ def _default_report_path(report: dict, pipeline, metrics: tuple[str, ...]) -> Pa
     source = (report.get("reference") or {}).get("source") or "none"
     reference = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(source)).name).strip("-")[:24] or "ref"
     digest = hashlib.sha256(str(source).encode()).hexdigest()[:6]
-    name = (f"{checkpoint.name}_{sampling['sampler']}{sampling['steps']}_g{sampling['guidance']:g}_seed{sampling['seed']}"
-            f"_n{report['num']}_{feature}_{reference}-{digest}_{'-'.join(metrics)}.json")
+    name = (
+        f"{checkpoint.name}_{sampling['sampler']}{sampling['steps']}_g{sampling['guidance']:g}_seed{sampling['seed']}"
+        f"_n{report['num']}_{feature}_{reference}-{digest}_{'-'.join(metrics)}.json"
+    )
     return run_dir / "eval" / name
 
 
@@ -160,12 +207,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cache is not None:
         cache = arguments.folder_or_new(cache, "--cache")
     report = run_evaluation(
-        pipeline, args.reference, args.num, metrics, args.feature,
-        sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
-        batch_size=settings.batch_size, cache_dir=cache, ema=args.ema, inception_weights=args.inception_weights,
-        feature_batch_size=args.feature_batch_size, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-        pr_k=args.pr_k, max_features=args.max_features, max_reference_images=args.max_reference_images,
-        clip_model=args.clip_model, clip_prompt=args.clip_prompt, prompts=prompts, progress=not args.quiet,
+        pipeline,
+        args.reference,
+        args.num,
+        metrics,
+        args.feature,
+        sampler=settings.sampler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        cache_dir=cache,
+        ema=args.ema,
+        inception_weights=args.inception_weights,
+        feature_batch_size=args.feature_batch_size,
+        kid_subset_size=args.kid_subset_size,
+        kid_subsets=args.kid_subsets,
+        pr_k=args.pr_k,
+        max_features=args.max_features,
+        max_reference_images=args.max_reference_images,
+        clip_model=args.clip_model,
+        clip_prompt=args.clip_prompt,
+        prompts=prompts,
+        progress=not args.quiet,
     )
     out = Path(args.out).expanduser() if args.out else _default_report_path(report, pipeline, metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,13 +257,26 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
         raise EvaluationError(f"level sides {bad} do not divide the resolution {resolution}")
     if args.data == "train" and data is None:
         raise EvaluationError("DATA 'train' needs --run")
-    extractor = build_feature_extractor(args.feature, args.inception_weights, pick_device(args.device), args.feature_batch_size)
-    stats = compute_reference_stats(args.data, extractor, resolution, sizes, args.max_images, args.max_features,
-                                    args.batch_size, run_data=data, progress=not args.quiet)
+    extractor = build_feature_extractor(
+        args.feature, args.inception_weights, pick_device(args.device), args.feature_batch_size
+    )
+    stats = compute_reference_stats(
+        args.data,
+        extractor,
+        resolution,
+        sizes,
+        args.max_images,
+        args.max_features,
+        args.batch_size,
+        run_data=data,
+        progress=not args.quiet,
+    )
     arguments.folder_or_new(Path(args.out).expanduser().parent, "--out")
     path = stats.save(args.out)
     kept = {s: 0 if level.features is None else len(level.features) for s, level in stats.levels.items()}
-    print(f"wrote {path}: {stats.meta['images']} images from {stats.source}, levels "
-          f"{', '.join(f'{s}x{s}' for s in stats.level_sizes)}, features {extractor.name} ({extractor.dim}-d); "
-          f"feature vectors kept for KID/PR: {kept[stats.level_sizes[0]]}")
+    print(
+        f"wrote {path}: {stats.meta['images']} images from {stats.source}, levels "
+        f"{', '.join(f'{s}x{s}' for s in stats.level_sizes)}, features {extractor.name} ({extractor.dim}-d); "
+        f"feature vectors kept for KID/PR: {kept[stats.level_sizes[0]]}"
+    )
     return 0

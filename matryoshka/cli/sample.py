@@ -12,7 +12,6 @@ import torch
 from . import arguments
 from .errors import UserError
 
-
 GRID_LIMIT = 64
 """Images per grid; a larger ``--num`` is written batch by batch without holding them all."""
 
@@ -40,8 +39,10 @@ def _output_folder(out: str | None, pipe) -> Path:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out {folder} is a file, not a folder")
         if folder.is_dir() and any(folder.iterdir()):
-            raise UserError(f"--out {folder} already holds files; each sampling gets a folder of its own (with the "
-                            "settings.json that made its images): choose another --out, or leave it out")
+            raise UserError(
+                f"--out {folder} already holds files; each sampling gets a folder of its own (with the "
+                "settings.json that made its images): choose another --out, or leave it out"
+            )
     else:
         checkpoint = Path(pipe.checkpoint)
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
@@ -54,8 +55,23 @@ def _output_folder(out: str | None, pipe) -> Path:
 
 def _command_line(args: argparse.Namespace, steps: int, sampler: str, guidance: float, prompts: list[str]) -> str:
     """The ``mdm sample`` call that makes these images again."""
-    parts = ["mdm", "sample", args.run, "--num", str(args.num), "--steps", str(steps), "--sampler", sampler,
-             "--guidance", f"{guidance:g}", "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+    parts = [
+        "mdm",
+        "sample",
+        args.run,
+        "--num",
+        str(args.num),
+        "--steps",
+        str(steps),
+        "--sampler",
+        sampler,
+        "--guidance",
+        f"{guidance:g}",
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     parts += [f"--prompt={prompt}" for prompt in prompts]
     if args.negative_prompt is not None:
         parts.append(f"--negative-prompt={args.negative_prompt}")
@@ -133,8 +149,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
             cond = pipe.condition(count, labels, per_sample_prompts[start : start + count] or None)
             uncond = pipe.negative(cond, args.negative_prompt) if args.negative_prompt is not None else None
             # Batch b is seeded with seed + b: the first batch is the same whatever --num is.
-            levels = pipe.generate(num=count, sampler=sampler, steps=steps, guidance=guidance, cond=cond,
-                                   uncond=uncond, seed=args.seed + batch, callback=lambda *_: bar.update(1), **options)
+            levels = pipe.generate(
+                num=count,
+                sampler=sampler,
+                steps=steps,
+                guidance=guidance,
+                cond=cond,
+                uncond=uncond,
+                seed=args.seed + batch,
+                callback=lambda *_: bar.update(1),
+                **options,
+            )
             for index, level in enumerate(levels):
                 _save_level(level, out / _level_label(level), start, args.fps)
                 if start < GRID_LIMIT:
@@ -147,15 +172,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
         (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     settings = {
         "command": _command_line(args, steps, sampler, guidance, prompts),
-        "checkpoint": str(pipe.checkpoint), "step": pipe.step, "ema": args.ema, "num": total,
-        "sampler": sampler, "steps": steps, "guidance": guidance, "seed": args.seed, "batch_size": args.batch_size,
-        "spacing": args.spacing or defaults.spacing, "prompts": prompts, "negative_prompt": args.negative_prompt,
-        "class": args.class_label, "levels": [_level_label(level[0]) for level in kept], "fps": args.fps,
+        "checkpoint": str(pipe.checkpoint),
+        "step": pipe.step,
+        "ema": args.ema,
+        "num": total,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "spacing": args.spacing or defaults.spacing,
+        "prompts": prompts,
+        "negative_prompt": args.negative_prompt,
+        "class": args.class_label,
+        "levels": [_level_label(level[0]) for level in kept],
+        "fps": args.fps,
         **options,
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {total} samples at {', '.join(settings['levels'])} to {out} "
-          f"(grids: {', '.join(str(grid) for grid in grids)}; settings: {out / 'settings.json'})")
+    print(
+        f"wrote {total} samples at {', '.join(settings['levels'])} to {out} "
+        f"(grids: {', '.join(str(grid) for grid in grids)}; settings: {out / 'settings.json'})"
+    )
     return 0
 
 
@@ -191,27 +229,56 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--num", type=arguments.positive_int, default=16, help="images (per prompt, with prompts)")
     sample.add_argument("--steps", type=arguments.positive_int, help="default: the run's sample.steps")
     sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
-    sample.add_argument("--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)")
+    sample.add_argument(
+        "--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)"
+    )
     sample.add_argument("--guidance", type=arguments.guidance, help="classifier-free guidance scale (1: none)")
-    sample.add_argument("--guidance-interval", dest="guidance_interval", type=float, nargs=2, metavar=("LO", "HI"),
-                        help="guide only the steps with LO <= t/T <= HI (default: the run's sample.guidance_interval)")
+    sample.add_argument(
+        "--guidance-interval",
+        dest="guidance_interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guide only the steps with LO <= t/T <= HI (default: the run's sample.guidance_interval)",
+    )
     sample.add_argument("--eta", type=float, help="DDIM stochasticity, 0 (deterministic) to 1 (default: sample.eta)")
-    sample.add_argument("--threshold", choices=["none", "clip", "dynamic", "dynamic_if"],
-                        help="x0 thresholding: none, clip to [-1, 1], dynamic as Imagen or as DeepFloyd IF "
-                             "(default: sample.threshold)")
-    sample.add_argument("--threshold-percentile", dest="threshold_percentile", type=float,
-                        help="percentile of |x0| for dynamic thresholding (default: 0.995 dynamic, 0.95 dynamic_if)")
-    sample.add_argument("--threshold-max", dest="threshold_max", type=float,
-                        help="cap on the dynamic threshold s (default: none for dynamic, 1.5 for dynamic_if)")
+    sample.add_argument(
+        "--threshold",
+        choices=["none", "clip", "dynamic", "dynamic_if"],
+        help="x0 thresholding: none, clip to [-1, 1], dynamic as Imagen or as DeepFloyd IF (default: sample.threshold)",
+    )
+    sample.add_argument(
+        "--threshold-percentile",
+        dest="threshold_percentile",
+        type=float,
+        help="percentile of |x0| for dynamic thresholding (default: 0.995 dynamic, 0.95 dynamic_if)",
+    )
+    sample.add_argument(
+        "--threshold-max",
+        dest="threshold_max",
+        type=float,
+        help="cap on the dynamic threshold s (default: none for dynamic, 1.5 for dynamic_if)",
+    )
     sample.add_argument("--class", dest="class_label", help="class index or name")
     sample.add_argument("--prompt", action="append", help="text prompt (repeat for several; one grid row each)")
     sample.add_argument("--prompt-file", dest="prompt_file", help="file with one prompt per line")
-    sample.add_argument("--negative-prompt", dest="negative_prompt", help="prompt for the unconditional branch of guidance")
-    sample.add_argument("--seed", type=arguments.seed, default=0, help="seed of the first batch (batch b uses seed + b)")
-    sample.add_argument("--batch-size", dest="batch_size", type=arguments.positive_int, default=16,
-                        help="images generated at once; each batch is written before the next starts")
+    sample.add_argument(
+        "--negative-prompt", dest="negative_prompt", help="prompt for the unconditional branch of guidance"
+    )
+    sample.add_argument(
+        "--seed", type=arguments.seed, default=0, help="seed of the first batch (batch b uses seed + b)"
+    )
+    sample.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=arguments.positive_int,
+        default=16,
+        help="images generated at once; each batch is written before the next starts",
+    )
     sample.add_argument("--out", help="a new or empty folder (default: the next RUN/samples/sample_STEP_NNN)")
-    sample.add_argument("--fps", type=arguments.fps, default=DEFAULT_FPS, help="frames per second of a video run's mp4/gif")
+    sample.add_argument(
+        "--fps", type=arguments.fps, default=DEFAULT_FPS, help="frames per second of a video run's mp4/gif"
+    )
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)

@@ -1,6 +1,6 @@
 """``mdm serve``: a web demo of runs or checkpoints (gradio, imported only here).
 
-    mdm serve runs/emoji64 runs/emoji64-class --port 7860
+mdm serve runs/emoji64 runs/emoji64-class --port 7860
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Needs the `web` extra (gradio). See docs/web.md."
         ),
     )
-    serve.add_argument("models", nargs="+", metavar="RUN_OR_CHECKPOINT", help="run directories or checkpoint directories")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default: this machine only; 0.0.0.0 lets anyone who can reach it in)")
+    serve.add_argument(
+        "models", nargs="+", metavar="RUN_OR_CHECKPOINT", help="run directories or checkpoint directories"
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only; 0.0.0.0 lets anyone who can reach it in)",
+    )
     serve.add_argument("--port", type=arguments.port, default=7860)
     serve.add_argument("--device", default="auto")
     serve.set_defaults(func=cmd_serve)

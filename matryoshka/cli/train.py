@@ -21,14 +21,23 @@ if TYPE_CHECKING:
     from ..training.lock import RunLock
 
 
-
 def describe_size(dataset, frames: int = 0) -> str:
     if getattr(dataset, "streaming", False):  # a stream is only counted as it is read
         return f"{len(dataset.urls)} streamed shards"
     return f"{len(dataset)} clips of {frames} frames" if frames else f"{len(dataset)} images"
 
-FIXED_IN_A_RUN = ("model", "diffusion", "data.resolution", "data.label", "data.captions", "text.encoder",
-                  "text.max_length", "text.mlmdm_compat", "stages")
+
+FIXED_IN_A_RUN = (
+    "model",
+    "diffusion",
+    "data.resolution",
+    "data.label",
+    "data.captions",
+    "text.encoder",
+    "text.max_length",
+    "text.mlmdm_compat",
+    "stages",
+)
 """Settings the saved weights, optimizer state or stage history depend on: an existing run keeps them."""
 
 
@@ -47,8 +56,11 @@ def _changes(requested: RunConfig, saved: RunConfig) -> tuple[list[str], list[st
     new, old = _flatten(to_dict(requested)), _flatten(to_dict(saved))
     changed = [key for key in sorted(set(new) | set(old)) if key != "run_dir" and new.get(key) != old.get(key)]
     lines = [f"{key}: {short(old.get(key), 40)} -> {short(new.get(key), 40)}" for key in changed]
-    fixed = [line for key, line in zip(changed, lines, strict=True)
-             if key.split(".")[0] in FIXED_IN_A_RUN or key in FIXED_IN_A_RUN]
+    fixed = [
+        line
+        for key, line in zip(changed, lines, strict=True)
+        if key.split(".")[0] in FIXED_IN_A_RUN or key in FIXED_IN_A_RUN
+    ]
     return lines, fixed
 
 
@@ -145,8 +157,16 @@ def launch_torchrun(args: argparse.Namespace) -> int:
             skip_next = True
         elif not arg.startswith(("--nproc=", "--torchrun-args=")):
             forwarded.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", *args.torchrun_args,
-               "-m", "matryoshka.cli", *forwarded]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={args.nproc}",
+        *args.torchrun_args,
+        "-m",
+        "matryoshka.cli",
+        *forwarded,
+    ]
     print("launching: " + " ".join(command), flush=True)
     return subprocess.call(command)
 
@@ -216,9 +236,12 @@ def _train(config: RunConfig, resuming: bool, checkpoint: Path | None, dist) -> 
     elif resuming:
         say(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
     stages = "" if len(trainer.stages) == 1 else f" in {len(trainer.stages)} stages"
-    say(f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
-        f"parameters) on {describe_size(trainer.dataset, config.data.frames)} at {config.data.resolution}px, {trainer.total_steps} steps"
-        f"{stages}, device {trainer.device}")
+    say(
+        f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
+        f"parameters) on {describe_size(trainer.dataset, config.data.frames)} at "
+        f"{config.data.resolution}px, {trainer.total_steps} steps"
+        f"{stages}, device {trainer.device}"
+    )
     if trainer.step >= trainer.total_steps:
         say(f"nothing to train: the run is at step {trainer.step} of {trainer.total_steps} (raise train.steps)")
     report = getattr(trainer.dataset, "skip_report", None)
@@ -236,7 +259,10 @@ def _train(config: RunConfig, resuming: bool, checkpoint: Path | None, dist) -> 
             "run the same command to resume from the last checkpoint"
         ) from None
     samples = sorted((run_dir / "samples").glob(f"step_{trainer.step:08d}_*.png"))
-    say(f"done: {trainer.step} steps. run: {run_dir}  checkpoint: {checkpoint}  samples: {', '.join(str(p) for p in samples)}")
+    say(
+        f"done: {trainer.step} steps. run: {run_dir}  checkpoint: {checkpoint}  samples: "
+        f"{', '.join(str(p) for p in samples)}"
+    )
     return 0
 
 
@@ -244,10 +270,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model (resumes an existing run directory)")
     train.add_argument("config", nargs="?", help=f"preset name or YAML file (default: {DEFAULT_PRESET})")
     train.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. train.steps=2000")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue this run directory, or go back to one of its checkpoints "
-                       "(RUN/checkpoints/step_N)")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run directory, or go back to one of its checkpoints (RUN/checkpoints/step_N)",
+    )
     train.add_argument("--nproc", type=int, help="launch torchrun with this many processes per node")
-    train.add_argument("--torchrun-args", dest="torchrun_args", default=[], type=str.split,
-                       help='extra torchrun flags for multi-node runs, e.g. "--nnodes=2 --node_rank=0 --rdzv_endpoint=host:29500"')
+    train.add_argument(
+        "--torchrun-args",
+        dest="torchrun_args",
+        default=[],
+        type=str.split,
+        help='extra torchrun flags for multi-node runs, e.g. "--nnodes=2 --node_rank=0 --rdzv_endpoint=host:29500"',
+    )
     train.set_defaults(func=cmd_train)

@@ -14,7 +14,6 @@ from ..models.presets import tiny_video as tiny_video_model
 from .loader import load_config
 from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig, upgrade_run_data
 
-
 STAGE1_MINUTES = 8.0
 """How long ``emoji64`` trains its 16² UNet alone before growing (or 4000 steps, if sooner)."""
 
@@ -40,8 +39,9 @@ def emoji64() -> RunConfig:
         model=emoji64_model(2),
         diffusion=DiffusionConfig(loss_weighting="min_snr", upsampled_residual=True),
         data=DataConfig(resolution=64),
-        train=TrainConfig(steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25,
-                          checkpoint_every=500, sample_every=1000),
+        train=TrainConfig(
+            steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=500, sample_every=1000
+        ),
         stages=[StageConfig(levels=1, steps=4000, minutes=STAGE1_MINUTES), StageConfig(levels=2, batch_size=16)],
     )
 
@@ -59,9 +59,22 @@ def emoji64_class() -> RunConfig:
 
 
 EMOJI_PROMPTS = [
-    "red heart", "green heart", "blue heart", "yellow heart", "smiling face with sunglasses", "cat face",
-    "dog face", "red apple", "green apple", "car", "rocket", "flag: Japan", "grinning face", "pile of poo",
-    "fire", "snowman",
+    "red heart",
+    "green heart",
+    "blue heart",
+    "yellow heart",
+    "smiling face with sunglasses",
+    "cat face",
+    "dog face",
+    "red apple",
+    "green apple",
+    "car",
+    "rocket",
+    "flag: Japan",
+    "grinning face",
+    "pile of poo",
+    "fire",
+    "snowman",
 ]
 
 
@@ -111,8 +124,14 @@ def tiny_video() -> RunConfig:
 
 
 EMOJI_VIDEO_PROMPTS = [
-    "red heart moving left", "red heart moving right", "cat face growing", "grinning face bouncing",
-    "rocket moving up", "red apple moving down", "star rotating", "fire growing",
+    "red heart moving left",
+    "red heart moving right",
+    "cat face growing",
+    "grinning face bouncing",
+    "rocket moving up",
+    "red apple moving down",
+    "star rotating",
+    "fire growing",
 ]
 
 
@@ -123,8 +142,9 @@ def emoji_video() -> RunConfig:
         model=emoji_video_model(),
         diffusion=DiffusionConfig(loss_weighting="min_snr", upsampled_residual=True),
         data=DataConfig(source="emoji-motion", resolution=32, frames=8),
-        train=TrainConfig(steps=6000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25,
-                          checkpoint_every=250, sample_every=500),
+        train=TrainConfig(
+            steps=6000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=250, sample_every=500
+        ),
         sample=SampleConfig(num=8),
     )
 

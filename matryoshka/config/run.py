@@ -101,8 +101,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_finite(vars(self))
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "sample_every", "max_nonfinite_steps")
+        positive = (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "sample_every",
+            "max_nonfinite_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -312,7 +320,8 @@ class RunConfig:
             earlier = sum(stage.steps for stage in self.stages[:-1])
             if self.stages[-1].steps is None and earlier >= self.train.steps:
                 raise ValueError(
-                    f"the stages before the last take {earlier} steps, which leaves none of train.steps={self.train.steps} "
+                    f"the stages before the last take {earlier} steps, which leaves none of "
+                    f"train.steps={self.train.steps} "
                     "for the last one: raise train.steps or give the last stage its own steps"
                 )
             counts = [stage.levels for stage in self.stages]

@@ -141,9 +141,9 @@ def _check(value: Any, tp: Any, path: str) -> None:
         item_type = child_type(tp, "", path, path)
         for key, item in value.items():
             _check(item, item_type, join(path, key))
-    elif tp in (int, float) and isinstance(value, bool):
-        raise mismatch(value, tp, path)
-    elif tp is bool and not (isinstance(value, bool) or str(value).strip().lower() in ("true", "false")):
+    elif (tp in (int, float) and isinstance(value, bool)) or (
+        tp is bool and not (isinstance(value, bool) or str(value).strip().lower() in ("true", "false"))
+    ):
         raise mismatch(value, tp, path)
 
 

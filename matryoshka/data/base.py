@@ -83,7 +83,7 @@ def absolute(path: str | Path) -> Path:
 
 
 def _short(where: str, limit: int = 80) -> str:
-    return where if len(where) <= limit else "..." + where[-(limit - 3):]
+    return where if len(where) <= limit else "..." + where[-(limit - 3) :]
 
 
 ItemKey = int | tuple[int, int]

@@ -32,8 +32,17 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 _BOOLS = ("hflip", "captions", "shuffle", "verify", "emoji_keep_unnamed")
 # Integer fields and their smallest allowed value.
-_INTS = {"resolution": 8, "num_workers": 0, "seed": 0, "max_image_pixels": 1, "shuffle_buffer": 0, "retries": 0,
-         "num_classes": 0, "frames": 0, "frame_stride": 1}
+_INTS = {
+    "resolution": 8,
+    "num_workers": 0,
+    "seed": 0,
+    "max_image_pixels": 1,
+    "shuffle_buffer": 0,
+    "retries": 0,
+    "num_classes": 0,
+    "frames": 0,
+    "frame_stride": 1,
+}
 
 
 class DataConfigError(ValueError):
@@ -136,17 +145,22 @@ class DataConfig:
                 "label", f"must be one of {list(allowed)} for source {self.source!r}, got {self.label!r}"
             )
         # an int is a fine number of seconds; a bool is not
-        if isinstance(self.retry_delay, bool) or not isinstance(self.retry_delay, (int, float)) or not (
-            0 <= self.retry_delay < float("inf")
+        if (
+            isinstance(self.retry_delay, bool)
+            or not isinstance(self.retry_delay, (int, float))
+            or not (0 <= self.retry_delay < float("inf"))
         ):
             raise DataConfigError("retry_delay", f"must be a number of seconds >= 0, got {self.retry_delay!r}")
         if self.source == "shards" and self.label == "cls" and self.num_classes < 1:
-            raise DataConfigError("num_classes", "must be >= 1 with source 'shards' and label 'cls' (a stream has "
-                                  "no up-front count of its classes)")
+            raise DataConfigError(
+                "num_classes",
+                "must be >= 1 with source 'shards' and label 'cls' (a stream has no up-front count of its classes)",
+            )
         if (self.source in VIDEO_SOURCES) != (self.frames > 0):
             raise DataConfigError(
-                "frames", f"must be >= 1 for the video sources {list(VIDEO_SOURCES)} and 0 for image sources "
-                f"(source {self.source!r}, frames {self.frames})"
+                "frames",
+                f"must be >= 1 for the video sources {list(VIDEO_SOURCES)} and 0 for image sources "
+                f"(source {self.source!r}, frames {self.frames})",
             )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")

@@ -126,7 +126,7 @@ def verify_image(src: BytesOrPath, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -
             im.close()
     except BadImage:
         raise
-    except Exception as exc:  # noqa: BLE001 - every decoder error means "bad file"
+    except Exception as exc:
         raise _classify(exc) from None
 
 
@@ -213,14 +213,14 @@ def decode_rgb(src: BytesOrPath, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min
         return to_rgb(im)
     except BadImage:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _classify(exc) from None
 
 
 def _has_orientation(im: Image.Image) -> bool:
     try:
         return im.getexif().get(0x0112, 1) not in (0, 1)
-    except Exception:  # noqa: BLE001 - bad EXIF is not a reason to drop the image
+    except Exception:
         return False
 
 
@@ -237,7 +237,7 @@ def load_image(
     try:
         im = resize_crop_flip(im, resolution, crop, hflip, rng)
         arr = np.array(im, dtype=np.uint8)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _classify(exc) from None
     return uint8_to_tensor(arr)
 

@@ -231,7 +231,7 @@ class ResumableLoader:
     def __del__(self):  # pragma: no cover - best effort
         try:
             self.close()
-        except Exception:  # noqa: BLE001, S110 - at interpreter exit the worker machinery may already be gone
+        except Exception:
             pass
 
 
@@ -259,9 +259,19 @@ def make_loader(
     if getattr(dataset, "streaming", False):
         from .stream_loader import StreamLoader
 
-        return StreamLoader(dataset, batch_size, seed, rank=rank, world_size=world_size, start_step=start_step,
-                            num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
-                            prefetch_factor=prefetch_factor, state=state)
+        return StreamLoader(
+            dataset,
+            batch_size,
+            seed,
+            rank=rank,
+            world_size=world_size,
+            start_step=start_step,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            state=state,
+        )
     return ResumableLoader(
         dataset,
         batch_size,

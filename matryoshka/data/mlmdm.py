@@ -166,10 +166,7 @@ class MLMDMTSVDataset(ImageDataset):
         return scan
 
     def _found_summary(self) -> str:
-        return (
-            f"{len(self.shard_tsvs)} shard TSV(s) with {self._found['rows']} rows, "
-            f"{len(self.tar_paths)} tar file(s)"
-        )
+        return f"{len(self.shard_tsvs)} shard TSV(s) with {self._found['rows']} rows, {len(self.tar_paths)} tar file(s)"
 
     def describe(self, i: int) -> str:
         tid, member = self.items[i][0], self.items[i][1]

@@ -21,8 +21,16 @@ from .base import ImageDataset
 from .imagefolder import ImageFolderDataset
 
 # image folders may hold these; the shards source reads all of them
-_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".gif": "gif",
-               ".tif": "tif", ".tiff": "tif"}
+_EXTENSIONS = {
+    ".jpg": "jpg",
+    ".jpeg": "jpg",
+    ".png": "png",
+    ".webp": "webp",
+    ".bmp": "bmp",
+    ".gif": "gif",
+    ".tif": "tif",
+    ".tiff": "tif",
+}
 
 
 def _png(image) -> bytes:
@@ -71,7 +79,12 @@ def write_shards(dataset: ImageDataset, out: str | Path, per_shard: int) -> dict
             count += 1
         shards = sink.shard
     pattern = str(out / f"shard-{{000000..{max(shards - 1, 0):06d}}}.tar")
-    summary = {"count": count, "shards": shards, "pattern": pattern, "class_names": list(dataset.class_names),
-               "seconds": round(time.perf_counter() - start, 3)}
+    summary = {
+        "count": count,
+        "shards": shards,
+        "pattern": pattern,
+        "class_names": list(dataset.class_names),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     (out / "info.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -63,8 +63,12 @@ class StreamLoader:
         self._loader: DataLoader | None = None
 
     def _check_state(self, state: dict[str, Any]) -> None:
-        layout = {"batch_size": self.batch_size, "world_size": self.world_size,
-                  "num_workers": max(self.num_workers, 1), "seed": self.seed}
+        layout = {
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_workers": max(self.num_workers, 1),
+            "seed": self.seed,
+        }
         changed = {k: (state[k], v) for k, v in layout.items() if k in state and state[k] != v}
         if changed:
             warnings.warn(
@@ -92,15 +96,22 @@ class StreamLoader:
         }
 
     def _start(self) -> None:
-        self.dataset.layout = {"batch_size": self.batch_size, "seed": self.seed, "rank": self.rank,
-                               "world_size": self.world_size, "start_step": self.step, "shuffle": self.shuffle,
-                               "counts": dict(self.counts)}
+        self.dataset.layout = {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "start_step": self.step,
+            "shuffle": self.shuffle,
+            "counts": dict(self.counts),
+        }
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
         # batch_size=None: each reader makes whole batches, so a batch never mixes readers
-        self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                  pin_memory=self.pin_memory, **kwargs)
+        self._loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs
+        )
         self._iter = iter(self._loader)
 
     def __iter__(self) -> StreamLoader:

@@ -183,9 +183,15 @@ class StreamingShards(IterableDataset):
     @property
     def skipped(self) -> dict[str, Any]:
         log = self.skip_log
-        return {"total": log.total, "index_time": 0, "load_time": log.total, "by_reason": dict(log.counts),
-                "examples": {r: list(v) for r, v in log.examples.items()}, "warnings": dict(log.warnings),
-                "warning_examples": {k: list(v) for k, v in log.warning_examples.items()}}
+        return {
+            "total": log.total,
+            "index_time": 0,
+            "load_time": log.total,
+            "by_reason": dict(log.counts),
+            "examples": {r: list(v) for r, v in log.examples.items()},
+            "warnings": dict(log.warnings),
+            "warning_examples": {k: list(v) for k, v in log.warning_examples.items()},
+        }
 
     def skip_report(self) -> str:
         log = self.skip_log
@@ -376,7 +382,12 @@ class _SlotStream:
             while len(batch) >= bs:
                 out = collate(batch[:bs])
                 batch = batch[bs:]
-                out["_stream"] = {"slot": self.slot, "position": dict(self.where), "counts": self.new_counts,
-                                  "skips": self.log, "read": read}
+                out["_stream"] = {
+                    "slot": self.slot,
+                    "position": dict(self.where),
+                    "counts": self.new_counts,
+                    "skips": self.log,
+                    "read": read,
+                }
                 self.new_counts, self.log, read = {}, SkipLog(), 0
                 yield out

@@ -72,7 +72,7 @@ def read_member(path: str, offset: int, size: int) -> bytes:
     recently used closed first); a forked worker opens its own.
     """
     global _FDS_PID
-    if _FDS_PID != os.getpid():  # forked worker: the parent's descriptors are not ours
+    if os.getpid() != _FDS_PID:  # forked worker: the parent's descriptors are not ours
         _FDS.clear()
         _FDS_PID = os.getpid()
     fd = _FDS.get(path)
@@ -99,7 +99,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = _BRACE.search(pattern)
     if not m:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?", body)
     if rng:
         a, b = int(rng.group(1)), int(rng.group(2))

@@ -64,9 +64,7 @@ def eps_from_x0(z: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     return (z - alpha * x0) / sigma
 
 
-def convert_prediction(
-    pred: Tensor, source: str, target: str, z: Tensor, alpha: Tensor, sigma: Tensor
-) -> Tensor:
+def convert_prediction(pred: Tensor, source: str, target: str, z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """Convert a prediction of type ``source`` into type ``target`` at noisy input z."""
     _check_prediction(source)
     _check_prediction(target)
@@ -116,9 +114,7 @@ def loss_weight(kind: str, log_snr: Tensor, weighting: LossWeighting, gamma: flo
 
 def _check_prediction(kind: str) -> None:
     if kind not in PREDICTION_TYPES:
-        raise ValueError(
-            f"unknown prediction type {kind!r}; valid types: {', '.join(PREDICTION_TYPES)}"
-        )
+        raise ValueError(f"unknown prediction type {kind!r}; valid types: {', '.join(PREDICTION_TYPES)}")
 
 
 # ----- the process ------------------------------------------------------------
@@ -293,9 +289,7 @@ class MatryoshkaDiffusion:
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Integer t ~ U{1, ..., T}, one per sample."""
-        return torch.randint(
-            1, self.num_steps + 1, (batch_size,), generator=generator, device=device
-        )
+        return torch.randint(1, self.num_steps + 1, (batch_size,), generator=generator, device=device)
 
     @staticmethod
     def model_time(t: Tensor) -> Tensor:
@@ -384,10 +378,7 @@ class MatryoshkaDiffusion:
         if bool(((t < 1) | (t > self.num_steps)).any()):
             raise ValueError(f"training timesteps must lie in [1, {self.num_steps}]")
         if noise is None:
-            noise = [
-                torch.randn(lv.shape, generator=generator, device=device, dtype=lv.dtype)
-                for lv in levels
-            ]
+            noise = [torch.randn(lv.shape, generator=generator, device=device, dtype=lv.dtype) for lv in levels]
         z = self.add_noise(levels, t, noise)
         k = self.top_batch(batch)
         z[0] = z[0][:k]
@@ -405,14 +396,15 @@ class MatryoshkaDiffusion:
             # Loss in float32 even under autocast: bf16 squares lose too much.
             zi = z[level].float()
             alpha, sigma = self.coefficients(level, t[:n], zi)
-            pred_t = convert_prediction(
-                pred.float(), self.prediction, self.loss_target, zi, alpha, sigma
-            )
+            pred_t = convert_prediction(pred.float(), self.prediction, self.loss_target, zi, alpha, sigma)
             target = prediction_target(
                 self.loss_target, levels[level][:n].float(), noise[level][:n].float(), alpha, sigma
             )
             weight = loss_weight(
-                self.loss_target, self.schedule_for_level(level).log_snr(t[:n]).float(), self.loss_weighting, self.min_snr_gamma
+                self.loss_target,
+                self.schedule_for_level(level).log_snr(t[:n]).float(),
+                self.loss_weighting,
+                self.min_snr_gamma,
             )
             level_loss = (weight * (pred_t - target).pow(2).flatten(1).mean(1)).mean()
             logs[f"loss/{level_name(pred)}"] = level_loss.detach()

@@ -69,8 +69,7 @@ def unconditional_of(cond: Any) -> Any:
     if hasattr(cond, "unconditional"):
         return cond.unconditional()
     raise TypeError(
-        f"conditioning of type {type(cond).__name__} has no .unconditional(); "
-        "pass uncond explicitly to use guidance"
+        f"conditioning of type {type(cond).__name__} has no .unconditional(); pass uncond explicitly to use guidance"
     )
 
 

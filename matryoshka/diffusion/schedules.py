@@ -101,9 +101,7 @@ def squaredcos(num_steps: int = 1000) -> NoiseSchedule:
     return _from_betas(betas, "squaredcos")
 
 
-def logsnr_cosine(
-    num_steps: int = 1000, logsnr_min: float = -5.0, logsnr_max: float = 5.0
-) -> NoiseSchedule:
+def logsnr_cosine(num_steps: int = 1000, logsnr_min: float = -5.0, logsnr_max: float = 5.0) -> NoiseSchedule:
     """Cosine schedule in log-SNR, truncated to [logsnr_min, logsnr_max] (ml-mdm COSINE).
 
     As in ml-mdm ``schedule_cosine``: for t = 1..T, with u = (t-1)/(T-1),
@@ -119,9 +117,7 @@ def logsnr_cosine(
     return NoiseSchedule(gammas, kind="logsnr_cosine")
 
 
-def linear(
-    num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> NoiseSchedule:
+def linear(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
     """DDPM linear betas (Ho et al. 2020): beta_i evenly spaced in [beta_start, beta_end]."""
     _check_steps(num_steps)
     betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
@@ -132,9 +128,7 @@ def make_schedule(kind: str, num_steps: int = 1000) -> NoiseSchedule:
     """Build a schedule by name; ``kind`` is one of :data:`SCHEDULE_KINDS`."""
     builders = {"squaredcos": squaredcos, "logsnr_cosine": logsnr_cosine, "linear": linear}
     if kind not in builders:
-        raise ValueError(
-            f"unknown noise schedule {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}"
-        )
+        raise ValueError(f"unknown noise schedule {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}")
     return builders[kind](num_steps)
 
 

@@ -30,8 +30,9 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995, max_value: float | 
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def threshold_x0(x0: Tensor, clip: bool = True, dynamic: float | None = None,
-                 dynamic_max: float | None = None) -> Tensor:
+def threshold_x0(
+    x0: Tensor, clip: bool = True, dynamic: float | None = None, dynamic_max: float | None = None
+) -> Tensor:
     """Apply dynamic thresholding (if ``dynamic`` is a percentile, s capped at ``dynamic_max``) and then
     clipping to [-1, 1] (a no-op after dynamic thresholding, whose s >= 1)."""
     if dynamic is not None:

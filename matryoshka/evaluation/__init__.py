@@ -11,8 +11,8 @@ from .evaluate import (
     run_evaluation,
 )
 from .features import FEATURE_NETWORKS, FeatureExtractor, build_feature_extractor, resolve_feature_name
-from .sampling import SampleCache, SampleSettings
 from .reference import LevelStats, ReferenceStats, compute_reference_stats, pool_levels
+from .sampling import SampleCache, SampleSettings
 from .stats import FeatureStats, frechet_distance, kernel_distance, precision_recall
 
 __all__ = [

@@ -14,8 +14,9 @@ the Hugging Face processor does (resize the short side, centre crop) up to resam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,16 @@ class ClipScorer:
     must return ``input_ids`` (and optionally ``attention_mask``), as Hugging Face tokenizers do.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, image_size: int | None = None,
-                 mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        image_size: int | None = None,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+        batch_size: int = 64,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -48,12 +57,14 @@ class ClipScorer:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 64) -> "ClipScorer":
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 64) -> ClipScorer:
         """Load a CLIP model, tokenizer and processor settings by hub name or local path."""
         try:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as error:
-            raise ImportError("the CLIP score needs transformers: pip install -c constraints.txt transformers") from error
+            raise ImportError(
+                "the CLIP score needs transformers: pip install -c constraints.txt transformers"
+            ) from error
         try:
             model = CLIPModel.from_pretrained(name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -99,11 +110,18 @@ class ClipScorer:
         """Texts -> unit-norm embeddings (N, E)."""
         outputs = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt")
+            tokens = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             mask = tokens.get("attention_mask")
-            pooled = self.model.text_model(input_ids=tokens["input_ids"].to(self.device),
-                                           attention_mask=None if mask is None else mask.to(self.device)).pooler_output
+            pooled = self.model.text_model(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=None if mask is None else mask.to(self.device),
+            ).pooler_output
             outputs.append(F.normalize(self.model.text_projection(pooled).float(), dim=-1).cpu())
         return torch.cat(outputs)
 

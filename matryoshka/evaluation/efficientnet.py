@@ -127,8 +127,9 @@ def preprocess(images: Tensor) -> Tensor:
     images = images.float()
     if images.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
         shrinking = images.shape[-1] > INPUT_SIZE or images.shape[-2] > INPUT_SIZE
-        images = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                               align_corners=False, antialias=shrinking)
+        images = F.interpolate(
+            images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=shrinking
+        )
     return ((images + 1) * 127.5 - 127.0) / 128.0
 
 
@@ -147,7 +148,9 @@ def shipped_weights_path() -> Path:
     return path
 
 
-def load_efficientnet_lite0(path: str | Path | None = None, map_location: str | torch.device = "cpu") -> EfficientNetLite0:
+def load_efficientnet_lite0(
+    path: str | Path | None = None, map_location: str | torch.device = "cpu"
+) -> EfficientNetLite0:
     """The network with ImageNet weights (``path`` or the shipped file), in eval mode."""
     path = Path(path) if path is not None else shipped_weights_path()
     try:
@@ -158,5 +161,7 @@ def load_efficientnet_lite0(path: str | Path | None = None, map_location: str | 
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise EvaluationError(f"{path} is not an EfficientNet-Lite0 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise EvaluationError(
+            f"{path} is not an EfficientNet-Lite0 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.eval()

@@ -14,9 +14,10 @@ Sample ``i`` of batch ``b`` depends only on (checkpoint, sampler settings, seed,
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,9 +59,17 @@ def level_key(size: int) -> str:
 _REFERENCE_CACHE: dict[tuple, ReferenceStats] = {}
 
 
-def load_reference(reference, extractor: FeatureExtractor, resolution: int, sizes: Sequence[int], run_data=None,
-                   max_images: int | None = None, max_features: int | None = 10_000, batch_size: int = 64,
-                   progress: bool = False) -> ReferenceStats:
+def load_reference(
+    reference,
+    extractor: FeatureExtractor,
+    resolution: int,
+    sizes: Sequence[int],
+    run_data=None,
+    max_images: int | None = None,
+    max_features: int | None = 10_000,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> ReferenceStats:
     """A :class:`ReferenceStats` from stats, a ``.npz`` path, or a data spec (folder, ``emoji``,
     ``train``); statistics computed from data are kept for the rest of the process."""
     if isinstance(reference, ReferenceStats):
@@ -71,11 +80,28 @@ def load_reference(reference, extractor: FeatureExtractor, resolution: int, size
         if not path.is_file():
             raise FileNotFoundError(f"reference statistics {path} do not exist")
         return ReferenceStats.load(path)
-    key = (spec, extractor.name, extractor.weights, resolution, tuple(sizes), max_images, max_features,
-           repr(run_data) if spec == "train" else None)
+    key = (
+        spec,
+        extractor.name,
+        extractor.weights,
+        resolution,
+        tuple(sizes),
+        max_images,
+        max_features,
+        repr(run_data) if spec == "train" else None,
+    )
     if key not in _REFERENCE_CACHE:
-        _REFERENCE_CACHE[key] = compute_reference_stats(spec, extractor, resolution, sizes, max_images, max_features,
-                                                        batch_size, run_data=run_data, progress=progress)
+        _REFERENCE_CACHE[key] = compute_reference_stats(
+            spec,
+            extractor,
+            resolution,
+            sizes,
+            max_images,
+            max_features,
+            batch_size,
+            run_data=run_data,
+            progress=progress,
+        )
     return _REFERENCE_CACHE[key]
 
 
@@ -95,8 +121,9 @@ def _class_names(pipeline, class_names):
     return list(class_names) if class_names is not None else list(getattr(pipeline, "class_names", []))
 
 
-def clip_texts(labels: np.ndarray, prompt: str | None, class_names: Sequence[str] | None,
-               prompts: Sequence[str] | None = None) -> list[str]:
+def clip_texts(
+    labels: np.ndarray, prompt: str | None, class_names: Sequence[str] | None, prompts: Sequence[str] | None = None
+) -> list[str]:
     """One text per sample: the sample's own prompt (text-to-image models), else ``prompt``
     with ``{}`` replaced by the class name, else ``prompt`` as it is."""
     if prompts:
@@ -105,21 +132,42 @@ def clip_texts(labels: np.ndarray, prompt: str | None, class_names: Sequence[str
         template = prompt or "{}"
         return [template.replace("{}", class_names[int(label)]) for label in labels]
     if not prompt or "{}" in prompt:
-        raise EvaluationError("the CLIP score needs a text per image: this model has no class names, so pass a fixed "
-                              "--clip-prompt TEXT (without {})")
+        raise EvaluationError(
+            "the CLIP score needs a text per image: this model has no class names, so pass a fixed "
+            "--clip-prompt TEXT (without {})"
+        )
     return [prompt] * len(labels)
 
 
 # ----------------------------------------------------------------------------- evaluation
-def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence[str] = ("fd",),
-                   feature: str | FeatureExtractor | None = "effnet-lite0", *, sampler: str | None = None,
-                   steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 16,
-                   cache_dir: str | Path | None = None, ema: bool | None = None, inception_weights: str | Path | None = None,
-                   device: str | torch.device | None = None, feature_batch_size: int = 64, kid_subset_size: int = 1000,
-                   kid_subsets: int = 100, pr_k: int = 3, max_features: int | None = 10_000,
-                   max_reference_images: int | None = None, clip_model: str | Any = None,
-                   clip_prompt: str | None = None, class_names: Sequence[str] | None = None,
-                   prompts: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
+def run_evaluation(
+    pipeline,
+    reference,
+    num: int = 1000,
+    metrics: str | Sequence[str] = ("fd",),
+    feature: str | FeatureExtractor | None = "effnet-lite0",
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    cache_dir: str | Path | None = None,
+    ema: bool | None = None,
+    inception_weights: str | Path | None = None,
+    device: str | torch.device | None = None,
+    feature_batch_size: int = 64,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    pr_k: int = 3,
+    max_features: int | None = 10_000,
+    max_reference_images: int | None = None,
+    clip_model: str | Any = None,
+    clip_prompt: str | None = None,
+    class_names: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Generate ``num`` samples and compare each pyramid level with the reference.
 
     ``reference``: a :class:`ReferenceStats`, a ``.npz`` from ``mdm eval-stats``, an image
@@ -156,29 +204,49 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
         # The data every stage of a run trains on is pooled from data.resolution, also while a
         # progressive run is still at its inner levels.
         data_resolution = pipeline.config.data.resolution
-        ref = load_reference(reference, extractor, data_resolution, sizes, pipeline.config.data,
-                             max_reference_images, max_features, feature_batch_size, progress)
+        ref = load_reference(
+            reference,
+            extractor,
+            data_resolution,
+            sizes,
+            pipeline.config.data,
+            max_reference_images,
+            max_features,
+            feature_batch_size,
+            progress,
+        )
         ref.check_compatible(extractor, sizes, data_resolution)
         if set(chosen) & set(NEEDS_FEATURES) and not ref.has_features:
-            raise EvaluationError("KID and precision/recall need the reference's feature vectors, which these statistics "
-                                  "do not hold: recompute them with `mdm eval-stats --max-features N` or use --metrics fd")
+            raise EvaluationError(
+                "KID and precision/recall need the reference's feature vectors, which these statistics "
+                "do not hold: recompute them with `mdm eval-stats --max-features N` or use --metrics fd"
+            )
 
     scorer, names = None, None
     if "clip" in chosen:
         from .clip import ClipScorer
 
         if clip_model is None:
-            raise EvaluationError("the CLIP score needs a CLIP model: pass --clip-model NAME_OR_PATH "
-                                  "(e.g. openai/clip-vit-base-patch32)")
-        scorer = clip_model if isinstance(clip_model, ClipScorer) else ClipScorer.from_pretrained(str(clip_model), device)
+            raise EvaluationError(
+                "the CLIP score needs a CLIP model: pass --clip-model NAME_OR_PATH (e.g. openai/clip-vit-base-patch32)"
+            )
+        scorer = (
+            clip_model if isinstance(clip_model, ClipScorer) else ClipScorer.from_pretrained(str(clip_model), device)
+        )
         names = _class_names(pipeline, class_names) if pipeline.model.config.num_classes else None
 
     cache = None
     if cache_dir is not None:
-        cache = SampleCache(cache_dir, {
-            "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None, "step": pipeline.step, "ema": ema,
-            "levels": sizes, **asdict(settings),
-        })
+        cache = SampleCache(
+            cache_dir,
+            {
+                "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
+                "step": pipeline.step,
+                "ema": ema,
+                "levels": sizes,
+                **asdict(settings),
+            },
+        )
 
     keep = pick_subset(num, max_features, seed=1)
     fake_stats = {size: FeatureStats(extractor.dim) for size in sizes} if measure else {}
@@ -239,21 +307,29 @@ def run_evaluation(pipeline, reference, num: int = 1000, metrics: str | Sequence
         "step": pipeline.step,
         "ema": ema,
         "sampling": asdict(settings),
-        "reference": None if ref is None else {
+        "reference": None
+        if ref is None
+        else {
             "source": ref.source or ref.meta.get("path", ""),
             "stats_file": ref.meta.get("path"),
             "count": {level_key(s): ref.levels[s].count for s in sizes},
-            "features_kept": {level_key(s): 0 if ref.levels[s].features is None else len(ref.levels[s].features) for s in sizes},
+            "features_kept": {
+                level_key(s): 0 if ref.levels[s].features is None else len(ref.levels[s].features) for s in sizes
+            },
         },
         "cache": str(cache.directory) if cache is not None else None,
-        "seconds": {"sampling_and_features": round(generation_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+        "seconds": {
+            "sampling_and_features": round(generation_seconds, 2),
+            "total": round(time.perf_counter() - started, 2),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **details,
     }
     if scorer is not None:
         report["clip"] = {"model": scorer.name, "prompt": clip_prompt, "convention": "100 * max(cos, 0), mean"}
-    report["warnings"] = _sample_size_warnings(num, None if ref is None else min(ref.levels[s].count for s in sizes),
-                                               measure)
+    report["warnings"] = _sample_size_warnings(
+        num, None if ref is None else min(ref.levels[s].count for s in sizes), measure
+    )
     return report
 
 
@@ -265,13 +341,22 @@ def _sample_size_warnings(num: int, reference_count: int | None, measured: bool)
     if not measured:
         return []
     sides = [("generated samples", num), ("reference images", reference_count)]
-    return [f"only {count} {what}: FD/KID from fewer than {FEW_IMAGES} images are dominated by noise and bias; "
-            "compare only numbers measured with the same counts" for what, count in sides
-            if count is not None and count < FEW_IMAGES]
+    return [
+        f"only {count} {what}: FD/KID from fewer than {FEW_IMAGES} images are dominated by noise and bias; "
+        "compare only numbers measured with the same counts"
+        for what, count in sides
+        if count is not None and count < FEW_IMAGES
+    ]
 
 
-def evaluate_pipeline(pipeline, reference, num: int = 1000, feature: str | FeatureExtractor = "effnet-lite0",
-                      metrics: str | Sequence[str] = ("fd",), **options) -> dict[str, float]:
+def evaluate_pipeline(
+    pipeline,
+    reference,
+    num: int = 1000,
+    feature: str | FeatureExtractor = "effnet-lite0",
+    metrics: str | Sequence[str] = ("fd",),
+    **options,
+) -> dict[str, float]:
     """Metrics only, e.g. ``{"fd_effnet-lite0/64x64": 41.2, "fd_effnet-lite0/16x16": 12.9}``.
 
     For periodic evaluation during training: the feature network and reference statistics
@@ -295,10 +380,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
     feature = report.get("feature")
     if feature:
-        note = "FID-comparable (standard weights)" if feature.get("fid_comparable") else "NOT comparable with published FIDs"
+        note = (
+            "FID-comparable (standard weights)"
+            if feature.get("fid_comparable")
+            else "NOT comparable with published FIDs"
+        )
         lines.append(f"features: {feature['name']} ({feature['dim']}-d, {feature['weights']}): {note}")
     sampling = report["sampling"]
-    lines.append(f"N={report['num']} samples, {sampling['sampler']} {sampling['steps']} steps, guidance {sampling['guidance']:g}, "
-                 f"seed {sampling['seed']}, checkpoint step {report['step']}")
+    lines.append(
+        f"N={report['num']} samples, {sampling['sampler']} {sampling['steps']} steps, guidance "
+        f"{sampling['guidance']:g}, "
+        f"seed {sampling['seed']}, checkpoint step {report['step']}"
+    )
     lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n".join(lines)

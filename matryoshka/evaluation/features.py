@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -101,7 +101,9 @@ def resolve_feature_name(name: str | None, inception_weights: str | Path | None 
     if name in (None, "auto"):
         return "inception" if inception_weights_available(inception_weights) else "effnet-lite0"
     if name not in FEATURE_NETWORKS:
-        raise EvaluationError(f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NETWORKS)} (or auto)")
+        raise EvaluationError(
+            f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NETWORKS)} (or auto)"
+        )
     return name
 
 
@@ -113,9 +115,13 @@ def _inference(network: nn.Module, device: torch.device) -> nn.Module:
     return fuse_batchnorm(network).to(device, memory_format=torch.channels_last).requires_grad_(False)
 
 
-def build_feature_extractor(name: str = "effnet-lite0", inception_weights: str | Path | None = None,
-                            device: str | torch.device = "cpu", batch_size: int = 64,
-                            download: bool = True) -> FeatureExtractor:
+def build_feature_extractor(
+    name: str = "effnet-lite0",
+    inception_weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    download: bool = True,
+) -> FeatureExtractor:
     """The named feature network with its weights, on ``device`` (cached per process)."""
     name = resolve_feature_name(name, inception_weights)
     device = torch.device(device)
@@ -129,17 +135,29 @@ def build_feature_extractor(name: str = "effnet-lite0", inception_weights: str |
 
         path = efficientnet.shipped_weights_path()
         network = efficientnet.load_efficientnet_lite0(path)
-        extractor = FeatureExtractor(name, efficientnet.FEATURE_DIM, _inference(network, device), efficientnet.preprocess,
-                                     weights=f"{efficientnet.WEIGHTS_PACKAGE}:{path.name}", batch_size=batch_size)
+        extractor = FeatureExtractor(
+            name,
+            efficientnet.FEATURE_DIM,
+            _inference(network, device),
+            efficientnet.preprocess,
+            weights=f"{efficientnet.WEIGHTS_PACKAGE}:{path.name}",
+            batch_size=batch_size,
+        )
     else:
         from . import inception
 
         path = inception.resolve_weights(inception_weights, download=download)
         digest = file_sha256(path)
         network = inception.load_fid_inception(path)
-        extractor = FeatureExtractor(name, inception.FEATURE_DIM, _inference(network, device), inception.preprocess,
-                                     weights=f"{path.name} sha256:{digest[:16]}",
-                                     fid_comparable=digest.startswith(INCEPTION_SHA256_PREFIX), batch_size=batch_size)
+        extractor = FeatureExtractor(
+            name,
+            inception.FEATURE_DIM,
+            _inference(network, device),
+            inception.preprocess,
+            weights=f"{path.name} sha256:{digest[:16]}",
+            fid_comparable=digest.startswith(INCEPTION_SHA256_PREFIX),
+            batch_size=batch_size,
+        )
     _CACHE[key] = extractor
     return extractor
 

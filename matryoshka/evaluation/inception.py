@@ -30,7 +30,9 @@ from .errors import EvaluationError
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_ENV = "MATRYOSHKA_INCEPTION_WEIGHTS"
 
 
@@ -62,12 +64,15 @@ class BlockA(nn.Module):  # Mixed_5b/5c/5d: 35x35
         self.branch_pool = ConvBN(cin, pool_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg3(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class BlockB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
@@ -79,11 +84,14 @@ class BlockB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class BlockC(nn.Module):  # Mixed_6b..6e: 17x17 with factorised 7x7 convolutions
@@ -105,12 +113,15 @@ class BlockC(nn.Module):  # Mixed_6b..6e: 17x17 with factorised 7x7 convolutions
         double = x
         for index in range(1, 6):
             double = getattr(self, f"branch7x7dbl_{index}")(double)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            double,
-            self.branch_pool(_avg3(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                double,
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class BlockD(nn.Module):  # Mixed_7a: 17x17 -> 8x8
@@ -146,12 +157,17 @@ class BlockE(nn.Module):  # Mixed_7b/7c: 8x8 with split 1x3 / 3x1 outputs
         single = self.branch3x3_1(x)
         double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(single), self.branch3x3_2b(single),
-            self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(single),
+                self.branch3x3_2b(single),
+                self.branch3x3dbl_3a(double),
+                self.branch3x3dbl_3b(double),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -228,8 +244,9 @@ def resolve_weights(path: str | Path | None = None, download: bool = True) -> Pa
     return cached
 
 
-def load_fid_inception(path: str | Path | None = None, download: bool = True,
-                       map_location: str | torch.device = "cpu") -> FIDInceptionV3:
+def load_fid_inception(
+    path: str | Path | None = None, download: bool = True, map_location: str | torch.device = "cpu"
+) -> FIDInceptionV3:
     """The network with the FID weights (see :func:`resolve_weights`), in eval mode."""
     path = resolve_weights(path, download)
     try:
@@ -245,5 +262,7 @@ def load_fid_inception(path: str | Path | None = None, download: bool = True,
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise EvaluationError(f"{path} is not the FID InceptionV3 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise EvaluationError(
+            f"{path} is not the FID InceptionV3 state dict (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.eval()

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ class ReferenceStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceStats":
+    def load(cls, path: str | Path) -> ReferenceStats:
         path = Path(path).expanduser()
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data or str(data["format"]) != FORMAT:
@@ -100,8 +100,10 @@ class ReferenceStats:
             }
             levels = {}
             for size in (int(s) for s in data["level_sizes"]):
-                features = data[f"features_{size}"] if f"features_{size}" in data else None
-                levels[size] = LevelStats(size, data[f"mean_{size}"], data[f"cov_{size}"], int(data[f"count_{size}"]), features)
+                features = data.get(f"features_{size}", None)
+                levels[size] = LevelStats(
+                    size, data[f"mean_{size}"], data[f"cov_{size}"], int(data[f"count_{size}"]), features
+                )
             return cls(feature, int(data["resolution"]), levels, str(data["source"]), {"path": str(path)})
 
     def check_compatible(self, extractor: FeatureExtractor, sizes: Sequence[int], resolution: int) -> None:
@@ -109,17 +111,25 @@ class ReferenceStats:
         features of images at these level sizes pooled from ``resolution``."""
         where = self.meta.get("path", "the reference statistics")
         if self.feature_name != extractor.name or int(self.feature["dim"]) != extractor.dim:
-            raise EvaluationError(f"{where} were computed with the feature network {self.feature_name!r}, not "
-                             f"{extractor.name!r}: pass --feature {self.feature_name} or recompute them")
+            raise EvaluationError(
+                f"{where} were computed with the feature network {self.feature_name!r}, not "
+                f"{extractor.name!r}: pass --feature {self.feature_name} or recompute them"
+            )
         if self.feature.get("weights") != extractor.weights:
-            raise EvaluationError(f"{where} were computed with other {self.feature_name} weights "
-                             f"({self.feature.get('weights')} vs {extractor.weights})")
+            raise EvaluationError(
+                f"{where} were computed with other {self.feature_name} weights "
+                f"({self.feature.get('weights')} vs {extractor.weights})"
+            )
         missing = [s for s in sizes if s not in self.levels]
         if missing:
-            raise EvaluationError(f"{where} have levels {self.level_sizes}, the model makes {list(sizes)}: "
-                             f"recompute with --levels {','.join(map(str, sizes))}")
+            raise EvaluationError(
+                f"{where} have levels {self.level_sizes}, the model makes {list(sizes)}: "
+                f"recompute with --levels {','.join(map(str, sizes))}"
+            )
         if self.resolution != resolution:
-            raise EvaluationError(f"{where} were pooled from {self.resolution}px images, the model's top level is {resolution}px")
+            raise EvaluationError(
+                f"{where} were pooled from {self.resolution}px images, the model's top level is {resolution}px"
+            )
 
 
 def pool_levels(images: Tensor, sizes: Sequence[int]) -> list[Tensor]:
@@ -140,9 +150,17 @@ def pick_subset(count: int, limit: int | None, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
-def stats_from_batches(batches: Iterable[list[Tensor]], total: int, sizes: Sequence[int], extractor: FeatureExtractor,
-                       resolution: int, max_features: int | None = 10_000, source: str = "", seed: int = 0,
-                       progress=None) -> ReferenceStats:
+def stats_from_batches(
+    batches: Iterable[list[Tensor]],
+    total: int,
+    sizes: Sequence[int],
+    extractor: FeatureExtractor,
+    resolution: int,
+    max_features: int | None = 10_000,
+    source: str = "",
+    seed: int = 0,
+    progress=None,
+) -> ReferenceStats:
     """Statistics of ``total`` images given as batches of levels (highest first, ``sizes``).
 
     ``max_features``: how many feature vectors to keep (a seeded subset); None keeps all, 0 none."""
@@ -164,8 +182,13 @@ def stats_from_batches(batches: Iterable[list[Tensor]], total: int, sizes: Seque
     if seen < 2:
         raise EvaluationError(f"need at least 2 reference images, got {seen}")
     levels = {
-        size: LevelStats(size, stats[size].mean, stats[size].cov, stats[size].count,
-                         np.concatenate(kept[size]) if kept[size] else None)
+        size: LevelStats(
+            size,
+            stats[size].mean,
+            stats[size].cov,
+            stats[size].count,
+            np.concatenate(kept[size]) if kept[size] else None,
+        )
         for size in sizes
     }
     return ReferenceStats(extractor.describe(), resolution, levels, source)
@@ -180,18 +203,24 @@ def reference_dataset(spec: str, resolution: int, run_data=None):
         if run_data is None:
             raise EvaluationError("reference 'train' needs a run (its data config)")
         if run_data.source == "shards":
-            raise EvaluationError("reference 'train' needs a data set of known size; data.source=shards is a stream: "
-                                  "give a folder of reference images or statistics from `mdm eval-stats`")
+            raise EvaluationError(
+                "reference 'train' needs a data set of known size; data.source=shards is a stream: "
+                "give a folder of reference images or statistics from `mdm eval-stats`"
+            )
         config = dataclasses.replace(run_data, resolution=resolution, hflip=False, crop="center", shuffle=False)
     elif spec == "emoji":
         base = run_data if run_data is not None and run_data.source == "emoji" else DataConfig()
-        config = dataclasses.replace(base, resolution=resolution, hflip=False, crop="center", shuffle=False, label="none")
+        config = dataclasses.replace(
+            base, resolution=resolution, hflip=False, crop="center", shuffle=False, label="none"
+        )
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"reference {spec!r}: no such folder or statistics file")
         if not path.is_dir():
-            raise EvaluationError(f"reference {spec!r} is neither a folder of images, a .npz from `mdm eval-stats`, 'emoji' nor 'train'")
+            raise EvaluationError(
+                f"reference {spec!r} is neither a folder of images, a .npz from `mdm eval-stats`, 'emoji' nor 'train'"
+            )
         config = DataConfig(source="imagefolder", path=str(path), resolution=resolution, shuffle=False)
     return build_dataset(config)
 
@@ -203,15 +232,25 @@ def _stack_images(items: list[dict]) -> Tensor:
 def dataset_batches(dataset, indices: np.ndarray, sizes: Sequence[int], batch_size: int, num_workers: int = 0):
     """Batches of pooled levels of ``dataset[indices]``."""
     subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_stack_images)
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_stack_images
+    )
     for images in loader:
         yield pool_levels(images, sizes)
 
 
-def compute_reference_stats(spec: str, extractor: FeatureExtractor, resolution: int, sizes: Sequence[int],
-                            max_images: int | None = None, max_features: int | None = 10_000, batch_size: int = 64,
-                            run_data=None, seed: int = 0, progress: bool = False) -> ReferenceStats:
+def compute_reference_stats(
+    spec: str,
+    extractor: FeatureExtractor,
+    resolution: int,
+    sizes: Sequence[int],
+    max_images: int | None = None,
+    max_features: int | None = 10_000,
+    batch_size: int = 64,
+    run_data=None,
+    seed: int = 0,
+    progress: bool = False,
+) -> ReferenceStats:
     """Read the reference images named by ``spec`` (see :func:`reference_dataset`) once and
     return their statistics at every level side in ``sizes`` (highest first)."""
     from tqdm.auto import tqdm

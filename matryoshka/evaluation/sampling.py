@@ -42,19 +42,30 @@ def prompts_digest(prompts: Sequence[str] | None) -> str:
     return f"{len(prompts)} prompts sha256:{digest}"
 
 
-def resolve_settings(pipeline, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-                     seed: int = 0, batch_size: int = 16, prompts: Sequence[str] | None = None) -> SampleSettings:
+def resolve_settings(
+    pipeline,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    prompts: Sequence[str] | None = None,
+) -> SampleSettings:
     """The effective settings: the run's ``sample`` config fills what is not given."""
     defaults = pipeline.config.sample
     if batch_size < 1:
         raise EvaluationError("batch size must be >= 1")
     text_model = bool(getattr(pipeline.model.config, "text_dim", 0))
     if text_model and not prompts:
-        raise EvaluationError("this is a text-to-image model: give the prompts to generate from (--prompts FILE, "
-                              "one per line; sample i uses prompt i mod their count)")
+        raise EvaluationError(
+            "this is a text-to-image model: give the prompts to generate from (--prompts FILE, "
+            "one per line; sample i uses prompt i mod their count)"
+        )
     if prompts and not text_model:
-        raise EvaluationError("this model has no text conditioning: --prompts needs a text-to-image model "
-                              "(use --clip-prompt for the CLIP score's text)")
+        raise EvaluationError(
+            "this model has no text conditioning: --prompts needs a text-to-image model "
+            "(use --clip-prompt for the CLIP score's text)"
+        )
     return SampleSettings(
         sampler=sampler or defaults.sampler,
         steps=int(steps or defaults.steps),
@@ -88,8 +99,10 @@ class SampleCache:
             saved = json.loads(path.read_text())
             if saved != self.meta:
                 changed = sorted(k for k in set(saved) | set(self.meta) if saved.get(k) != self.meta.get(k))
-                raise EvaluationError(f"the sample cache {self.directory} was made with other settings ({', '.join(changed)}); "
-                                      f"delete it or pass another --cache")
+                raise EvaluationError(
+                    f"the sample cache {self.directory} was made with other settings ({', '.join(changed)}); "
+                    f"delete it or pass another --cache"
+                )
         else:
             path.write_text(json.dumps(self.meta, indent=2) + "\n")
 
@@ -126,8 +139,10 @@ def default_cache_dir(pipeline, settings: SampleSettings, ema: bool = True) -> P
         return None
     checkpoint = Path(pipeline.checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    tag = (f"{checkpoint.name}_{'ema' if ema else 'raw'}_{settings.sampler}{settings.steps}_g{settings.guidance:g}"
-           f"_seed{settings.seed}_b{settings.batch_size}")
+    tag = (
+        f"{checkpoint.name}_{'ema' if ema else 'raw'}_{settings.sampler}{settings.steps}_g{settings.guidance:g}"
+        f"_seed{settings.seed}_b{settings.batch_size}"
+    )
     if settings.prompts:
         tag += "_p" + settings.prompts.rsplit(":", 1)[1][:8]
     return run_dir / "eval" / "samples" / tag
@@ -140,9 +155,14 @@ def sample_prompts(prompts: Sequence[str] | None, start: int, count: int) -> lis
     return [prompts[(start + j) % len(prompts)] for j in range(count)]
 
 
-def generate_batches(pipeline, num: int, settings: SampleSettings, cache: SampleCache | None = None,
-                     progress: bool = False, prompts: Sequence[str] | None = None
-                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray, list[str] | None]]:
+def generate_batches(
+    pipeline,
+    num: int,
+    settings: SampleSettings,
+    cache: SampleCache | None = None,
+    progress: bool = False,
+    prompts: Sequence[str] | None = None,
+) -> Iterator[tuple[list[np.ndarray], np.ndarray, list[str] | None]]:
     """Yield (uint8 levels highest first, class labels, prompts) for ``num`` samples, batch by batch."""
     from tqdm.auto import tqdm
 
@@ -162,11 +182,19 @@ def generate_batches(pipeline, num: int, settings: SampleSettings, cache: Sample
                 cond = None
                 if num_classes or texts:
                     cond = pipeline.condition(count, torch.as_tensor(labels) if num_classes else None, texts)
-                images = pipeline.generate(num=count, sampler=settings.sampler, steps=settings.steps,
-                                           guidance=settings.guidance, cond=cond, seed=batch_seed(settings.seed, index))
+                images = pipeline.generate(
+                    num=count,
+                    sampler=settings.sampler,
+                    steps=settings.steps,
+                    guidance=settings.guidance,
+                    cond=cond,
+                    seed=batch_seed(settings.seed, index),
+                )
                 levels = [images_to_uint8(level) for level in images]
                 if [level.shape[-1] for level in levels] != sizes:
-                    raise EvaluationError(f"the model made levels {[level.shape[-1] for level in levels]}, expected {sizes}")
+                    raise EvaluationError(
+                        f"the model made levels {[level.shape[-1] for level in levels]}, expected {sizes}"
+                    )
                 if cache is not None:
                     cache.save(index, levels, sizes, labels)
             else:

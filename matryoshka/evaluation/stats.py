@@ -38,7 +38,7 @@ class FeatureStats:
         self._sum: np.ndarray | None = None
         self._outer: np.ndarray | None = None
 
-    def update(self, features) -> "FeatureStats":
+    def update(self, features) -> FeatureStats:
         x = _as_float64(features)
         if x.ndim != 2:
             raise ValueError(f"features must be (N, D), got shape {x.shape}")
@@ -226,7 +226,9 @@ def precision_recall(real, fake, k: int = 3, chunk: int = 1024) -> tuple[float, 
     x = torch.as_tensor(_as_float64(real))
     y = torch.as_tensor(_as_float64(fake))
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"precision/recall needs two (N, D) feature sets of the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"precision/recall needs two (N, D) feature sets of the same D, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if min(len(x), len(y)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors in each set")
     precision = _inside_fraction(y, x, _kth_neighbour_radii(x, k, chunk), chunk)

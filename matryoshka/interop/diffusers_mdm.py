@@ -42,22 +42,47 @@ from .mlmdm.errors import CheckpointFormatError, MlmdmError, MlmdmMismatchError,
 from .mlmdm.weights import expected_shapes
 from .mlmdm.writer import prepare_out, write_checkpoint
 
-__all__ = ["DiffusersMdmError", "PortConversion", "convert_diffusers_mdm", "convert_port_state_dict",
-           "diffusers_key", "model_from_diffusers", "read_port_weights"]
+__all__ = [
+    "DiffusersMdmError",
+    "PortConversion",
+    "convert_diffusers_mdm",
+    "convert_port_state_dict",
+    "diffusers_key",
+    "model_from_diffusers",
+    "read_port_weights",
+]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Attention and feed-forward GroupNorms of the port (MatryoshkaTransformerBlock, MatryoshkaFeedForward).
 _ATTENTION_GROUPS = 32
 # Options the port accepts but our NestedUNet computes only at these values (config.json key -> value).
 _FIXED = {
-    "act_fn": "silu", "resnet_time_scale_shift": "scale_shift", "time_embedding_type": "positional",
-    "freq_shift": 0, "norm_eps": 1e-5, "center_input_sample": False, "class_embed_type": None,
-    "num_class_embeds": None, "addition_embed_type": "matryoshka", "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "dual_cross_attention": False, "only_cross_attention": False, "resnet_out_scale_factor": 1.0,
-    "mid_block_scale_factor": 1, "resnet_skip_time_act": False, "temporal_mode": False,
-    "attention_type": "default", "downsample_padding": 1, "num_attention_heads": None,
-    "reverse_transformer_layers_per_block": None, "skip_inner_unet_input": False, "in_channels": 3,
+    "act_fn": "silu",
+    "resnet_time_scale_shift": "scale_shift",
+    "time_embedding_type": "positional",
+    "freq_shift": 0,
+    "norm_eps": 1e-5,
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": "matryoshka",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "resnet_out_scale_factor": 1.0,
+    "mid_block_scale_factor": 1,
+    "resnet_skip_time_act": False,
+    "temporal_mode": False,
+    "attention_type": "default",
+    "downsample_padding": 1,
+    "num_attention_heads": None,
+    "reverse_transformer_layers_per_block": None,
+    "skip_inner_unet_input": False,
+    "in_channels": 3,
     "out_channels": 3,
 }
 
@@ -65,10 +90,25 @@ _FIXED = {
 # The options NestedUNet2DConditionModel hands to its UNet base. The others are recorded in its
 # config.json, but the port builds its layers with MatryoshkaUNet2DConditionModel's defaults:
 _NESTED_PASSED = {
-    "block_out_channels", "cross_attention_dim", "resnet_time_scale_shift", "down_block_types", "up_block_types",
-    "mid_block_type", "flip_sin_to_cos", "transformer_layers_per_block", "layers_per_block",
-    "masked_cross_attention", "micro_conditioning_scale", "addition_embed_type", "time_embedding_dim",
-    "temporal_mode", "use_attention_ffn", "skip_normalization", "skip_inner_unet_input", "in_channels", "out_channels",
+    "block_out_channels",
+    "cross_attention_dim",
+    "resnet_time_scale_shift",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_type",
+    "flip_sin_to_cos",
+    "transformer_layers_per_block",
+    "layers_per_block",
+    "masked_cross_attention",
+    "micro_conditioning_scale",
+    "addition_embed_type",
+    "time_embedding_dim",
+    "temporal_mode",
+    "use_attention_ffn",
+    "skip_normalization",
+    "skip_inner_unet_input",
+    "in_channels",
+    "out_channels",
 }
 _NESTED_DEFAULTS = {"norm_num_groups": 32, "dropout": 0.0, "attention_head_dim": 8, "encoder_hid_dim": None}
 
@@ -101,8 +141,7 @@ def _per_stage(value: Any, stages: int, name: str) -> list[int]:
 def _attention_layers(options: Mapping[str, Any], where: str, stages: int) -> list[int]:
     """Transformer blocks after each ResNet per stage; down and up blocks must agree (ours share them)."""
     down, up = list(options.get("down_block_types", [])), list(options.get("up_block_types", []))
-    layers = _per_stage(options.get("transformer_layers_per_block", 1), stages,
-                        f"{where}.transformer_layers_per_block")
+    layers = _per_stage(options.get("transformer_layers_per_block", 1), stages, f"{where}.transformer_layers_per_block")
     known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
     if len(down) != stages or len(up) != stages or not set(down + up) <= known:
         raise DiffusersMdmError(f"{where}: down/up_block_types must be {stages} of {sorted(known)}, got {down}, {up}")
@@ -116,8 +155,10 @@ def _nested_options(options: Mapping[str, Any], where: str, notes: list[str]) ->
     """A NestedUNet's options as the port uses them (see _NESTED_PASSED)."""
     ignored = sorted(key for key, default in _NESTED_DEFAULTS.items() if options.get(key, default) != default)
     if ignored:
-        notes.append(f"{where}: {', '.join(ignored)} recorded but not used by the port's NestedUNet (its layers have "
-                     "32 groups, no dropout, 8 heads, no text projection): ignored here too")
+        notes.append(
+            f"{where}: {', '.join(ignored)} recorded but not used by the port's NestedUNet (its layers have "
+            "32 groups, no dropout, 8 heads, no text projection): ignored here too"
+        )
     return {key: value for key, value in options.items() if key in _NESTED_PASSED}
 
 
@@ -140,14 +181,18 @@ def _level(options: Mapping[str, Any], where: str, innermost: bool, notes: list[
     ffn = bool(options.get("use_attention_ffn", True))
     micro = options.get("micro_conditioning_scale")
     if micro is None:
-        raise DiffusersMdmError(f"{where}.micro_conditioning_scale=null: the port then drops the pooled text "
-                                "embedding (added only with the micro-conditioning), which our model cannot do")
+        raise DiffusersMdmError(
+            f"{where}.micro_conditioning_scale=null: the port then drops the pooled text "
+            "embedding (added only with the micro-conditioning), which our model cannot do"
+        )
     mid = options.get("mid_block_type")
     if innermost and mid != "UNetMidBlock2DCrossAttn":
         raise DiffusersMdmError(f"{where}.mid_block_type={mid!r}: the innermost UNet needs UNetMidBlock2DCrossAttn")
     if innermost and not ffn:
-        raise DiffusersMdmError(f"{where}.use_attention_ffn=false: the port's mid block has a feed-forward layer "
-                                "regardless, ours follow the level's attention_ffn")
+        raise DiffusersMdmError(
+            f"{where}.use_attention_ffn=false: the port's mid block has a feed-forward layer "
+            "regardless, ours follow the level's attention_ffn"
+        )
     if not innermost and mid is not None:
         raise DiffusersMdmError(f"{where}.mid_block_type={mid!r}: an outer UNet's mid block is never run")
     groups = int(options.get("norm_num_groups", 32))
@@ -180,9 +225,15 @@ def _level(options: Mapping[str, Any], where: str, innermost: bool, notes: list[
         )
     except ValueError as error:
         raise DiffusersMdmError(f"{where} does not fit our architecture: {error}") from error
-    return _Level(config, time_dim, sinusoid, bool(options.get("flip_sin_to_cos", innermost)),
-                  None if hid is None else int(hid), None if cross is None else int(cross),
-                  bool(options.get("masked_cross_attention", not innermost)))
+    return _Level(
+        config,
+        time_dim,
+        sinusoid,
+        bool(options.get("flip_sin_to_cos", innermost)),
+        None if hid is None else int(hid),
+        None if cross is None else int(cross),
+        bool(options.get("masked_cross_attention", not innermost)),
+    )
 
 
 def _levels(config: Mapping[str, Any], notes: list[str]) -> list[_Level]:
@@ -231,17 +282,34 @@ def model_from_diffusers(config: Mapping[str, Any], notes: list[str]) -> tuple[M
 
 # ----------------------------------------------------------------------------- names and tensors
 
-_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets\.\d+|attentions\.(\d+)\.transformer_blocks\.(\d+)|"
-                    r"downsamplers\.0\.conv|upsamplers\.0\.conv)\.(.+)")
+_BLOCK = re.compile(
+    r"(down|up)_blocks\.(\d+)\.(resnets\.\d+|attentions\.(\d+)\.transformer_blocks\.(\d+)|"
+    r"downsamplers\.0\.conv|upsamplers\.0\.conv)\.(.+)"
+)
 _RESNET = {"time_emb_proj": "time_layer", "conv_shortcut": "conv3"}
-_ATTENTION = {"attn1.group_norm": "norm", "attn1.to_qkv": "qkv", "attn2.norm_cross": "norm_cond",
-              "attn2.to_kv": "kv_cond", "proj_out": "proj_out", "ff.group_norm": "ffn.0",
-              "ff.linear_gelu.proj": "ffn.1", "ff.linear_out": "ffn.3"}
-_TOP = {"time_embedding.linear_1": "temb.layer1", "time_embedding.linear_2": "temb.layer2",
-        "add_embedding.add_timestep_embedder.linear_1": "cond_layers.scale.layer1",
-        "add_embedding.add_timestep_embedder.linear_2": "cond_layers.scale.layer2",
-        "add_embedding.cond_emb": "cond_emb", "encoder_hid_proj": "lm_proj", "conv_norm_out": "norm_out",
-        "conv_in": "conv_in", "conv_out": "conv_out", "in_adapter": "in_adapter", "out_adapter": "out_adapter"}
+_ATTENTION = {
+    "attn1.group_norm": "norm",
+    "attn1.to_qkv": "qkv",
+    "attn2.norm_cross": "norm_cond",
+    "attn2.to_kv": "kv_cond",
+    "proj_out": "proj_out",
+    "ff.group_norm": "ffn.0",
+    "ff.linear_gelu.proj": "ffn.1",
+    "ff.linear_out": "ffn.3",
+}
+_TOP = {
+    "time_embedding.linear_1": "temb.layer1",
+    "time_embedding.linear_2": "temb.layer2",
+    "add_embedding.add_timestep_embedder.linear_1": "cond_layers.scale.layer1",
+    "add_embedding.add_timestep_embedder.linear_2": "cond_layers.scale.layer2",
+    "add_embedding.cond_emb": "cond_emb",
+    "encoder_hid_proj": "lm_proj",
+    "conv_norm_out": "norm_out",
+    "conv_in": "conv_in",
+    "conv_out": "conv_out",
+    "in_adapter": "in_adapter",
+    "out_adapter": "out_adapter",
+}
 
 
 def _rename(part: str, table: Mapping[str, str]) -> str | None:
@@ -252,13 +320,16 @@ def _rename(part: str, table: Mapping[str, str]) -> str | None:
 def diffusers_key(key: str, model: ModelConfig) -> str | None:
     """Our name for a port parameter name (None when it has no counterpart)."""
     prefix = re.match(r"(inner_unet\.)*", key).group(0)
-    rest, level = key[len(prefix):], model.levels[model.num_levels - 1 - prefix.count("inner_unet.")]
+    rest, level = key[len(prefix) :], model.levels[model.num_levels - 1 - prefix.count("inner_unet.")]
     if rest.startswith("mid_block."):
-        mid = {"resnets.0.": "mid_blocks.0.resnets.0.", "attentions.0.transformer_blocks.0.": "mid_blocks.0.attn.0.",
-               "resnets.1.": "mid_blocks.1.resnets.0."}
+        mid = {
+            "resnets.0.": "mid_blocks.0.resnets.0.",
+            "attentions.0.transformer_blocks.0.": "mid_blocks.0.attn.0.",
+            "resnets.1.": "mid_blocks.1.resnets.0.",
+        }
         for theirs, ours in mid.items():
             if rest.startswith("mid_block." + theirs):
-                leaf = rest[len("mid_block." + theirs):]
+                leaf = rest[len("mid_block." + theirs) :]
                 renamed = _rename(leaf, _ATTENTION if "attn" in ours else _RESNET) or leaf
                 return prefix + ours + renamed
         return None
@@ -280,8 +351,9 @@ def diffusers_key(key: str, model: ModelConfig) -> str | None:
     return f"{where}attn.{int(resnet_index) * per_resnet + int(layer)}.{renamed}"
 
 
-def convert_port_state_dict(tensors: Mapping[str, torch.Tensor], model: ModelConfig, flips: list[bool],
-                            source: str) -> dict[str, torch.Tensor]:
+def convert_port_state_dict(
+    tensors: Mapping[str, torch.Tensor], model: ModelConfig, flips: list[bool], source: str
+) -> dict[str, torch.Tensor]:
     """The port's tensors under our names and shapes; refuses missing, unexpected and mis-shaped tensors."""
     expected = expected_shapes(model)
     converted, unexpected, wrong = {}, [], []
@@ -314,11 +386,13 @@ def convert_port_state_dict(tensors: Mapping[str, torch.Tensor], model: ModelCon
 
 # ----------------------------------------------------------------------------- files
 
+
 def _weight_file(path: Path) -> tuple[Path, Path]:
     """(weights, config.json) for a nesting-level directory or a weight file next to its config.json."""
     folder = path if path.is_dir() else path.parent
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None) if path.is_dir() \
-        else path
+    weights = (
+        next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None) if path.is_dir() else path
+    )
     if weights is None or not weights.is_file():
         raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {folder}")
     if not (folder / "config.json").is_file():
@@ -375,19 +449,33 @@ def _run_config(model: ModelConfig, resolution: int, name: str, notes: list[str]
             model=model,
             # The port's pipeline sets schedule_shifted_power 2 for three levels, else 1, as ml-mdm's configs;
             # it calls the UNet at t - 1 on ml-mdm's step grid ("matryoshka_style"), as our "mlmdm" spacing.
-            diffusion=DiffusionConfig(schedule="squaredcos", num_steps=1000, prediction="v", loss_target="eps",
-                                      shift_power=2.0 if model.num_levels == 3 else 1.0),
+            diffusion=DiffusionConfig(
+                schedule="squaredcos",
+                num_steps=1000,
+                prediction="v",
+                loss_target="eps",
+                shift_power=2.0 if model.num_levels == 3 else 1.0,
+            ),
             data=DataConfig(source="mlmdm-tsv", path="training_0.tsv", resolution=resolution, captions=True),
-            sample=SampleConfig(sampler="ddim", steps=DEMO_STEPS.get(resolution, 100), spacing="mlmdm", num=4,
-                                guidance=DEMO_GUIDANCE, negative_prompt="", eta=0.0, threshold="clip"),
+            sample=SampleConfig(
+                sampler="ddim",
+                steps=DEMO_STEPS.get(resolution, 100),
+                spacing="mlmdm",
+                num=4,
+                guidance=DEMO_GUIDANCE,
+                negative_prompt="",
+                eta=0.0,
+                threshold="clip",
+            ),
             text=TextConfig(encoder=encoder, max_length=128, mlmdm_compat="sample"),
         )
     except ValueError as error:
         raise DiffusersMdmError(f"the port's model gives no valid run config: {error}") from error
 
 
-def convert_diffusers_mdm(model_path: str | os.PathLike, out: str | os.PathLike, *,
-                          resolution: int | None = None) -> PortConversion:
+def convert_diffusers_mdm(
+    model_path: str | os.PathLike, out: str | os.PathLike, *, resolution: int | None = None
+) -> PortConversion:
     """Convert one nesting level of the port (its directory, or its weight file) into our checkpoint at ``out``.
 
     ``resolution`` is the top level's side (default: 64 at the innermost level, nested by the
@@ -409,8 +497,13 @@ def convert_diffusers_mdm(model_path: str | os.PathLike, out: str | os.PathLike,
     top = resolution or 64 * model.nest_ratio ** (model.num_levels - 1)
     config = _run_config(model, top, f"{config_file.parent.name}-converted", notes)
     tensors = convert_port_state_dict(read_port_weights(weights), model, flips, str(weights))
-    source = {"format": "diffusers-mdm", "checkpoint": str(weights), "config": str(config_file),
-              "diffusers_config": options, "notes": list(notes)}
+    source = {
+        "format": "diffusers-mdm",
+        "checkpoint": str(weights),
+        "config": str(config_file),
+        "diffusers_config": options,
+        "notes": list(notes),
+    }
     state = {"step": 0, "num_levels": model.num_levels, "source": source}
     files = write_checkpoint(out, tensors, config, 0, state, source="diffusers-mdm")
     return PortConversion(out, config, sum(t.numel() for t in tensors.values()), files, notes)

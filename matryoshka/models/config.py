@@ -72,8 +72,10 @@ class LevelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
         if self.temporal and any(width % self.attention_heads for width in self.channels):
-            raise ValueError(f"a temporal level attends over frames at every stage: every channel width "
-                             f"{self.channels} must be divisible by attention_heads={self.attention_heads}")
+            raise ValueError(
+                f"a temporal level attends over frames at every stage: every channel width "
+                f"{self.channels} must be divisible by attention_heads={self.attention_heads}"
+            )
 
     @property
     def attention_groups(self) -> int:

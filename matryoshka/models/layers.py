@@ -14,15 +14,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-
-
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer that ends a residual branch, so the branch starts as the identity."""
     for parameter in module.parameters():
         nn.init.zeros_(parameter)
     return module
-
-
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -104,7 +100,9 @@ class Attention(nn.Module):
         batch, channels, length = x.shape
         return x.reshape(batch, self.heads, channels // self.heads, length).transpose(-1, -2)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, channels, *spatial = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(batch, 3 * channels, -1).chunk(3, dim=1)
         q = self._split_heads(q)
@@ -170,9 +168,7 @@ class Stage(nn.Module):
             if attention_layers
             else None
         )
-        self.temporal = (
-            nn.ModuleList(TemporalBlock(out_ch, heads, groups) for _ in in_channels) if temporal else None
-        )
+        self.temporal = nn.ModuleList(TemporalBlock(out_ch, heads, groups) for _ in in_channels) if temporal else None
         self.resample_mode = resample
         stride = 2 if resample == "down" else 1
         self.resample = nn.Conv2d(out_ch, out_ch, 3, stride=stride, padding=1) if resample else None

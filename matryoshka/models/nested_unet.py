@@ -60,7 +60,9 @@ class NestedUNet(nn.Module):
             {key: SinusoidalEmbedding(embed_dim, zero_output=True) for key in level.micro_conditioning}
         )
         if self.is_innermost:
-            self.lm_proj = nn.Linear(config.text_dim, config.text_proj_dim) if config.text_dim and config.text_proj_dim else None
+            self.lm_proj = (
+                nn.Linear(config.text_dim, config.text_proj_dim) if config.text_dim and config.text_proj_dim else None
+            )
             self.cond_emb = nn.Linear(cond_dim, embed_dim, bias=False) if config.text_dim else None
             # Index num_classes is the learned null class used for guidance.
             self.class_emb = nn.Embedding(config.num_classes + 1, embed_dim) if config.num_classes else None
@@ -163,7 +165,9 @@ class NestedUNet(nn.Module):
         return emb
 
     # ------------------------------------------------------------------ forward
-    def forward(self, z: list[torch.Tensor] | torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> list[torch.Tensor]:
+    def forward(
+        self, z: list[torch.Tensor] | torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None
+    ) -> list[torch.Tensor]:
         """Denoise a pyramid.
 
         z: noisy levels, highest resolution first (a single tensor for a one-level model).

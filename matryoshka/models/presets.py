@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from .config import LevelConfig, ModelConfig
 
@@ -114,11 +114,10 @@ def emoji_video() -> ModelConfig:
     The inner level is an ``emoji64``-like image UNet at 16² plus temporal layers; the outer one
     adds detail at 32² and also mixes frames, so every level can move its content.
     """
-    inner = LevelConfig(
-        channels=[64, 128, 128], res_blocks=[1], attention_stages=[2], attention_heads=4, temporal=True
+    inner = LevelConfig(channels=[64, 128, 128], res_blocks=[1], attention_stages=[2], attention_heads=4, temporal=True)
+    outer = LevelConfig(
+        channels=[16, 32], res_blocks=[1], norm_groups=8, attention_heads=4, mid_attention=False, temporal=True
     )
-    outer = LevelConfig(channels=[16, 32], res_blocks=[1], norm_groups=8, attention_heads=4, mid_attention=False,
-                        temporal=True)
     return ModelConfig(levels=[inner, outer], time_embed_dim=256, frames=[4, 8])
 
 

@@ -69,21 +69,41 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                model = gr.Dropdown([(m.label, m.source) for m in models.values()], value=first.source, label="Model", elem_id="model")
+                model = gr.Dropdown(
+                    [(m.label, m.source) for m in models.values()], value=first.source, label="Model", elem_id="model"
+                )
                 about = gr.Markdown(describe(first), elem_id="about")
                 prompt = gr.Textbox(label="Prompt", lines=2, visible=first.has_text, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt (the unconditional side of guidance)",
-                                      visible=first.has_text, elem_id="negative")
-                examples = gr.Dataset(components=[prompt], samples=[[p] for p in first.example_prompts] or [[""]],
-                                      label="Prompts from training", type="values",
-                                      visible=bool(first.example_prompts))
-                class_choice = gr.Dropdown([ALL_CLASSES, *first.class_names], value=ALL_CLASSES, label="Class",
-                                           allow_custom_value=True, visible=first.num_classes > 0, elem_id="class")
-                sampler = gr.Dropdown(list(SAMPLERS), value=first.pipe.config.sample.sampler, label="Sampler",
-                                      elem_id="sampler")
+                negative = gr.Textbox(
+                    label="Negative prompt (the unconditional side of guidance)",
+                    visible=first.has_text,
+                    elem_id="negative",
+                )
+                examples = gr.Dataset(
+                    components=[prompt],
+                    samples=[[p] for p in first.example_prompts] or [[""]],
+                    label="Prompts from training",
+                    type="values",
+                    visible=bool(first.example_prompts),
+                )
+                class_choice = gr.Dropdown(
+                    [ALL_CLASSES, *first.class_names],
+                    value=ALL_CLASSES,
+                    label="Class",
+                    allow_custom_value=True,
+                    visible=first.num_classes > 0,
+                    elem_id="class",
+                )
+                sampler = gr.Dropdown(
+                    list(SAMPLERS), value=first.pipe.config.sample.sampler, label="Sampler", elem_id="sampler"
+                )
                 steps = gr.Number(first.default_steps, label="Steps", elem_id="steps")
-                guidance = gr.Number(first.pipe.config.sample.guidance, label="Guidance scale (1 = none)",
-                                     visible=first.conditional, elem_id="guidance")
+                guidance = gr.Number(
+                    first.pipe.config.sample.guidance,
+                    label="Guidance scale (1 = none)",
+                    visible=first.conditional,
+                    elem_id="guidance",
+                )
                 with gr.Accordion("Guidance interval", open=False, visible=first.conditional) as interval:
                     gr.Markdown("Guide only while t/T lies in this range (0 to 1 is every step).")
                     with gr.Row():
@@ -98,21 +118,44 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=2):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
-                pyramid = gr.Gallery(label="Every level of the pyramid, highest resolution first",
-                                     columns=len(first.sides), format="png", object_fit="contain",
-                                     allow_preview=True, elem_id="pyramid")
+                pyramid = gr.Gallery(
+                    label="Every level of the pyramid, highest resolution first",
+                    columns=len(first.sides),
+                    format="png",
+                    object_fit="contain",
+                    allow_preview=True,
+                    elem_id="pyramid",
+                )
                 with gr.Row():
-                    schedule = gr.Image(plot(first, first.default_steps), type="pil", format="png", interactive=False,
-                                        label="Noise schedule of each level (dots: the sampler's steps)",
-                                        height=340, elem_id="schedule")
-                    path = gr.Image(type="filepath", interactive=False, height=340, elem_id="path",
-                                    label="Denoising path: the x0 estimate of every level, step by step")
-                command = gr.Code(label="The same images from the command line", language="shell",
-                                  interactive=False, elem_id="command")
+                    schedule = gr.Image(
+                        plot(first, first.default_steps),
+                        type="pil",
+                        format="png",
+                        interactive=False,
+                        label="Noise schedule of each level (dots: the sampler's steps)",
+                        height=340,
+                        elem_id="schedule",
+                    )
+                    path = gr.Image(
+                        type="filepath",
+                        interactive=False,
+                        height=340,
+                        elem_id="path",
+                        label="Denoising path: the x0 estimate of every level, step by step",
+                    )
+                command = gr.Code(
+                    label="The same images from the command line",
+                    language="shell",
+                    interactive=False,
+                    elem_id="command",
+                )
                 with gr.Accordion("Settings of this result", open=False):
                     details = gr.JSON(label="Settings of this result", elem_id="details")
-                download = gr.File(label="Download (every image of every level, grids, settings)",
-                                   interactive=False, elem_id="download")
+                download = gr.File(
+                    label="Download (every image of every level, grids, settings)",
+                    interactive=False,
+                    elem_id="download",
+                )
 
         def choose_model(source: str):
             chosen = find(source)
@@ -120,31 +163,82 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
                 describe(chosen),
                 gr.Textbox(visible=chosen.has_text),
                 gr.Textbox(visible=chosen.has_text),
-                gr.Dataset(samples=[[p] for p in chosen.example_prompts] or [[""]],
-                           visible=bool(chosen.example_prompts)),
-                gr.Dropdown(choices=[ALL_CLASSES, *chosen.class_names], value=ALL_CLASSES,
-                            visible=chosen.num_classes > 0),
+                gr.Dataset(
+                    samples=[[p] for p in chosen.example_prompts] or [[""]], visible=bool(chosen.example_prompts)
+                ),
+                gr.Dropdown(
+                    choices=[ALL_CLASSES, *chosen.class_names], value=ALL_CLASSES, visible=chosen.num_classes > 0
+                ),
                 chosen.pipe.config.sample.sampler,
                 chosen.default_steps,
-                gr.Number(chosen.pipe.config.sample.guidance if chosen.conditional else 1.0, visible=chosen.conditional),
+                gr.Number(
+                    chosen.pipe.config.sample.guidance if chosen.conditional else 1.0, visible=chosen.conditional
+                ),
                 gr.Accordion(visible=chosen.conditional),
                 gr.Number(chosen.default_num, label=f"Images (1 to {chosen.max_num})"),
                 gr.Gallery(value=None, columns=len(chosen.sides)),
                 plot(chosen, chosen.default_steps),
             )
 
-        model.change(choose_model, [model], [about, prompt, negative, examples, class_choice, sampler, steps,
-                                             guidance, interval, num, pyramid, schedule], api_visibility="private")
+        model.change(
+            choose_model,
+            [model],
+            [
+                about,
+                prompt,
+                negative,
+                examples,
+                class_choice,
+                sampler,
+                steps,
+                guidance,
+                interval,
+                num,
+                pyramid,
+                schedule,
+            ],
+            api_visibility="private",
+        )
         examples.click(lambda sample: sample[0], [examples], [prompt], api_visibility="private")
-        steps.change(lambda source, value: plot(find(source), _maybe_int(value)), [model, steps], [schedule],
-                     api_visibility="private", trigger_mode="always_last")
+        steps.change(
+            lambda source, value: plot(find(source), _maybe_int(value)),
+            [model, steps],
+            [schedule],
+            api_visibility="private",
+            trigger_mode="always_last",
+        )
 
-        def generate(model, prompt, negative_prompt, class_name, sampler, steps, guidance, guidance_from,
-                     guidance_to, seed, random_seed, num, request: gr.Request):
+        def generate(
+            model,
+            prompt,
+            negative_prompt,
+            class_name,
+            sampler,
+            steps,
+            guidance,
+            guidance_from,
+            guidance_to,
+            seed,
+            random_seed,
+            num,
+            request: gr.Request,
+        ):
             chosen = find(model)
             try:
-                settings = parse_settings(chosen, prompt, negative_prompt, class_name, sampler, steps, guidance,
-                                          guidance_from, guidance_to, seed, random_seed, num)
+                settings = parse_settings(
+                    chosen,
+                    prompt,
+                    negative_prompt,
+                    class_name,
+                    sampler,
+                    steps,
+                    guidance,
+                    guidance_from,
+                    guidance_to,
+                    seed,
+                    random_seed,
+                    num,
+                )
             except SettingsError as error:
                 raise gr.Error(str(error), title="Check the settings") from None
             session = request.session_hash if request is not None else None
@@ -158,8 +252,15 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
         def _run(settings: Settings, signal: threading.Event):
             chosen = settings.model
             summary = settings.summary()
-            yield (f"Starting: seed {settings.seed}…", [], plot(chosen, settings.steps), None,
-                   summary["command"], summary, None)
+            yield (
+                f"Starting: seed {settings.seed}…",
+                [],
+                plot(chosen, settings.steps),
+                None,
+                summary["command"],
+                summary,
+                None,
+            )
             frames, shown, started = [], 0.0, time.monotonic()
             try:
                 for event in stream(settings, signal):
@@ -169,9 +270,15 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
                         frames.append(strip(event.x0))
                     if time.monotonic() - shown >= UPDATE_EVERY or event.step == event.steps:
                         shown = time.monotonic()
-                        yield (f"Step {event.step} of {event.steps} (t = {event.t})",
-                               pyramid_items(event.x0, f"x0 estimate at step {event.step}"),
-                               plot(chosen, settings.steps, event.t), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                        yield (
+                            f"Step {event.step} of {event.steps} (t = {event.t})",
+                            pyramid_items(event.x0, f"x0 estimate at step {event.step}"),
+                            plot(chosen, settings.steps, event.t),
+                            gr.skip(),
+                            gr.skip(),
+                            gr.skip(),
+                            gr.skip(),
+                        )
             except Cancelled:
                 yield "Stopped.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
@@ -183,13 +290,35 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
             video = denoising_gif(frames, outputs / f"path-{name}.gif")
             archive = write_download(event.levels, summary, outputs / f"mdm-seed{settings.seed}-{name}.zip")
             seconds = time.monotonic() - started
-            yield (f"Done in {seconds:.1f} s: {settings.num} images, seed {settings.seed}.",
-                   pyramid_items(event.levels, "level"), plot(chosen, settings.steps), str(video),
-                   summary["command"], summary, str(archive))
+            yield (
+                f"Done in {seconds:.1f} s: {settings.num} images, seed {settings.seed}.",
+                pyramid_items(event.levels, "level"),
+                plot(chosen, settings.steps),
+                str(video),
+                summary["command"],
+                summary,
+                str(archive),
+            )
 
-        job = run.click(generate, [model, prompt, negative, class_choice, sampler, steps, guidance, interval_from,
-                                   interval_to, seed, random_seed, num],
-                        [status, pyramid, schedule, path, command, details, download], api_name="generate")
+        job = run.click(
+            generate,
+            [
+                model,
+                prompt,
+                negative,
+                class_choice,
+                sampler,
+                steps,
+                guidance,
+                interval_from,
+                interval_to,
+                seed,
+                random_seed,
+                num,
+            ],
+            [status, pyramid, schedule, path, command, details, download],
+            api_name="generate",
+        )
 
         def request_stop(request: gr.Request):
             signal = stops.get(request.session_hash) if request is not None else None

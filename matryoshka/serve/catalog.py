@@ -114,6 +114,10 @@ def class_names(pipe: Pipeline) -> list[str]:
 
 def describe(model: ServedModel) -> str:
     """One line for the page: what the model is and what it takes."""
-    kind = "text-to-image" if model.has_text else (f"{model.num_classes} classes" if model.num_classes else "unconditional")
+    kind = (
+        "text-to-image"
+        if model.has_text
+        else (f"{model.num_classes} classes" if model.num_classes else "unconditional")
+    )
     levels = " ⊂ ".join(f"{side}²" for side in reversed(model.sides))
     return f"{kind}, levels {levels}, trained {model.pipe.step} steps, on {model.pipe.device.type}"

@@ -42,8 +42,17 @@ def generate(settings: Settings, callback: Callable | None = None) -> list[Tenso
     cond = pipe.condition(num, labels, prompts)
     uncond = pipe.negative(cond, settings.negative_prompt) if settings.negative_prompt else None
     options = {} if settings.interval is None else {"guidance_interval": settings.interval}
-    return pipe.generate(num=num, sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
-                         cond=cond, uncond=uncond, seed=settings.seed, callback=callback, **options)
+    return pipe.generate(
+        num=num,
+        sampler=settings.sampler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        cond=cond,
+        uncond=uncond,
+        seed=settings.seed,
+        callback=callback,
+        **options,
+    )
 
 
 def stream(settings: Settings, stop: threading.Event | None = None) -> Iterator[Frame | Finished]:

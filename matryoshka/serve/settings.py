@@ -45,8 +45,11 @@ class Settings:
         if not model.has_text and (self.prompt or self.negative_prompt):
             raise SettingsError("Prompt: this model takes no text")
         if self.class_index is not None and not 0 <= self.class_index < model.num_classes:
-            raise SettingsError(f"Class: choose one of the {model.num_classes} classes" if model.num_classes
-                                else "Class: this model takes no class")
+            raise SettingsError(
+                f"Class: choose one of the {model.num_classes} classes"
+                if model.num_classes
+                else "Class: this model takes no class"
+            )
         if self.sampler not in SAMPLERS:
             raise SettingsError(f"Sampler: unknown {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not 1 <= self.steps <= model.max_steps:
@@ -74,8 +77,21 @@ class Settings:
 
     def command(self) -> str:
         """The ``mdm sample`` command line that makes the same images (same seed, same conditioning)."""
-        words = ["mdm", "sample", self.model.source, "--num", str(self.num), "--sampler", self.sampler,
-                 "--steps", str(self.steps), "--guidance", f"{self.guidance:g}", "--seed", str(self.seed)]
+        words = [
+            "mdm",
+            "sample",
+            self.model.source,
+            "--num",
+            str(self.num),
+            "--sampler",
+            self.sampler,
+            "--steps",
+            str(self.steps),
+            "--guidance",
+            f"{self.guidance:g}",
+            "--seed",
+            str(self.seed),
+        ]
         if self.class_index is not None:
             words += ["--class", str(self.class_index)]  # the index: names may have been replaced by numbers
         if self.prompt:
@@ -92,8 +108,13 @@ class Settings:
         """The settings as plain data (shown with each result and saved in the download)."""
         values = {key: value for key, value in asdict(self).items() if key != "model"}
         values["guidance_interval"] = list(self.guidance_interval)
-        return {"model": self.model.source, "step": self.model.pipe.step, **values,
-                "class_name": self.class_name, "command": self.command()}
+        return {
+            "model": self.model.source,
+            "step": self.model.pipe.step,
+            **values,
+            "class_name": self.class_name,
+            "command": self.command(),
+        }
 
 
 def parse_settings(

@@ -96,7 +96,9 @@ def schedule_plot(
         draw.text((left - 6, y(value)), f"{value:g}", fill="black", font=font, anchor="rm")
     for fraction in (0, 0.25, 0.5, 0.75, 1):
         draw.text((x(fraction * steps), height - bottom + 6), f"{fraction:g}", fill="black", font=font, anchor="mt")
-    draw.text(((left + width - right) / 2, height - 14), "t / T  (1 = pure noise)", fill="black", font=font, anchor="mm")
+    draw.text(
+        ((left + width - right) / 2, height - 14), "t / T  (1 = pure noise)", fill="black", font=font, anchor="mm"
+    )
     draw.text((4, 4), "logSNR of each level", fill="black", font=font, anchor="lt")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     if current is not None:
@@ -109,7 +111,9 @@ def schedule_plot(
         for t in [t for t in timesteps or [] if t > 0]:
             cx, cy = x(t), y(float(curve[t - 1]))
             draw.ellipse([cx - 2.5, cy - 2.5, cx + 2.5, cy + 2.5], fill=color)
-        draw.text((width - right - 6, top + 6 + 14 * level), f"{sides[level]}px", fill=color, font=_font(12), anchor="rt")
+        draw.text(
+            (width - right - 6, top + 6 + 14 * level), f"{sides[level]}px", fill=color, font=_font(12), anchor="rt"
+        )
     return image
 
 

@@ -12,8 +12,8 @@ The denoiser reads an all-False mask row as the null ("no text") condition; see
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -37,11 +37,16 @@ class TextEmbedding:
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3 or self.mask.shape != self.tokens.shape[:2]:
-            raise ValueError(f"tokens (B, L, D) and mask (B, L) disagree: {tuple(self.tokens.shape)} vs {tuple(self.mask.shape)}")
+            raise ValueError(
+                f"tokens (B, L, D) and mask (B, L) disagree: {tuple(self.tokens.shape)} vs {tuple(self.mask.shape)}"
+            )
         if self.mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool, got {self.mask.dtype}")
         if self.pooled.shape != (self.tokens.shape[0], self.tokens.shape[2]):
-            raise ValueError(f"pooled must be (B, D) = {(self.tokens.shape[0], self.tokens.shape[2])}, got {tuple(self.pooled.shape)}")
+            raise ValueError(
+                f"pooled must be (B, D) = {(self.tokens.shape[0], self.tokens.shape[2])}, got "
+                f"{tuple(self.pooled.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -120,7 +125,9 @@ def null_mask_rows(embedding: TextEmbedding, drop: torch.Tensor) -> TextEmbeddin
     """
     drop = torch.as_tensor(drop, device=embedding.tokens.device)
     if drop.dtype != torch.bool or drop.shape != (len(embedding),):
-        raise ValueError(f"drop must be a bool tensor of shape ({len(embedding)},), got {drop.dtype} {tuple(drop.shape)}")
+        raise ValueError(
+            f"drop must be a bool tensor of shape ({len(embedding)},), got {drop.dtype} {tuple(drop.shape)}"
+        )
     keep = ~drop
     tokens = embedding.tokens * keep[:, None, None].to(embedding.tokens.dtype)
     pooled = embedding.pooled * keep[:, None].to(embedding.pooled.dtype)

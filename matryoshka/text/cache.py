@@ -22,8 +22,8 @@ import uuid
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -68,7 +68,10 @@ def _flush(folder: Path, pending: dict[str, _Entry], metadata: dict[str, str]) -
             if folder.is_dir():
                 _write_shard(folder, dict(pending), metadata)
         except Exception as error:  # never raise from a finalizer; the captions are just recomputed later
-            warnings.warn(f"text embedding cache: could not write {len(pending)} buffered captions to {folder}: {error}")
+            warnings.warn(
+                f"text embedding cache: could not write {len(pending)} buffered captions to {folder}: {error}",
+                stacklevel=2,
+            )
         pending.clear()
 
 
@@ -150,12 +153,16 @@ class TextEmbeddingCache:
                 warnings.warn(f"text embedding cache: skipping unreadable shard {path}: {error}", stacklevel=2)
                 continue
             if metadata.get("format") != FORMAT or metadata.get("encoder_id") != self.encoder_id:
-                warnings.warn(f"text embedding cache: skipping {path}: written for {metadata.get('encoder_id')!r}", stacklevel=2)
+                warnings.warn(
+                    f"text embedding cache: skipping {path}: written for {metadata.get('encoder_id')!r}", stacklevel=2
+                )
                 continue
             if self.dim is None and metadata.get("dim", "0") != "0":
                 self.dim = int(metadata["dim"])
             elif self.dim is not None and metadata.get("dim") not in (None, "0", str(self.dim)):
-                warnings.warn(f"text embedding cache: skipping {path}: dim {metadata.get('dim')} != {self.dim}", stacklevel=2)
+                warnings.warn(
+                    f"text embedding cache: skipping {path}: dim {metadata.get('dim')} != {self.dim}", stacklevel=2
+                )
                 continue
             for name in names:
                 if name.endswith(".tokens"):
@@ -213,7 +220,9 @@ class TextEmbeddingCache:
         tokens = embedding.tokens.to(self.dtype)
         pooled = embedding.pooled.to(self.dtype)
         if not (torch.isfinite(tokens).all() and torch.isfinite(pooled).all()):
-            raise ValueError(f"text embeddings overflow the cache's {self.dtype}; use dtype=torch.bfloat16 or torch.float32")
+            raise ValueError(
+                f"text embeddings overflow the cache's {self.dtype}; use dtype=torch.bfloat16 or torch.float32"
+            )
         entries = {}
         for row, caption in enumerate(captions):
             real = embedding.mask[row].nonzero()
@@ -252,8 +261,12 @@ class TextEmbeddingCache:
         batch_size = max(1, int(batch_size or self.batch_size))
         self.refresh()
         share = list(dict.fromkeys(captions))[rank::world_size]  # split before filtering: ranks agree on shares
-        todo = sorted((c for c in share if self.key(c) not in self._index and self.key(c) not in self._pending), key=len)
-        with tqdm(total=len(todo), desc=f"text embeddings {self.encoder_id}", unit="caption", disable=not progress) as bar:
+        todo = sorted(
+            (c for c in share if self.key(c) not in self._index and self.key(c) not in self._pending), key=len
+        )
+        with tqdm(
+            total=len(todo), desc=f"text embeddings {self.encoder_id}", unit="caption", disable=not progress
+        ) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
                 self._add_pending(self._encode(chunk))
@@ -276,7 +289,11 @@ class TextEmbeddingCache:
         handle = self._handles.get(name)
         if handle is None:
             handle = self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        entry = (handle.get_tensor(f"{key}.tokens"), handle.get_tensor(f"{key}.mask"), handle.get_tensor(f"{key}.pooled"))
+        entry = (
+            handle.get_tensor(f"{key}.tokens"),
+            handle.get_tensor(f"{key}.mask"),
+            handle.get_tensor(f"{key}.pooled"),
+        )
         if self.memory_items:
             self._memory[key] = entry
             while len(self._memory) > self.memory_items:
@@ -290,7 +307,9 @@ class TextEmbeddingCache:
         if len(captions) == 0:
             raise ValueError("get needs at least one caption")
         keys = [self.key(caption) for caption in captions]
-        missing = {key: caption for key, caption in zip(keys, captions) if key not in self._pending and key not in self._index}
+        missing = {
+            key: caption for key, caption in zip(keys, captions) if key not in self._pending and key not in self._index
+        }
         if missing:
             self.refresh()
             missing = {key: caption for key, caption in missing.items() if key not in self._index}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -92,7 +92,10 @@ class HFTextEncoder(TextEncoder):
         config = getattr(model, "config", None)
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and max_length > limit:
-            warnings.warn(f"text encoder {name}: max_length {max_length} exceeds the model's {limit} positions; using {limit}", stacklevel=2)
+            warnings.warn(
+                f"text encoder {name}: max_length {max_length} exceeds the model's {limit} positions; using {limit}",
+                stacklevel=2,
+            )
             max_length = limit
         self.name = name
         self.max_length = int(max_length)
@@ -103,7 +106,7 @@ class HFTextEncoder(TextEncoder):
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        self.dim = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        self.dim = int(getattr(config, "hidden_size", None) or config.d_model)
         self._fallback_id = self._fallback_token_id()
 
     def to(self, device: torch.device | str) -> HFTextEncoder:
@@ -135,7 +138,10 @@ class HFTextEncoder(TextEncoder):
         empty = ~mask.any(dim=1)
         if empty.any():
             if self._fallback_id is None:
-                raise ValueError(f"text encoder {self.name}: the tokenizer gives no token for {prompts[int(empty.nonzero()[0])]!r} and has no special token to use instead")
+                raise ValueError(
+                    f"text encoder {self.name}: the tokenizer gives no token for "
+                    f"{prompts[int(empty.nonzero()[0])]!r} and has no special token to use instead"
+                )
             ids[empty, 0] = self._fallback_id
             mask[empty, 0] = True
         return ids, mask
@@ -173,7 +179,15 @@ class T5TextEncoder(HFTextEncoder):
     ``data/t5.vocab``) if given, else from the Hugging Face tokenizer's vocabulary.
     """
 
-    def __init__(self, model, tokenizer, *, mlmdm_compat: bool | str = False, vocab_file: str | os.PathLike | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        mlmdm_compat: bool | str = False,
+        vocab_file: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> None:
         if mlmdm_compat is True:
             mlmdm_compat = "train"
         if mlmdm_compat and mlmdm_compat not in MODES:
@@ -188,7 +202,10 @@ class T5TextEncoder(HFTextEncoder):
         kwargs.setdefault("pooling", "mean")
         super().__init__(model, tokenizer, **kwargs)
         if self.mlmdm_tokenizer is not None and self.mlmdm_tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"ml-mdm vocabulary has {self.mlmdm_tokenizer.vocab_size} pieces but the model only {model.config.vocab_size} embeddings")
+            raise ValueError(
+                f"ml-mdm vocabulary has {self.mlmdm_tokenizer.vocab_size} pieces but the model only "
+                f"{model.config.vocab_size} embeddings"
+            )
 
     @property
     def id(self) -> str:
@@ -230,7 +247,9 @@ def load_minilm(max_length: int = 77, device=None, dtype=None) -> HFTextEncoder:
     with _quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = _from_pretrained(AutoModel, str(path), "minilm", local_files_only=True, dtype=dtype)
-    return HFTextEncoder(model, tokenizer, name="minilm", max_length=max_length, pooling="mean", device=device, dtype=dtype)
+    return HFTextEncoder(
+        model, tokenizer, name="minilm", max_length=max_length, pooling="mean", device=device, dtype=dtype
+    )
 
 
 def _not_found(name: str, error: Exception) -> TextEncoderNotFound:
@@ -295,17 +314,34 @@ def load_text_encoder(
             config = AutoConfig.from_pretrained(source, **options)
             tokenizer = AutoTokenizer.from_pretrained(source, **options)
         model_type = getattr(config, "model_type", "")
-        model_class = T5EncoderModel if model_type in T5_TYPES else CLIPTextModel if model_type in CLIP_TYPES else AutoModel
+        model_class = (
+            T5EncoderModel if model_type in T5_TYPES else CLIPTextModel if model_type in CLIP_TYPES else AutoModel
+        )
         model = _from_pretrained(model_class, source, name, dtype=dtype, **options)
     except OSError as error:
         raise _not_found(name, error) from error
     display = source
     if model_type in T5_TYPES:
         return T5TextEncoder(
-            model, tokenizer, name=display, max_length=max_length, pooling=pooling or "mean",
-            device=device, dtype=dtype, mlmdm_compat=mlmdm_compat, vocab_file=vocab_file,
+            model,
+            tokenizer,
+            name=display,
+            max_length=max_length,
+            pooling=pooling or "mean",
+            device=device,
+            dtype=dtype,
+            mlmdm_compat=mlmdm_compat,
+            vocab_file=vocab_file,
         )
     if mlmdm_compat:
         raise ValueError(f"mlmdm_compat applies to T5 encoders only, {name!r} is {model_type!r}")
     default_pooling = "model" if model_type in CLIP_TYPES else "mean"
-    return HFTextEncoder(model, tokenizer, name=display, max_length=max_length, pooling=pooling or default_pooling, device=device, dtype=dtype)
+    return HFTextEncoder(
+        model,
+        tokenizer,
+        name=display,
+        max_length=max_length,
+        pooling=pooling or default_pooling,
+        device=device,
+        dtype=dtype,
+    )

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -53,7 +53,13 @@ class MlmdmT5Tokenizer:
     reader) or "sample" (leading space only, as ml-mdm's ``generate_*`` scripts).
     """
 
-    def __init__(self, pieces: Sequence[tuple[str, float]], mode: str = "train", pad_token: str = "<pad>", eos_token: str = "</s>") -> None:
+    def __init__(
+        self,
+        pieces: Sequence[tuple[str, float]],
+        mode: str = "train",
+        pad_token: str = "<pad>",
+        eos_token: str = "</s>",
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mlmdm tokenisation mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -100,12 +106,21 @@ class MlmdmT5Tokenizer:
         """
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise ValueError("mlmdm tokenisation needs a T5 tokenizer backed by the `tokenizers` library (a Unigram model)")
+            raise ValueError(
+                "mlmdm tokenisation needs a T5 tokenizer backed by the `tokenizers` library (a Unigram model)"
+            )
         model = json.loads(backend.to_str())["model"]
         if model.get("type") != "Unigram":
-            raise ValueError(f"mlmdm tokenisation needs a Unigram (SentencePiece) vocabulary, got {model.get('type')!r}")
+            raise ValueError(
+                f"mlmdm tokenisation needs a Unigram (SentencePiece) vocabulary, got {model.get('type')!r}"
+            )
         pieces = [(piece, float(score)) for piece, score in model["vocab"]]
-        return cls(pieces, mode=mode, pad_token=str(tokenizer.pad_token or "<pad>"), eos_token=str(tokenizer.eos_token or "</s>"))
+        return cls(
+            pieces,
+            mode=mode,
+            pad_token=str(tokenizer.pad_token or "<pad>"),
+            eos_token=str(tokenizer.eos_token or "</s>"),
+        )
 
     # ------------------------------------------------------------------ tokenisation
     def segment(self, text: str) -> list[int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.1) -> float:
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.1
+) -> float:
     """Linear warm-up to 1, then constant or cosine decay to ``min_ratio`` at ``total_steps``."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -69,8 +69,9 @@ class MetricsLog:
 
 def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
     """NaN and Infinity are not JSON: a diverged step's loss is written as null."""
-    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
-            for key, value in record.items()}
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()
+    }
 
 
 def _parse(line: str) -> dict[str, Any] | None:

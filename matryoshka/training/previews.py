@@ -38,7 +38,14 @@ def evaluate_run(pipeline: Pipeline) -> dict[str, float]:
 
     settings, sample = pipeline.config.eval, pipeline.config.sample
     return evaluate_pipeline(
-        pipeline, settings.reference, num=settings.num, feature=settings.feature, metrics=tuple(settings.metrics),
-        sampler=settings.sampler, steps=settings.steps, batch_size=settings.batch_size,
-        seed=sample.seed, prompts=sample.prompts or None,
+        pipeline,
+        settings.reference,
+        num=settings.num,
+        feature=settings.feature,
+        metrics=tuple(settings.metrics),
+        sampler=settings.sampler,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        seed=sample.seed,
+        prompts=sample.prompts or None,
     )

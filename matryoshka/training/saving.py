@@ -41,14 +41,18 @@ def write_checkpoint(
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     bad = [name for name, weights in (("model", model), ("EMA", ema)) if not all_finite(weights.values())]
     if bad:
-        message = (f"refusing to save step {step}: the {' and '.join(bad)} weights are NaN/Inf. {kept}; "
-                   "lower train.lr and run the same command to resume from it")
+        message = (
+            f"refusing to save step {step}: the {' and '.join(bad)} weights are NaN/Inf. {kept}; "
+            "lower train.lr and run the same command to resume from it"
+        )
         return None, TrainingStopped(message, previous, exit_code=3)
     try:
         path = save_checkpoint(run_dir, step, model, ema, state, config, keep=config.train.keep_checkpoints)
     except OSError as error:
-        message = (f"could not save the checkpoint of step {step} in {run_dir}: {error}. {kept}; "
-                   "free space or fix permissions, then run the same command to resume")
+        message = (
+            f"could not save the checkpoint of step {step} in {run_dir}: {error}. {kept}; "
+            "free space or fix permissions, then run the same command to resume"
+        )
         return None, TrainingStopped(message, previous, exit_code=4)
     try:  # a summary for people: the checkpoint's state.pt holds the stage history
         (run_dir / "stages.json").write_text(json.dumps(state.get("stage_history", []), indent=1) + "\n")

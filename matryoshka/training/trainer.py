@@ -234,8 +234,12 @@ class Trainer:
             missing = self.config.model.num_levels - self.num_levels
             images = top_images(batch, self.device, missing, self.config.model.nest_ratio, self._frame_stride())
             indices = batch["index"].tolist()
-            t, noise, drop = sample_randomness(self.process, indices, images, train.seed, self.step, train.cond_drop_prob)
-            cond = batch_conditioning(batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device)
+            t, noise, drop = sample_randomness(
+                self.process, indices, images, train.seed, self.step, train.cond_drop_prob
+            )
+            cond = batch_conditioning(
+                batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device
+            )
             last = micro == train.grad_accum - 1
             sync = self.network.no_sync() if self.dist.enabled and not self.sharded and not last else nullcontext()
             with sync:
@@ -292,8 +296,12 @@ class Trainer:
             self._grow(self.stage.levels)
         if not self.stage_history or self.stage_history[-1]["stage"] != self.stage_index:
             self.stage_history.append(
-                {"stage": self.stage_index, "levels": self.num_levels, "start_step": self.step,
-                 "start_seconds": self.train_seconds}
+                {
+                    "stage": self.stage_index,
+                    "levels": self.num_levels,
+                    "start_step": self.step,
+                    "start_seconds": self.train_seconds,
+                }
             )
         if self.batches is None:
             self.batches = make_loader(
@@ -330,8 +338,9 @@ class Trainer:
         # Every rank learns rank 0's outcome (this collective is also the barrier after the write).
         code = int(self.dist.max(failure.exit_code if failure else 0, self.device))
         if code:
-            raise failure or TrainingStopped("stopped: rank 0 could not save the checkpoint (see its message)",
-                                             None, code)
+            raise failure or TrainingStopped(
+                "stopped: rank 0 could not save the checkpoint (see its message)", None, code
+            )
         return path
 
     def _ema_pipeline(self) -> Pipeline | None:
@@ -377,8 +386,13 @@ class Trainer:
     def _log_step(self, loss: float, level_logs: dict[str, float], grad_norm: float, lr: float, rate: float) -> dict:
         averaged = self.dist.mean({"loss": loss, **level_logs}, self.device)
         record = {
-            "step": self.step, **averaged, "lr": lr, "grad_norm": grad_norm, "images_per_s": rate,
-            "nonfinite_steps": self.nonfinite_total, "stage": self.stage_history[-1]["stage"],
+            "step": self.step,
+            **averaged,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "images_per_s": rate,
+            "nonfinite_steps": self.nonfinite_total,
+            "stage": self.stage_history[-1]["stage"],
             "levels": self.num_levels,
         }
         self.metrics.write(record)
@@ -438,7 +452,8 @@ class Trainer:
                 if stop_signal:
                     signum = self._stop_signal or signal.SIGTERM
                     raise TrainingStopped(
-                        f"{signal.Signals(signum).name} received: saved step {self.step}; run the same command to resume",
+                        f"{signal.Signals(signum).name} received: saved step {self.step}; run the "
+                        f"same command to resume",
                         checkpoint,
                         exit_code=128 + signum,
                     )

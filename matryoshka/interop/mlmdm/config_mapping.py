@@ -61,13 +61,14 @@ def _checked_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _top_resolution(raw: Mapping[str, Any], reader: Mapping[str, Any], resolution: int | None,
-                    notes: list[str]) -> int:
+def _top_resolution(raw: Mapping[str, Any], reader: Mapping[str, Any], resolution: int | None, notes: list[str]) -> int:
     """The model's top resolution: ``resolution`` if given, else the config's image size."""
     sample_size = parse_int(raw.get("sample_image_size"), "sample_image_size")
     reader_size = parse_int(reader.get("image_size"), "reader_config.image_size")
-    top = resolution or (sample_size if sample_size and sample_size > 0 else None) or (
-        reader_size if reader_size and reader_size > 0 else None
+    top = (
+        resolution
+        or (sample_size if sample_size and sample_size > 0 else None)
+        or (reader_size if reader_size and reader_size > 0 else None)
     )
     if top is None:
         raise MlmdmConfigError(
@@ -113,8 +114,16 @@ def _sample(steps: int, threshold: str) -> SampleConfig:
     """ml-mdm's demo sampling: DDIM (eta 0) on its step grid, guidance 7.5 against the encoded empty prompt."""
     mode, percentile, cap = THRESHOLDS[threshold]
     return SampleConfig(
-        sampler="ddim", steps=steps, spacing="mlmdm", num=4, guidance=DEMO_GUIDANCE, negative_prompt="", eta=0.0,
-        threshold=mode, threshold_percentile=percentile, threshold_max=cap,
+        sampler="ddim",
+        steps=steps,
+        spacing="mlmdm",
+        num=4,
+        guidance=DEMO_GUIDANCE,
+        negative_prompt="",
+        eta=0.0,
+        threshold=mode,
+        threshold_percentile=percentile,
+        threshold_max=cap,
     )
 
 
@@ -172,7 +181,8 @@ def _settle_training(training: list[str], strict: bool, notes: list[str]) -> Non
         return
     if strict:
         raise MlmdmConfigError(
-            "training options our trainer cannot reproduce: " + "; ".join(training)
+            "training options our trainer cannot reproduce: "
+            + "; ".join(training)
             + ". Sampling is unaffected: pass --ignore-training-options (strict_training=False) to convert anyway"
         )
     notes.extend(f"training differs from ml-mdm: {item}" for item in training)

@@ -49,8 +49,14 @@ def _step(extras: Mapping[str, Any]) -> int:
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
 
 
-def _source_record(checkpoint: Path, loaded: LoadedWeights, config_source: str, conversion: MlmdmConversion,
-                   notes: list[str], raw: Mapping[str, Any]) -> dict[str, Any]:
+def _source_record(
+    checkpoint: Path,
+    loaded: LoadedWeights,
+    config_source: str,
+    conversion: MlmdmConversion,
+    notes: list[str],
+    raw: Mapping[str, Any],
+) -> dict[str, Any]:
     """Where the weights came from, kept in ``state.pt`` (plain values only, so it loads with weights_only)."""
     return {
         "format": "ml-mdm",
@@ -109,7 +115,11 @@ def convert_mlmdm(
     name = Path(config).stem if config is not None else checkpoint.stem
     saved_model = loaded.args.get("text_model") if loaded.args else None
     conversion = run_config_from_mlmdm(
-        raw, text_dim=text_dim, resolution=resolution, strict_training=strict_training, name=f"{name}-converted",
+        raw,
+        text_dim=text_dim,
+        resolution=resolution,
+        strict_training=strict_training,
+        name=f"{name}-converted",
         checkpoint_text_dim=checkpoint_text_dim(loaded.tensors),
         checkpoint_text_model=str(saved_model) if saved_model else None,
     )

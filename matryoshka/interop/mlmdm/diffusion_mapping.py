@@ -83,8 +83,7 @@ def _diffusion_section(raw: Mapping[str, Any], nested: bool, notes: list[str]) -
             if key in NESTED_DIFFUSION_DEFAULTS:
                 notes.append(f"diffusion_config.{key} only applies to nested models: ignored")
                 diffusion_raw.pop(key)
-    return with_defaults(diffusion_raw, NESTED_DIFFUSION_DEFAULTS if nested else DIFFUSION_DEFAULTS,
-                         "diffusion_config")
+    return with_defaults(diffusion_raw, NESTED_DIFFUSION_DEFAULTS if nested else DIFFUSION_DEFAULTS, "diffusion_config")
 
 
 def _schedule(sampler: Mapping[str, Any]) -> tuple[int, str]:
@@ -173,8 +172,9 @@ def _mixed_ratio(value: Any, count: int, training: list[str]) -> float | None:
     return cumulative[0] if cumulative[0] < 1.0 - 1e-9 else None
 
 
-def _level_losses(diffusion: Mapping[str, Any], settings: DiffusionSettings, count: int, notes: list[str],
-                  training: list[str]) -> None:
+def _level_losses(
+    diffusion: Mapping[str, Any], settings: DiffusionSettings, count: int, notes: list[str], training: list[str]
+) -> None:
     """A nested model's per-level loss options, set on ``settings``."""
     if not parse_bool(diffusion["no_use_residual"], "diffusion_config.no_use_residual"):
         raise MlmdmConfigError(
@@ -199,8 +199,9 @@ def _level_losses(diffusion: Mapping[str, Any], settings: DiffusionSettings, cou
     settings.mixed_ratio = _mixed_ratio(diffusion["mixed_ratio"], count, training)
 
 
-def diffusion_from_mlmdm(raw: Mapping[str, Any], count: int, notes: list[str],
-                         training: list[str]) -> DiffusionSettings:
+def diffusion_from_mlmdm(
+    raw: Mapping[str, Any], count: int, notes: list[str], training: list[str]
+) -> DiffusionSettings:
     """Our diffusion settings for a model of ``count`` levels; appends to ``notes`` and ``training``."""
     nested = count > 1
     diffusion = _diffusion_section(raw, nested, notes)

@@ -124,8 +124,7 @@ def _nested_normalize(where: str, options: Mapping[str, Any], training: list[str
     return not parse_bool(options["skip_normalization"], f"{where}.skip_normalization")
 
 
-def _parse_level(where: str, raw: Mapping[str, Any], nested: bool, innermost: bool,
-                 training: list[str]) -> _Level:
+def _parse_level(where: str, raw: Mapping[str, Any], nested: bool, innermost: bool, training: list[str]) -> _Level:
     options = with_defaults(raw, NESTED_DEFAULTS if nested else UNET_DEFAULTS, where)
     resnet = with_defaults(options["resnet_config"], RESNET_DEFAULTS, f"{where}.resnet_config")
 
@@ -180,8 +179,9 @@ def _named_text_dim(raw: Mapping[str, Any], chain: _Chain) -> tuple[str, int | N
     return model, None
 
 
-def _text_dim(raw: Mapping[str, Any], chain: _Chain, text_dim: int | None, checkpoint_dim: int | None,
-              notes: list[str]) -> int:
+def _text_dim(
+    raw: Mapping[str, Any], chain: _Chain, text_dim: int | None, checkpoint_dim: int | None, notes: list[str]
+) -> int:
     """Width of the text encoder's token embeddings: given, read from the checkpoint, or from the config."""
     if text_dim is not None:
         if text_dim <= 0:
@@ -235,8 +235,7 @@ def _parse_chain(raw: Mapping[str, Any], training: list[str]) -> tuple[_Chain, l
     return chain, parsed
 
 
-def _check_text_widths(chain: _Chain, parsed: list[_Level], width: int, text_dim: int | None,
-                       notes: list[str]) -> None:
+def _check_text_widths(chain: _Chain, parsed: list[_Level], width: int, text_dim: int | None, notes: list[str]) -> None:
     """Every level cross-attends with the width the innermost UNet projects the text to."""
     inner = parsed[-1]
     cross_dim = inner.proj_dim if inner.proj_dim > 0 else width
@@ -295,8 +294,13 @@ def _model_config(parsed: list[_Level], width: int) -> ModelConfig:
         raise MlmdmConfigError(f"the ml-mdm model does not fit our architecture: {error}") from error
 
 
-def model_from_mlmdm(raw: Mapping[str, Any], text_dim: int | None, notes: list[str],
-                     training: list[str], checkpoint_text_dim: int | None = None) -> ModelConfig:
+def model_from_mlmdm(
+    raw: Mapping[str, Any],
+    text_dim: int | None,
+    notes: list[str],
+    training: list[str],
+    checkpoint_text_dim: int | None = None,
+) -> ModelConfig:
     """Our model for ``raw["unet_config"]``; appends to ``notes`` and ``training``.
 
     ``text_dim`` overrides the text encoder's width, which otherwise comes from the

@@ -51,18 +51,38 @@ __all__ = [
 # Top-level module names under which ml-mdm's classes were pickled: the package itself
 # and the old flat names that ml-mdm's fix_old_checkpoints.py aliases.
 _MLMDM_MODULES = frozenset(
-    {"ml_mdm", "config", "reader", "models", "diffusion", "samplers", "language_models", "distributed",
-     "unet", "nested_unet", "helpers", "trainer", "lr_scaler"}
+    {
+        "ml_mdm",
+        "config",
+        "reader",
+        "models",
+        "diffusion",
+        "samplers",
+        "language_models",
+        "distributed",
+        "unet",
+        "nested_unet",
+        "helpers",
+        "trainer",
+        "lr_scaler",
+    }
 )
 # Other plain-data classes an argparse namespace may hold.
 _EXACT_RECORDS = frozenset(
     {
         "argparse.Namespace",
-        "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePath",
-        "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
-        "numpy.dtype", "numpy.ndarray",
-        "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-        "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+        "pathlib.Path",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PurePath",
+        "pathlib.PurePosixPath",
+        "pathlib.PureWindowsPath",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
     }
 )
 
@@ -292,8 +312,10 @@ def _reason(error: Exception) -> str:
 
 
 def _is_state_dict(value: Any) -> bool:
-    return isinstance(value, Mapping) and len(value) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
     )
 
 
@@ -323,6 +345,6 @@ def _unwrap(obj: Any, file: Path, records: list[str]) -> LoadedWeights:
         )
     # A state dict saved from a DistributedDataParallel wrapper: drop the common prefix.
     if tensors and all(key.startswith("module.") for key in tensors):
-        tensors = {key[len("module."):]: value for key, value in tensors.items()}
+        tensors = {key[len("module.") :]: value for key, value in tensors.items()}
         notes.append("removed the 'module.' prefix (DistributedDataParallel) from every parameter name")
     return LoadedWeights(tensors, kind, extras, args, sorted(set(records)), notes)

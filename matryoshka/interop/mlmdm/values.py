@@ -121,9 +121,7 @@ def parse_ratios(value: Any, where: str) -> list[float] | None:
     try:
         return [float(x) for x in str(value).split(":")]
     except ValueError:
-        raise MlmdmConfigError(
-            f"{where}: expected numbers separated by ':', e.g. '2:1', got {value!r}"
-        ) from None
+        raise MlmdmConfigError(f"{where}: expected numbers separated by ':', e.g. '2:1', got {value!r}") from None
 
 
 def with_defaults(section: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:

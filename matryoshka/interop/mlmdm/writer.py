@@ -29,8 +29,14 @@ def prepare_out(out: Path) -> None:
         raise FileNotFoundError(f"parent directory of --out does not exist: {out.parent}")
 
 
-def _write_files(directory: Path, tensors: dict[str, torch.Tensor], config: RunConfig, step: int,
-                 state: dict[str, Any] | None, source: str) -> list[str]:
+def _write_files(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    config: RunConfig,
+    step: int,
+    state: dict[str, Any] | None,
+    source: str,
+) -> list[str]:
     metadata = {"format": "matryoshka", "step": str(step), "source": source}
     save_file(tensors, directory / "model.safetensors", metadata)
     files = ["model.safetensors"]
@@ -47,8 +53,14 @@ def _write_files(directory: Path, tensors: dict[str, torch.Tensor], config: RunC
     return files
 
 
-def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config: RunConfig, step: int,
-                     state: dict[str, Any] | None, source: str = "ml-mdm") -> list[str]:
+def write_checkpoint(
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    config: RunConfig,
+    step: int,
+    state: dict[str, Any] | None,
+    source: str = "ml-mdm",
+) -> list[str]:
     """Write our checkpoint directory at ``out`` (checked by :func:`prepare_out`); the file names written.
 
     ``model.safetensors`` and ``config.yaml`` always; with ``state`` (the ``state.pt``
