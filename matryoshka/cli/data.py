@@ -64,6 +64,7 @@ def cmd_shards(args: argparse.Namespace, out: Path) -> int:
         f"wrote {summary['count']} samples in {summary['shards']} shards to {out} "
         f"(use data.source=shards data.path='{summary['pattern']}')"
     )
+    return 0
 
 
 def _export_motion(args: argparse.Namespace, out: Path) -> int:
