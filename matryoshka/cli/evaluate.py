@@ -244,6 +244,7 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
     from ..evaluation.reference import compute_reference_stats
     from ..pipeline import pick_device
 
+    arguments.folder_or_new(Path(args.out).expanduser().parent, "--out")  # before reading any image
     resolution, sizes, data = 64, None, None
     if args.run:
         resolution, sizes, data = run_levels(args.run)
@@ -271,7 +272,6 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
         run_data=data,
         progress=not args.quiet,
     )
-    arguments.folder_or_new(Path(args.out).expanduser().parent, "--out")
     path = stats.save(args.out)
     kept = {s: 0 if level.features is None else len(level.features) for s, level in stats.levels.items()}
     print(
