@@ -7,12 +7,14 @@ bash scripts/install.sh
 MINUTES=${MINUTES:-10}
 RUN=${RUN:-runs/emoji64-demo}
 EVAL=${EVAL:-1}
+# Each demo writes a folder of its own, so running it again (which resumes the run) keeps the last one.
+OUT="$RUN/demo/$(date +%Y%m%d-%H%M%S)"
 mdm train emoji64 run_dir="$RUN" train.max_minutes="$MINUTES"
-mdm sample "$RUN" --num 16 --out "$RUN/demo"
+mdm sample "$RUN" --num 16 --out "$OUT"
 if [[ "$EVAL" == 1 ]]; then
   # FD_effnet-lite0 of 128 samples at every level against 1,000 emoji (statistics made once, ~2 min).
   REF=${REF:-$HOME/.cache/matryoshka/emoji64-ref-1000.npz}
   [[ -f "$REF" ]] || mdm eval-stats emoji --run "$RUN" --feature effnet-lite0 --max-images 1000 --out "$REF"
-  mdm eval "$RUN" --reference "$REF" --num 128 --metrics fd --out "$RUN/demo/eval.json"
+  mdm eval "$RUN" --reference "$REF" --num 128 --metrics fd --out "$OUT/eval.json"
 fi
-echo "demo samples: $RUN/demo/grid_64px.png (and grid_16px.png for the inner level)"
+echo "demo samples: $OUT/grid_64px.png (and grid_16px.png for the inner level)"
