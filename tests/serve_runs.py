@@ -76,3 +76,9 @@ def train_text_run(root: Path) -> Path:
         == 0
     )
     return run
+
+
+def train_video_run(root: Path) -> Path:
+    run = root / "video"
+    assert main(["train", "tiny-video", f"run_dir={run}", *FAST]) == 0
+    return run

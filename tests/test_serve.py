@@ -24,13 +24,14 @@ from matryoshka.serve.settings import ALL_CLASSES, Settings, SettingsError, pars
 from matryoshka.serve.visuals import (
     denoising_gif,
     keep_frame,
+    pyramid_items,
     schedule_plot,
     strip,
     write_download,
 )
 from matryoshka.utils.images import to_uint8
 
-from .serve_runs import train_class_run, train_plain_run, train_text_run
+from .serve_runs import train_class_run, train_plain_run, train_text_run, train_video_run
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +144,15 @@ def test_generation_streams_every_level_and_is_reproducible(models):
 
 
 def test_the_shown_command_makes_the_same_images(models, tmp_path):
-    for chosen in (
-        settings(models["class"], class_choice="dogs", guidance=3.0, seed=5, sampler="ddpm"),
-        settings(models["text"], prompt="green star", negative_prompt="red square", guidance=2.0, seed=3),
+    for case, chosen in enumerate(
+        (
+            settings(models["class"], class_choice="dogs", guidance=3.0, seed=5, sampler="ddpm"),
+            settings(models["text"], prompt="green star", negative_prompt="red square", guidance=2.0, seed=3),
+            settings(models["text"], prompt="red square", guidance=4.0, interval_from=0.5, interval_to=1.0, seed=4),
+        )
     ):
         levels = generate(chosen)
-        out = tmp_path / chosen.model.pipe.config.run_dir.replace("/", "_")
+        out = tmp_path / f"case{case}"
         assert main([*shlex.split(chosen.command())[1:], "--out", str(out)]) == 0
         for level in levels:
             side = level.shape[-1]
@@ -158,7 +162,7 @@ def test_the_shown_command_makes_the_same_images(models, tmp_path):
 
 def test_text_generation_with_guidance_interval(models):
     chosen = settings(models["text"], prompt="red square", guidance=4.0, interval_from=0.5, interval_to=1.0)
-    assert chosen.interval == (0.5, 1.0) and "guidance_interval=(0.5, 1.0)" in chosen.command()
+    assert chosen.interval == (0.5, 1.0) and "--guidance-interval 0.5 1" in chosen.command()
     full = generate(settings(models["text"], prompt="red square", guidance=4.0))
     assert not torch.equal(generate(chosen)[0], full[0])
 
@@ -318,3 +322,17 @@ def test_generate_api_endpoint(server, models):
         api_name="/generate",
     )
     assert status.startswith("Done")
+
+
+def test_video_runs_show_their_clips_at_every_level(tmp_path_factory, tmp_path):
+    model = next(iter(load_models([str(train_video_run(tmp_path_factory.mktemp("video")))]).values()))
+    levels = generate(settings(model, num=2))
+    assert [tuple(level.shape) for level in levels] == [(2, 3, 4, 16, 16), (2, 3, 2, 8, 8)]
+    items = pyramid_items(levels, "samples")
+    assert [caption for _, caption in items] == ["4 frames 16² samples", "2 frames 8² samples"]
+    grid = items[0][0]  # one row of frames per clip
+    assert grid.width > 1.5 * grid.height
+    assert strip(levels).width > strip(levels).height
+    archive = zipfile.ZipFile(write_download(levels, settings(model, num=2).summary(), tmp_path / "clips.zip"))
+    names = set(archive.namelist())
+    assert {"4x16x16px/0001_frame03.png", "2x8x8px/0000_frame01.png", "grid_4x16x16px.png"} <= names

@@ -98,11 +98,9 @@ class Settings:
             words += ["--prompt", self.prompt]
         if self.negative_prompt:
             words += ["--negative-prompt", self.negative_prompt]
-        line = shlex.join(words)
         if self.interval is not None:
-            # mdm sample has no flag for it; the Python pipeline takes it as an option.
-            line += f"\n# plus guidance_interval={self.interval}: pipe.generate(..., guidance_interval={self.interval})"
-        return line
+            words += ["--guidance-interval", *(f"{bound:g}" for bound in self.interval)]
+        return shlex.join(words)
 
     def summary(self) -> dict:
         """The settings as plain data (shown with each result and saved in the download)."""

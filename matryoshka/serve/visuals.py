@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ..diffusion import MatryoshkaDiffusion
+from ..diffusion.spacetime import level_name as file_level_name
 from ..utils.images import make_grid, to_uint8
 
 TILE = 128
@@ -23,21 +24,39 @@ MAX_FRAMES = 60
 MAX_VIDEO_WIDTH = 1024
 
 
+def as_frames(level: Tensor) -> tuple[Tensor, int | None]:
+    """A level's images; for a clip batch (B, C, F, H, W) its frames, one grid row per clip (F columns)."""
+    if level.dim() == 5:
+        return level.transpose(1, 2).flatten(0, 1), level.shape[2]
+    return level, None
+
+
+def level_name(level: Tensor) -> str:
+    """``64²`` for images, ``8 frames 32²`` for clips."""
+    side = f"{level.shape[-1]}²"
+    return f"{level.shape[2]} frames {side}" if level.dim() == 5 else side
+
+
+def _grid(level: Tensor) -> Image.Image:
+    images, columns = as_frames(level)
+    return make_grid(images, columns)
+
+
 def level_grid(images: Tensor) -> Image.Image:
     """One level's batch as a grid, enlarged so that each image is at least TILE pixels wide."""
-    grid = make_grid(images)
+    grid = _grid(images)
     scale = max(1, math.ceil(TILE / images.shape[-1]))
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
 
 
 def pyramid_items(levels: list[Tensor], what: str) -> list[tuple[Image.Image, str]]:
     """Gallery items, one per level, highest resolution first, captioned with the level's side."""
-    return [(level_grid(level), f"{level.shape[-1]}² {what}") for level in levels]
+    return [(level_grid(level), f"{level_name(level)} {what}") for level in levels]
 
 
 def strip(levels: list[Tensor], gap: int = 8) -> Image.Image:
     """All levels side by side at the top level's enlarged grid size: one frame of the denoising video."""
-    grids = [level_grid(levels[0])] + [make_grid(level) for level in levels[1:]]
+    grids = [level_grid(levels[0])] + [_grid(level) for level in levels[1:]]
     width, height = grids[0].size
     canvas = Image.new("RGB", (len(grids) * width + (len(grids) - 1) * gap, height), "white")
     for index, grid in enumerate(grids):
@@ -127,10 +146,12 @@ def write_download(levels: list[Tensor], summary: dict, path: Path) -> Path:
     """A zip with every image of every level, a grid per level and the settings (with the command)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for level in levels:
-            side = level.shape[-1]
-            for index, pixels in enumerate(to_uint8(level)):
-                archive.writestr(f"{side}px/{index:04d}.png", _png(Image.fromarray(pixels)))
-            archive.writestr(f"grid_{side}px.png", _png(make_grid(level)))
+            name = f"{file_level_name(level) if level.dim() == 5 else level.shape[-1]}px"
+            images, frames = as_frames(level)
+            for index, pixels in enumerate(to_uint8(images)):
+                file = f"{index // frames:04d}_frame{index % frames:02d}" if frames else f"{index:04d}"
+                archive.writestr(f"{name}/{file}.png", _png(Image.fromarray(pixels)))
+            archive.writestr(f"grid_{name}.png", _png(_grid(level)))
         archive.writestr("settings.json", json.dumps(summary, indent=2, ensure_ascii=False))
         archive.writestr("command.txt", summary["command"] + "\n")
     return path
