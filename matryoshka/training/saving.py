@@ -59,3 +59,22 @@ def write_checkpoint(
     except OSError as error:
         metrics.warn(f"could not write stages.json: {error}")
     return path, None
+
+
+def weights_not_finite(run_dir: Path, step: int, lr: float, weight_decay: float) -> TrainingStopped:
+    """Why a run stops when a finite gradient still made non-finite weights (an lr or weight decay that overflows).
+
+    Undoing an AdamW step exactly is impossible, and a copy of every weight and moment to
+    restore would double the memory of training. So the run stops before the EMA or a
+    checkpoint sees the weights: the last checkpoint holds finite ones. Resuming it unchanged
+    would replay the same deterministic steps into the same update, hence the advice.
+    """
+    previous = latest_checkpoint(run_dir)
+    kept = f"the last checkpoint {previous.name} is intact" if previous else "no checkpoint was written"
+    return TrainingStopped(
+        f"stopped: step {step} made the weights NaN/Inf although its loss and gradients were finite "
+        f"(lr {lr:.3g}, weight_decay {weight_decay:g}); nothing of it was saved and {kept}. "
+        "Lower train.lr (or train.weight_decay) and run the same command again",
+        previous,
+        exit_code=3,
+    )

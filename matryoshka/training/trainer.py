@@ -41,7 +41,7 @@ from .parallel import shard, wrap
 from .precision import use_bf16
 from .previews import evaluate_run, save_sample_grids
 from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
-from .saving import TrainingStopped, write_checkpoint
+from .saving import TrainingStopped, weights_not_finite, write_checkpoint
 from .stages import stage_boundaries
 from .state import all_finite, full_weights, init_inner_from, load_optimizer_state, optimizer_state, set_full_weights
 
@@ -255,7 +255,8 @@ class Trainer:
         # Every rank sees the same all-reduced gradients, so they agree on skipping.
         if math.isfinite(grad_norm) and math.isfinite(total):
             self.optimizer.step()
-            self._stop_if_weights_not_finite(lr)
+            if self.dist.any(not all_finite(list(self.model.parameters())), self.device):
+                raise weights_not_finite(self.run_dir, self.step + 1, lr, self.config.train.weight_decay)
             self.ema.update(self.model)
             self.nonfinite_in_a_row = 0
         else:
@@ -263,27 +264,6 @@ class Trainer:
             self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total, level_logs, grad_norm, lr
-
-    def _stop_if_weights_not_finite(self, lr: float) -> None:
-        """A finite gradient can still make non-finite weights: an lr or weight decay that overflows them.
-
-        Undoing an AdamW step exactly is impossible, and a copy of every weight and moment to
-        restore would double the memory of training. So the run stops here, before the EMA or a
-        checkpoint sees the weights: the last checkpoint holds finite ones. Resuming it unchanged
-        would replay the same deterministic steps into the same update, hence the advice.
-        """
-        if not self.dist.any(not all_finite(list(self.model.parameters())), self.device):
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        previous = latest_checkpoint(self.run_dir)
-        kept = f"the last checkpoint {previous.name} is intact" if previous else "no checkpoint was written"
-        raise TrainingStopped(
-            f"stopped: step {self.step + 1} made the weights NaN/Inf although its loss and gradients were finite "
-            f"(lr {lr:.3g}, weight_decay {self.config.train.weight_decay:g}); nothing of it was saved and {kept}. "
-            "Lower train.lr (or train.weight_decay) and run the same command again",
-            previous,
-            exit_code=3,
-        )
 
     def _frame_stride(self) -> int:
         """Data frames per frame of the current top level (1 for images, or with all levels grown)."""
