@@ -111,6 +111,16 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def check_loader_args(batch_size: int, start_step: int, num_workers: int) -> None:
+    """The arguments every loader (map-style or streaming) refuses the same way."""
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(start_step) < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
 class ResumableLoader:
     """Infinite iterator of collated batches (see module docstring).
 
@@ -133,12 +143,7 @@ class ResumableLoader:
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
     ):
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if int(start_step) < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_loader_args(batch_size, start_step, num_workers)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.plan = ShardPlan(len(dataset), seed, rank, world_size, shuffle)

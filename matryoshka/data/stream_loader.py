@@ -15,6 +15,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from .loader import check_loader_args
+
 
 class StreamLoader:
     """Infinite iterator of collated batches from a streaming dataset.
@@ -38,12 +40,7 @@ class StreamLoader:
         prefetch_factor: int | None = None,
         state: dict[str, Any] | None = None,
     ):
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if int(start_step) < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_loader_args(batch_size, start_step, num_workers)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.dataset = dataset
