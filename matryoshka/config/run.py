@@ -68,10 +68,12 @@ class TrainConfig:
     """Per-process batch size; the global batch is batch_size x processes x grad_accum."""
     grad_accum: int = 1
     lr: float = 3e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: constant, or a decay to min_lr_ratio over each stage's steps or, in a time-limited
+    stage or run, over its minutes if they run out first."""
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1
-    """Cosine schedule floor as a fraction of lr."""
+    """Floor of the cosine and linear decays as a fraction of lr."""
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as a multiplier of the base rate, counted in optimizer steps."""
+"""Learning-rate schedules as a multiplier of the base rate."""
 
 from __future__ import annotations
 
@@ -6,15 +6,21 @@ import math
 
 
 def lr_factor(
-    step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.1
+    step: int, warmup_steps: int, progress: float, schedule: str = "constant", min_ratio: float = 0.1
 ) -> float:
-    """Linear warm-up to 1, then constant or cosine decay to ``min_ratio`` at ``total_steps``."""
+    """Linear warm-up over ``warmup_steps``, then constant, or a cosine or linear decay to ``min_ratio``.
+
+    ``progress`` in [0, 1] is how far the stage is through its budget after the warm-up: the
+    larger of its fraction of steps and, for a time-limited stage or run, of its minutes, so a
+    run stopped by ``train.max_minutes`` ends its decay at the deadline instead of never.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
+    progress = min(1.0, max(0.0, progress))
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule '{schedule}'; choose constant or cosine")
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    raise ValueError(f"unknown lr schedule '{schedule}'; choose constant, cosine or linear")

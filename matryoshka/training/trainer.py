@@ -90,6 +90,8 @@ class Trainer:
         # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
         self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.run_end_seconds = math.inf
+        """Training seconds at which this invocation's train.max_minutes run out (set by train())."""
         self._build(int(state["num_levels"]) if state else self.stage.levels)
         self.resumed_from = None
         if checkpoint is not None:
@@ -220,9 +222,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
-        stage_length = self.boundaries[self.stage_index] - self.stage_start
         lr = stage.lr * lr_factor(
-            self.step - self.stage_start, train.warmup_steps, stage_length, train.lr_schedule, train.min_lr_ratio
+            self.step - self.stage_start,
+            train.warmup_steps,
+            self._stage_progress(),
+            train.lr_schedule,
+            train.min_lr_ratio,
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -264,6 +269,23 @@ class Trainer:
             self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total, level_logs, grad_norm, lr
+
+    def _stage_progress(self) -> float:
+        """How far the stage is through its budget after warm-up: steps, or minutes where they end it sooner."""
+        warmup = self.config.train.warmup_steps
+        length = self.boundaries[self.stage_index] - self.stage_start
+        progress = (self.step - self.stage_start - warmup) / max(1, length - warmup)
+        if self.config.train.lr_schedule == "constant":
+            return progress
+        start = self.stage_history[-1].get("start_seconds", 0.0)
+        end = self.run_end_seconds
+        if self.stage.minutes and self.stage_index < len(self.stages) - 1:
+            end = min(end, start + 60 * self.stage.minutes)
+        if math.isfinite(end):
+            # Clocks differ across ranks; every rank must apply the same rate.
+            spent = self.dist.max(self.train_seconds - start, self.device)
+            progress = max(progress, spent / max(end - start, 1e-9))
+        return progress
 
     def _frame_stride(self) -> int:
         """Data frames per frame of the current top level (1 for images, or with all levels grown)."""
@@ -388,6 +410,7 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         last_time, last_step = time.perf_counter(), self.step
         deadline = last_time + 60 * train.max_minutes if train.max_minutes else math.inf
+        self.run_end_seconds = self.train_seconds + 60 * train.max_minutes if train.max_minutes else math.inf
         bar = progress_bar(self.step, self.total_steps, self.config.train.max_minutes, self.quiet)
         start = step_started = last_time
         checkpoint = None
