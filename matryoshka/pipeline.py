@@ -51,7 +51,7 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
     # The config lists levels innermost first; the process orders them as its outputs, highest first.
     weights = diffusion.level_loss_weights[:levels][::-1] if diffusion.level_loss_weights else None
     return MatryoshkaDiffusion(
-        make_schedule(diffusion.schedule, diffusion.num_steps),
+        make_schedule(diffusion.schedule, diffusion.num_steps).offset(diffusion.logsnr_shift),
         num_levels=levels,
         factor=max(config.model.nest_ratio, 2),
         shift_power=diffusion.shift_power,

@@ -1,8 +1,11 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from matryoshka.config.presets import tiny
+from matryoshka.config.run import DiffusionConfig
 from matryoshka.diffusion.schedules import (
     SCHEDULE_KINDS,
     NoiseSchedule,
@@ -11,6 +14,7 @@ from matryoshka.diffusion.schedules import (
     make_schedule,
     squaredcos,
 )
+from matryoshka.pipeline import build_process
 
 T = 1000
 
@@ -84,6 +88,20 @@ def test_shift(ratio, power):
     torch.testing.assert_close(sh.gamma(t), 1 / (1 + ratio**power / snr))
     assert sh.gamma(0).item() == 1.0
     assert bool((sh.gamma(t) < base.gamma(t)).all())  # bigger images get more noise
+
+
+def test_offset_adds_to_log_snr_and_builds_the_process():
+    base = squaredcos()
+    t = torch.arange(1, T + 1)
+    up = base.offset(2 * math.log(4))
+    torch.testing.assert_close(up.log_snr(t), base.log_snr(t) + 2 * math.log(4))
+    assert up.gamma(0).item() == 1.0
+    # The process's levels: the offset applies to the innermost level, and the resolution shift on top.
+    config = replace(tiny(), diffusion=DiffusionConfig(logsnr_shift=1.5))
+    process = build_process(config)
+    inner, outer = process.schedule_for_level(1), process.schedule_for_level(0)
+    torch.testing.assert_close(inner.log_snr(t), base.log_snr(t) + 1.5)
+    torch.testing.assert_close(outer.log_snr(t), base.log_snr(t) + 1.5 - math.log(2))
 
 
 def test_shift_identity_and_errors():

@@ -30,6 +30,10 @@ def _require_finite(values: dict[str, Any]) -> None:
 class DiffusionConfig:
     schedule: Literal["squaredcos", "logsnr_cosine", "linear"] = "squaredcos"
     num_steps: int = 1000
+    logsnr_shift: float = 0.0
+    """Added to the logSNR of every level at every t (positive: less noise). Schedules such as
+    squaredcos were tuned for 32²-64² images; simple diffusion (Hoogeboom et al. 2023, §3.1)
+    scales SNR by (64/d)² for side d, i.e. +2 ln(64/d): +2.77 for a 16² innermost level."""
     shift_power: float = 1.0
     """p in logSNR_r = logSNR - p ln(s_r): 1 as ml-mdm's released 256² model, 2 as its 1024² one."""
     prediction: Prediction = "v"

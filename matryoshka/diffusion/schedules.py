@@ -81,11 +81,14 @@ class NoiseSchedule:
         """
         if ratio <= 0:
             raise ValueError(f"ratio must be positive, got {ratio}")
-        if ratio == 1 or power == 0:
+        return self.offset(-power * math.log(ratio))
+
+    def offset(self, delta: float) -> NoiseSchedule:
+        """The schedule with logSNR + ``delta`` at every t (positive: less noise)."""
+        if delta == 0:
             return self
-        lam = self.log_snrs - power * math.log(ratio)
         # sigmoid(+inf) = 1 keeps gamma_0 = 1 exactly.
-        return NoiseSchedule(torch.sigmoid(lam), kind=self.kind)
+        return NoiseSchedule(torch.sigmoid(self.log_snrs + delta), kind=self.kind)
 
 
 def squaredcos(num_steps: int = 1000) -> NoiseSchedule:
