@@ -64,22 +64,29 @@ def test_video_members_stream_as_clips_and_bad_ones_are_counted(tmp_path):
             ("b/1.png", syn.encode(syn.solid_image("RGB", (16, 16)))),  # an image in video shards
             ("b/2.webm", encode_webm(frames_with_levels(7)[::-1].copy())),
             ("b/2.txt", b"getting darker"),
+            ("b/3.mp4", encode_mp4(np.zeros((5, 40, 40, 3), np.uint8))),  # 1600-pixel frames: over the limit
         ],
     )
-    dataset = build_dataset(video_config(str(tmp_path / "shard-{000..001}.tar")))
-    batch = next(make_loader(dataset, batch_size=7, seed=0, shuffle=False))
-    assert batch["image"].shape == (7, 3, 3, 16, 16)
-    assert dataset.skipped["by_reason"] == {"corrupt": 1, "too_short": 1, "zero_bytes": 1, "no_video": 1}
+    dataset = build_dataset(video_config(str(tmp_path / "shard-{000..001}.tar"), max_image_pixels=1000))
+    batch = next(make_loader(dataset, batch_size=8, seed=0, shuffle=False))
+    assert batch["image"].shape == (8, 3, 3, 16, 16)
+    assert dataset.skipped["by_reason"] == {
+        "corrupt": 1,
+        "too_short": 1,
+        "zero_bytes": 1,
+        "no_video": 1,
+        "decompression_bomb": 1,
+    }
     gif = 1
     webm = (1 << SAMPLE_BITS) | 2
-    # every bad sample keeps its place, filled with the previous good one (the gif)
-    assert batch["index"].tolist() == [0, gif, gif, gif, gif, gif, webm]
-    assert batch["caption"] == ["a grey square getting brighter", "", "", "", "", "", "getting darker"]
+    # every bad sample keeps its place, filled with the previous good one
+    assert batch["index"].tolist() == [0, gif, gif, gif, gif, gif, webm, webm]
+    assert batch["caption"] == ["a grey square getting brighter", *[""] * 5, "getting darker", "getting darker"]
     # crop=center: the middle clip, frames 2, 4, 6 of 9; the gif's 5 frames give 0, 2, 4; the webm 1, 3, 5 of 7
     np.testing.assert_allclose(brightness(batch["image"][0]), [60, 100, 140], atol=4)
     np.testing.assert_allclose(brightness(batch["image"][1]), [20, 60, 100], atol=4)
     np.testing.assert_allclose(brightness(batch["image"][6]), [120, 80, 40], atol=4)
-    assert "4 skipped" in dataset.skip_report()
+    assert "5 skipped" in dataset.skip_report()
 
     # crop=random: a start drawn per sample and seed, the same on every read
     random_cfg = video_config(str(tmp_path / "shard-000.tar"), crop="random", frame_stride=1)

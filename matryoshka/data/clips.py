@@ -5,8 +5,9 @@ spans ``(frames - 1) * frame_stride + 1`` decoded frames. It starts at a random 
 ``crop=random`` (drawn from the item's ``rng``) and in the middle of the video otherwise;
 every frame is resized and cropped like an image, with the same crop and flip for the
 whole clip. Anything unusable raises :class:`~matryoshka.data.images.BadImage`: ``corrupt``
-(FFmpeg cannot read it, or it has no video stream), ``zero_bytes``, ``missing_file`` or
-``too_short`` (fewer frames than a clip spans).
+(FFmpeg cannot read it, or it has no video stream), ``zero_bytes``, ``missing_file``,
+``too_short`` (fewer frames than a clip spans) or ``decompression_bomb`` (frames of more
+than ``max_image_pixels`` pixels, refused before any is decoded, as for images).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def _open(source: VideoSource):
     return av.open(str(source))
 
 
-def _video_frames(source: VideoSource, limit: int | None = None, decode: bool = True) -> Iterator:
+def _video_frames(
+    source: VideoSource, limit: int | None = None, decode: bool = True, max_pixels: int | None = None
+) -> Iterator:
     """The first ``limit`` decoded frames (PyAV ``VideoFrame``), or with ``decode=False`` the video
     stream's packets; FFmpeg errors become BadImage, whenever they happen."""
     import av
@@ -52,6 +55,9 @@ def _video_frames(source: VideoSource, limit: int | None = None, decode: bool = 
         with _open(source) as container:
             if not container.streams.video:
                 raise BadImage("corrupt", "no video stream")
+            width, height = container.streams.video[0].width, container.streams.video[0].height
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImage("decompression_bomb", f"{width}x{height} frames > limit {max_pixels} pixels")
             items = container.decode(video=0) if decode else container.demux(video=0)
             for item in items:
                 if not decode and not item.size:  # the demuxer's empty flush packet is no frame
@@ -68,11 +74,11 @@ def _video_frames(source: VideoSource, limit: int | None = None, decode: bool = 
         raise BadImage("corrupt", f"{type(error).__name__}: {error}") from None
 
 
-def count_frames(source: VideoSource, decode: bool = True) -> int:
+def count_frames(source: VideoSource, decode: bool = True, max_pixels: int | None = None) -> int:
     """Frames of a video. ``decode=True`` decodes every frame (a full check that the video is
     readable); ``decode=False`` only counts the video stream's packets, one per frame in the
     usual containers and codecs (mp4/H.264, webm/VP8-9, avi, gif), without decoding any."""
-    count = sum(1 for _ in _video_frames(source, decode=decode))
+    count = sum(1 for _ in _video_frames(source, decode=decode, max_pixels=max_pixels))
     if not count:
         raise BadImage("corrupt", "no decodable frame" if decode else "no video packet")
     return count
@@ -84,7 +90,7 @@ def read_clip(source: VideoSource, cfg: DataConfig, rng: random.Random, count: i
     the clip's own are converted to images."""
     span = clip_span(cfg)
     if count is None:
-        count = count_frames(source, decode=False)
+        count = count_frames(source, decode=False, max_pixels=cfg.max_image_pixels)
     if count < span:
         raise BadImage("too_short", f"{count} frames, a clip needs {span}")
     room = count - span
@@ -92,7 +98,7 @@ def read_clip(source: VideoSource, cfg: DataConfig, rng: random.Random, count: i
     wanted = range(start, start + span, cfg.frame_stride)
     chosen = [
         frame.to_image().convert("RGB")
-        for index, frame in enumerate(_video_frames(source, start + span))
+        for index, frame in enumerate(_video_frames(source, start + span, max_pixels=cfg.max_image_pixels))
         if index in wanted
     ]
     if len(chosen) < cfg.frames:  # fewer frames decode than were counted (a changed file, odd packets)

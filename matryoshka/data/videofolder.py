@@ -78,7 +78,7 @@ class VideoFolderDataset(ImageDataset):
         """Decodable frames of the video; BadImage when it cannot give one clip."""
         if path.stat().st_size == 0:
             raise BadImage("zero_bytes")
-        count = count_frames(path)
+        count = count_frames(path, max_pixels=self.cfg.max_image_pixels)
         if count < self.span:
             raise BadImage("too_short", f"{count} frames, a clip needs {self.span}")
         return count
