@@ -176,3 +176,20 @@ def _effnet():
     from matryoshka.evaluation import build_feature_extractor
 
     return build_feature_extractor("effnet-lite0")
+
+
+def test_clip_score_of_a_clip_is_the_mean_over_its_frames(video_setup, monkeypatch):
+    from matryoshka.evaluation.features import images_to_uint8, uint8_to_images
+
+    from .test_evaluation_cli import tiny_clip_scorer
+
+    _root, folder, run = video_setup
+    clips = reference_clips(folder)[:4]
+    generate_these(monkeypatch, clips)
+    pipeline = load_pipeline(run, device="cpu")
+    scorer = tiny_clip_scorer()
+    report = run_evaluation(pipeline, None, num=4, metrics="clip", clip_model=scorer, clip_prompt="an emoji moving")
+    for level, name in zip(pipeline.process.pyramid(clips), ("4x16x16", "2x8x8")):
+        images = uint8_to_images(images_to_uint8(frames_of(level)))  # the frames as the cache holds them
+        expected = scorer.scores(images, ["an emoji moving"] * len(images)).mean()
+        assert report["metrics"][f"clip_score_tiny-clip/{name}"] == pytest.approx(float(expected), rel=1e-5)

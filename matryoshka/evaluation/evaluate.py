@@ -268,11 +268,11 @@ def run_evaluation(
         count = len(labels)
         rows = keep[(keep >= seen) & (keep < seen + count)] - seen
         texts = clip_texts(labels, clip_prompt, names, batch_prompts) if scorer is not None else None
-        for size, per_sample, pixels in zip(sizes, frames, levels):
+        for size, level_frames, pixels in zip(sizes, frames, levels):
             # a clip's frames are its images: per-frame metrics, each frame with its clip's text
             clips = uint8_to_images(pixels)
-            images = frames_of(clips) if per_sample else clips
-            per_sample = max(per_sample, 1)
+            images = frames_of(clips) if layout else clips
+            per_sample = max(level_frames, 1)
             if measure:
                 features = extractor(images)
                 fake_stats[size].update(features)
