@@ -38,31 +38,56 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holds_videos(folder: Path) -> bool:
+    """A folder with at least one video file other than a gif (gifs alone are read as images)."""
+    from ..data.clips import VIDEO_EXTENSIONS
+
+    suffixes = set(VIDEO_EXTENSIONS) - {".gif"}
+    return any(path.suffix.lower() in suffixes for path in folder.rglob("*") if path.is_file())
+
+
+def shards_source(args: argparse.Namespace):
+    """The DataConfig of ``--from``: emoji, emoji-motion, an image or video folder, tar shards, a TSV or HF data."""
+    from ..data import DataConfig
+
+    source = Path(args.source).expanduser()
+    folder_label = "folder" if args.label == "folder" else "none"
+    if args.source == "emoji":
+        return DataConfig(source="emoji", resolution=args.size, label=args.label, captions=True)
+    if args.source == "emoji-motion":
+        return DataConfig(source="emoji-motion", resolution=args.size, frames=args.frames, captions=True)
+    if args.source.endswith((".parquet", ".arrow")) or (source / "state.json").is_file():
+        return DataConfig(source="hf", path=args.source, resolution=args.size, captions=True)
+    if source.is_dir() and not any(source.glob("*.tar")):
+        if _holds_videos(source):
+            # --frames is the shortest clip kept: shorter videos are reported and left out
+            return DataConfig(
+                source="videofolder", path=str(source), frames=args.frames, label=folder_label, captions=True
+            )
+        return DataConfig(source="imagefolder", path=str(source), label=folder_label, captions=True)
+    kind = "mlmdm-tsv" if args.source.endswith(".tsv") else "webdataset"
+    return DataConfig(source=kind, path=args.source, resolution=args.size, captions=True)
+
+
 def cmd_shards(args: argparse.Namespace, out: Path) -> int:
-    from ..data import DataConfig, build_dataset, print_skip_report
+    from ..data import build_dataset, print_skip_report
     from ..data.shard_writer import write_shards
 
     if not args.source or args.per_shard < 1:
         raise UserError(
-            "mdm data shards needs --from FOLDER|emoji|SHARDS.tar|INDEX.tsv|DATA.parquet and --per-shard N >= 1"
+            "mdm data shards needs --from FOLDER|emoji|emoji-motion|SHARDS.tar|INDEX.tsv|DATA.parquet "
+            "and --per-shard N >= 1"
         )
-    source = Path(args.source).expanduser()
-    if args.source == "emoji":
-        cfg = DataConfig(source="emoji", resolution=args.size, label=args.label, captions=True)
-    elif args.source.endswith((".parquet", ".arrow")) or (source / "state.json").is_file():
-        cfg = DataConfig(source="hf", path=args.source, resolution=args.size, captions=True)
-    elif source.is_dir() and not any(source.glob("*.tar")):
-        folder_label = "folder" if args.label == "folder" else "none"
-        cfg = DataConfig(source="imagefolder", path=str(source), label=folder_label, captions=True)
-    else:
-        kind = "mlmdm-tsv" if args.source.endswith(".tsv") else "webdataset"
-        cfg = DataConfig(source=kind, path=args.source, resolution=args.size, captions=True)
+    if args.frames < 1 or (args.count is not None and args.count < 1) or args.fps <= 0:
+        raise UserError("--frames and --count must be >= 1, --fps > 0")
+    cfg = shards_source(args)
     dataset = build_dataset(cfg)
     print_skip_report(dataset)
-    summary = write_shards(dataset, out, args.per_shard)
+    summary = write_shards(dataset, out, args.per_shard, count=args.count, fps=args.fps)
+    frames = f" data.frames={args.frames}" if cfg.frames else ""
     print(
-        f"wrote {summary['count']} samples in {summary['shards']} shards to {out} "
-        f"(use data.source=shards data.path='{summary['pattern']}')"
+        f"wrote {summary['count']} {'clips' if cfg.frames else 'samples'} in {summary['shards']} shards to {out} "
+        f"(use data.source=shards data.path='{summary['pattern']}'{frames})"
     )
     return 0
 
@@ -102,10 +127,20 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--from",
         dest="source",
-        help="shards: an image folder, emoji, tar shards, an ml-mdm TSV or a local Hugging Face data set",
+        help="shards: an image or video folder (a folder with mp4/webm/avi/mkv/mov/m4v files), emoji, emoji-motion, "
+        "tar shards, an ml-mdm TSV or a local Hugging Face data set",
     )
     data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per shard")
-    data.add_argument("--frames", type=int, default=8, help="emoji-motion: frames per clip")
-    data.add_argument("--fps", type=float, default=8.0, help="emoji-motion: frames per second of the mp4 files")
-    data.add_argument("--count", type=int, help="emoji-motion: export only the first COUNT clips (default: all)")
+    data.add_argument(
+        "--frames",
+        type=int,
+        default=8,
+        help="emoji-motion: frames per clip; shards from a video folder: videos with fewer frames are left out",
+    )
+    data.add_argument(
+        "--fps", type=float, default=8.0, help="emoji-motion (also as shards): frames per second of the mp4s"
+    )
+    data.add_argument(
+        "--count", type=int, help="emoji-motion and shards: only the first COUNT clips/samples (default: all)"
+    )
     data.set_defaults(func=cmd_data)

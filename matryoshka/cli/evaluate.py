@@ -13,9 +13,11 @@ import re
 from pathlib import Path
 
 from ..evaluation.errors import EvaluationError
+from ..evaluation.video import ClipLayout, level_name
 from . import arguments
 
 DEFAULT_NUM = 1000
+DEFAULT_METRICS = "fd,kid,pr"
 
 
 def _sizes(text: str) -> list[int]:
@@ -67,13 +69,16 @@ def add_parsers(subparsers) -> None:
         "--reference",
         required=True,
         metavar="DATA_OR_STATS",
-        help="image folder, 'emoji' (built-in set), 'train' (the run's training data) or a .npz from `mdm eval-stats`",
+        help="image folder, 'emoji' (built-in set), 'train' (the run's training data) or a .npz from `mdm eval-stats`; "
+        "video runs: a folder of videos, 'emoji-motion', 'train' or a .npz",
     )
     evaluate.add_argument(
         "--num", type=arguments.positive_int, default=DEFAULT_NUM, help=f"samples to generate (default {DEFAULT_NUM})"
     )
     evaluate.add_argument(
-        "--metrics", default="fd,kid,pr", help="comma-separated: fd (fid), kid, pr, clip (default fd,kid,pr)"
+        "--metrics",
+        help="comma-separated: fd (fid), kid, pr, temporal (video runs), clip (default fd,kid,pr, and temporal "
+        "for video runs)",
     )
     _feature_arguments(evaluate)
     evaluate.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: the run's sample.sampler")
@@ -121,7 +126,9 @@ def add_parsers(subparsers) -> None:
         description="Read reference images once and store, per pyramid level, the feature mean and covariance "
         "(enough for FD) and up to --max-features feature vectors (needed by KID and precision/recall).",
     )
-    stats.add_argument("data", help="image folder, 'emoji' or 'train' (with --run)")
+    stats.add_argument(
+        "data", help="image folder, 'emoji' or 'train' (with --run); for a video run (--run): videos, 'emoji-motion'"
+    )
     stats.add_argument("--out", required=True, metavar="STATS.npz")
     _feature_arguments(stats)
     stats.add_argument(
@@ -143,10 +150,12 @@ def add_parsers(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def run_levels(run: str) -> tuple[int, list[int], object]:
-    """(top-level side, level sides highest first, data config) of a run, without loading weights."""
+def run_levels(run: str) -> tuple[int, list[int], object, ClipLayout | None]:
+    """(top-level side, level sides highest first, data config, clip layout of a video run) of a
+    run, without loading weights."""
     from ..checkpoints import checkpoint_info, resolve_checkpoint
     from ..config.presets import load_run_config
+    from ..evaluation.video import run_clip_layout
 
     checkpoint = resolve_checkpoint(run)
     config = load_run_config(checkpoint / "config.yaml")
@@ -154,7 +163,7 @@ def run_levels(run: str) -> tuple[int, list[int], object]:
     ratio = config.model.nest_ratio
     resolution = config.data.resolution // ratio ** (config.model.num_levels - levels)
     factor = max(ratio, 2)
-    return resolution, [resolution // factor**i for i in range(levels)], config.data
+    return resolution, [resolution // factor**i for i in range(levels)], config.data, run_clip_layout(config, levels)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -198,10 +207,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation.sampling import default_cache_dir, resolve_settings
     from ..pipeline import load_pipeline
 
-    metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics or DEFAULT_METRICS)
     _check_report_path(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else None
     pipeline = load_pipeline(args.run, use_ema=args.ema, device=args.device)
+    if args.metrics is None and pipeline.process.frames is not None:
+        metrics = parse_metrics((*metrics, "temporal"))
     settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size, prompts)
     cache = None if args.no_cache else (args.cache or default_cache_dir(pipeline, settings, args.ema))
     if cache is not None:
@@ -245,9 +256,13 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
     from ..pipeline import pick_device
 
     arguments.folder_or_new(Path(args.out).expanduser().parent, "--out")  # before reading any image
-    resolution, sizes, data = 64, None, None
+    resolution, sizes, data, layout = 64, None, None, None
     if args.run:
-        resolution, sizes, data = run_levels(args.run)
+        resolution, sizes, data, layout = run_levels(args.run)
+    if layout is not None and (args.resolution or args.levels):
+        raise EvaluationError(
+            "a video run's statistics take its resolution and levels: leave out --resolution/--levels"
+        )
     if args.resolution:
         resolution = args.resolution
         if args.run and not args.levels:
@@ -271,12 +286,15 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
         args.batch_size,
         run_data=data,
         progress=not args.quiet,
+        layout=layout,
     )
     path = stats.save(args.out)
     kept = {s: 0 if level.features is None else len(level.features) for s, level in stats.levels.items()}
+    frames = list(layout.level_frames) if layout else [0] * len(stats.level_sizes)
+    names = ", ".join(level_name(s, f) for s, f in zip(stats.level_sizes, frames))
     print(
-        f"wrote {path}: {stats.meta['images']} images from {stats.source}, levels "
-        f"{', '.join(f'{s}x{s}' for s in stats.level_sizes)}, features {extractor.name} ({extractor.dim}-d); "
+        f"wrote {path}: {stats.meta['images']} {'clips' if layout else 'images'} from {stats.source}, levels "
+        f"{names}, features {extractor.name} ({extractor.dim}-d); "
         f"feature vectors kept for KID/PR: {kept[stats.level_sizes[0]]}"
     )
     return 0

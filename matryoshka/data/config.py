@@ -91,7 +91,8 @@ class DataConfig:
     retry_delay: "shards": seconds before the first retry.
     num_classes: "shards" with label="cls": the number of classes (a stream cannot be counted up front).
     frames: frames per clip of a video source (items are then (3, frames, R, R)); 0 for images.
-    frame_stride: videofolder: keep every this-many-th decoded frame (a lower frame rate).
+        "shards" with frames > 0 reads the video members (mp4, webm, ...) of the shards as clips.
+    frame_stride: videofolder and video shards: keep every this-many-th decoded frame (a lower frame rate).
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -156,11 +157,15 @@ class DataConfig:
                 "num_classes",
                 "must be >= 1 with source 'shards' and label 'cls' (a stream has no up-front count of its classes)",
             )
-        if (self.source in VIDEO_SOURCES) != (self.frames > 0):
+        # shards hold either: frames > 0 reads their video members as clips
+        if (self.source in VIDEO_SOURCES and self.frames < 1) or (
+            self.source not in VIDEO_SOURCES + ("shards",) and self.frames
+        ):
             raise DataConfigError(
                 "frames",
-                f"must be >= 1 for the video sources {list(VIDEO_SOURCES)} and 0 for image sources "
-                f"(source {self.source!r}, frames {self.frames})",
+                f"must be >= 1 for the video sources {list(VIDEO_SOURCES)}, 0 for image sources, and either for "
+                f"'shards' (0: image members, F: video members as F-frame clips) (source {self.source!r}, frames "
+                f"{self.frames})",
             )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")

@@ -49,6 +49,7 @@ REASONS = (
     "no_image",  # a webdataset sample with no image member
     "missing_label",  # a label was requested but the item has none
     "too_short",  # a video with fewer frames than a clip needs
+    "no_video",  # a video shard sample with no video member
 )
 
 BytesOrPath = str | os.PathLike | bytes | bytearray | memoryview

@@ -26,7 +26,11 @@ kept in the loader's ``state_dict``), otherwise their members are read but not d
 Shards are read with the standard ``tarfile`` module in stream mode
 (:func:`~matryoshka.data.tars.iter_tar_stream`), which needs no seeking and no member index.
 
-A sample that cannot be used (no image, bad label, undecodable image) keeps its place in
+With ``data.frames > 0`` the shards hold videos: a sample's video member (``mp4``, ``webm``,
+``avi``, ``gif``, ``mkv``, ``mov``, ``m4v``) becomes a clip (3, frames, R, R) exactly as the
+``videofolder`` source makes one from a file (:mod:`.clips`), seeded per sample like an image's crop.
+
+A sample that cannot be used (no image or video, bad label, undecodable or too short) keeps its place in
 the stream and is replaced by the slot's previous good sample, so positions never shift;
 it is counted. A slot stops with an error once more than half of what it tried failed.
 """
@@ -48,12 +52,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .base import SkipLog
+from .clips import VIDEO_EXTENSIONS, read_clip
 from .config import DataConfig
 from .images import BadImage, decode_text, load_image
 from .loader import collate, mix_seed
 from .tars import expand_braces, iter_tar_stream
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# A gif is an image in image shards and a video in video shards (data.frames > 0).
+VIDEO_KEYS = tuple(suffix[1:] for suffix in VIDEO_EXTENSIONS)
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
 # Sample ids: shard number in the expanded list << SAMPLE_BITS | sample number in the shard.
 SAMPLE_BITS = 24
@@ -123,10 +130,11 @@ def iter_samples(url: str) -> Iterator[tuple[str, Parts]]:
 
 
 def parse_sample(parts: Parts, cfg: DataConfig, num_classes: int) -> tuple[str, int, str]:
-    """(image extension, label, caption) of a sample; raises BadImage when it is unusable."""
-    ext = next((e for e in IMAGE_KEYS if e in parts), None)
+    """(image or video extension, label, caption) of a sample; raises BadImage when it is unusable."""
+    keys, missing = (VIDEO_KEYS, "no_video") if cfg.frames else (IMAGE_KEYS, "no_image")
+    ext = next((e for e in keys if e in parts), None)
     if ext is None:
-        raise BadImage("no_image", "members: " + ",".join(sorted(parts)))
+        raise BadImage(missing, "members: " + ",".join(sorted(parts)))
     label = -1
     if cfg.label == "cls":
         try:
@@ -357,7 +365,10 @@ class _SlotStream:
         if not parts[ext]:
             raise BadImage("zero_bytes")
         rng = random.Random(mix_seed(self.seed, epoch, sid, 0xA06))
-        image = load_image(parts[ext], cfg.resolution, cfg.crop, cfg.hflip, rng, cfg.max_image_pixels)
+        if cfg.frames:
+            image = read_clip(parts[ext], cfg, rng)
+        else:
+            image = load_image(parts[ext], cfg.resolution, cfg.crop, cfg.hflip, rng, cfg.max_image_pixels)
         return {"image": image, "label": label, "caption": caption, "index": sid}
 
     def batches(self, start: int) -> Iterator[dict[str, Any]]:

@@ -9,6 +9,7 @@
 can be kept in a resumable cache (one ``.npz`` of 8-bit images per batch), so an
 interrupted evaluation continues where it stopped and a larger ``num`` reuses what exists.
 Sample ``i`` of batch ``b`` depends only on (checkpoint, sampler settings, seed, batch size).
+A video model's samples are clips: its metrics are per frame, plus the temporal measures (:mod:`.video`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from .features import FeatureExtractor, build_feature_extractor, resolve_feature
 from .reference import ReferenceStats, compute_reference_stats, pick_subset
 from .sampling import SampleCache, generate_batches, level_sizes, resolve_settings
 from .stats import FeatureStats, frechet_distance, frechet_distance_to_samples, kernel_distance, precision_recall
+from .video import ClipLayout, TemporalStats, clip_layout, clip_rows, frames_of, level_name, video_summary
 
-METRICS = ("fd", "kid", "pr", "clip")
+METRICS = ("fd", "kid", "pr", "temporal", "clip")
 _ALIASES = {"fid": "fd", "precision": "pr", "recall": "pr", "precision_recall": "pr", "clip_score": "clip"}
 NEEDS_FEATURES = ("kid", "pr")
 """Metrics that need the reference's feature vectors, not only its mean and covariance."""
@@ -51,10 +53,6 @@ def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in chosen)
 
 
-def level_key(size: int) -> str:
-    return f"{size}x{size}"
-
-
 # ----------------------------------------------------------------------------- references
 _REFERENCE_CACHE: dict[tuple, ReferenceStats] = {}
 
@@ -69,9 +67,11 @@ def load_reference(
     max_features: int | None = 10_000,
     batch_size: int = 64,
     progress: bool = False,
+    layout: ClipLayout | None = None,
 ) -> ReferenceStats:
     """A :class:`ReferenceStats` from stats, a ``.npz`` path, or a data spec (folder, ``emoji``,
-    ``train``); statistics computed from data are kept for the rest of the process."""
+    ``emoji-motion``, ``train``; clips laid out as ``layout`` for a video model); statistics
+    computed from data are kept for the rest of the process."""
     if isinstance(reference, ReferenceStats):
         return reference
     spec = str(reference)
@@ -88,7 +88,8 @@ def load_reference(
         tuple(sizes),
         max_images,
         max_features,
-        repr(run_data) if spec == "train" else None,
+        repr(run_data) if spec == "train" or layout else None,
+        layout,
     )
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE[key] = compute_reference_stats(
@@ -101,6 +102,7 @@ def load_reference(
             batch_size,
             run_data=run_data,
             progress=progress,
+            layout=layout,
         )
     return _REFERENCE_CACHE[key]
 
@@ -189,6 +191,11 @@ def run_evaluation(
     if "pr" in chosen and num <= pr_k:
         raise EvaluationError(f"precision/recall with k={pr_k} needs more than {pr_k} samples")
     sizes = level_sizes(pipeline)
+    layout = clip_layout(pipeline)
+    if "temporal" in chosen and layout is None:
+        raise EvaluationError("the temporal measures need a video model (model.frames); this one makes images")
+    frames = list(layout.level_frames) if layout else [0] * len(sizes)
+    names_of = {size: level_name(size, count) for size, count in zip(sizes, frames)}
     device = torch.device(device) if device is not None else pipeline.device
     measure = bool(set(chosen) - {"clip"})
 
@@ -214,8 +221,9 @@ def run_evaluation(
             max_features,
             feature_batch_size,
             progress,
+            layout,
         )
-        ref.check_compatible(extractor, sizes, data_resolution)
+        ref.check_compatible(extractor, sizes, data_resolution, layout)
         if set(chosen) & set(NEEDS_FEATURES) and not ref.has_features:
             raise EvaluationError(
                 "KID and precision/recall need the reference's feature vectors, which these statistics "
@@ -244,6 +252,7 @@ def run_evaluation(
                 "step": pipeline.step,
                 "ema": ema,
                 "levels": sizes,
+                **({"frames": frames} if layout else {}),
                 **asdict(settings),
             },
         )
@@ -251,6 +260,7 @@ def run_evaluation(
     keep = pick_subset(num, max_features, seed=1)
     fake_stats = {size: FeatureStats(extractor.dim) for size in sizes} if measure else {}
     fake_kept: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
+    fake_temporal = {size: TemporalStats(count) for size, count in zip(sizes, frames) if count > 1}
     clip_sums = {size: 0.0 for size in sizes}
     seen = 0
     generation_started = time.perf_counter()
@@ -258,29 +268,35 @@ def run_evaluation(
         count = len(labels)
         rows = keep[(keep >= seen) & (keep < seen + count)] - seen
         texts = clip_texts(labels, clip_prompt, names, batch_prompts) if scorer is not None else None
-        for size, pixels in zip(sizes, levels):
-            images = uint8_to_images(pixels)
+        for size, level_frames, pixels in zip(sizes, frames, levels):
+            # a clip's frames are its images: per-frame metrics, each frame with its clip's text
+            clips = uint8_to_images(pixels)
+            images = frames_of(clips) if layout else clips
+            per_sample = max(level_frames, 1)
             if measure:
                 features = extractor(images)
                 fake_stats[size].update(features)
                 if len(rows):
-                    fake_kept[size].append(features[rows])
+                    fake_kept[size].append(features[clip_rows(rows, per_sample)])
+                if "temporal" in chosen and size in fake_temporal:
+                    fake_temporal[size].update(clips, features)
             if scorer is not None:
-                clip_sums[size] += float(scorer.scores(images, texts).sum())
+                frame_texts = [text for text in texts for _ in range(per_sample)]
+                clip_sums[size] += float(scorer.scores(images, frame_texts).sum()) / per_sample
         seen += count
     generation_seconds = time.perf_counter() - generation_started
 
     results: dict[str, float] = {}
     details: dict[str, dict] = {}
     for size in sizes:
-        level = level_key(size)
+        level = names_of[size]
         if measure:
             name = extractor.name
             real = ref.levels[size]
             fake = fake_stats[size]
             fake_features = np.concatenate(fake_kept[size]) if fake_kept[size] else None
             if "fd" in chosen:
-                if fake_features is not None and len(fake_features) == num <= extractor.dim:
+                if fake_features is not None and len(fake_features) == fake.count <= extractor.dim:
                     value = frechet_distance_to_samples(real.mean, real.cov, fake_features)  # same value, faster
                 else:
                     value = frechet_distance(real.mean, real.cov, fake.mean, fake.cov)
@@ -295,6 +311,12 @@ def run_evaluation(
                 results[f"precision_{name}/{level}"] = precision
                 results[f"recall_{name}/{level}"] = recall
                 details.setdefault("pr", {"k": pr_k, "real": len(real.features), "fake": len(fake_features)})
+            if size in fake_temporal and "temporal" in chosen:
+                # generated and reference side by side: the reference says what natural motion gives
+                results[f"frame_diff/{level}"] = fake_temporal[size].frame_diff
+                results[f"frame_diff_ref/{level}"] = real.temporal.frame_diff
+                results[f"frame_dist_{name}/{level}"] = fake_temporal[size].frame_dist
+                results[f"frame_dist_ref_{name}/{level}"] = real.temporal.frame_dist
         if scorer is not None:
             results[f"clip_score_{scorer.name}/{level}"] = clip_sums[size] / num
 
@@ -302,7 +324,7 @@ def run_evaluation(
         "metrics": results,
         "feature": extractor.describe() if extractor is not None else None,
         "num": num,
-        "levels": [level_key(size) for size in sizes],
+        "levels": [names_of[size] for size in sizes],
         "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
         "step": pipeline.step,
         "ema": ema,
@@ -312,9 +334,9 @@ def run_evaluation(
         else {
             "source": ref.source or ref.meta.get("path", ""),
             "stats_file": ref.meta.get("path"),
-            "count": {level_key(s): ref.levels[s].count for s in sizes},
+            "count": {names_of[s]: ref.levels[s].count for s in sizes},
             "features_kept": {
-                level_key(s): 0 if ref.levels[s].features is None else len(ref.levels[s].features) for s in sizes
+                names_of[s]: 0 if ref.levels[s].features is None else len(ref.levels[s].features) for s in sizes
             },
         },
         "cache": str(cache.directory) if cache is not None else None,
@@ -327,9 +349,11 @@ def run_evaluation(
     }
     if scorer is not None:
         report["clip"] = {"model": scorer.name, "prompt": clip_prompt, "convention": "100 * max(cos, 0), mean"}
-    report["warnings"] = _sample_size_warnings(
-        num, None if ref is None else min(ref.levels[s].count for s in sizes), measure
-    )
+    reference_count = None if ref is None else min(ref.levels[s].count for s in sizes)
+    if layout is not None:
+        reference_count = None if ref is None else ref.levels[sizes[0]].temporal.clips
+        report["video"] = video_summary(layout, reference_count)
+    report["warnings"] = _sample_size_warnings(num, reference_count, measure, "clips" if layout else "images")
     return report
 
 
@@ -337,12 +361,12 @@ FEW_IMAGES = 100
 """Below this many images on either side, FD and KID are too noisy (and biased) to compare runs."""
 
 
-def _sample_size_warnings(num: int, reference_count: int | None, measured: bool) -> list[str]:
+def _sample_size_warnings(num: int, reference_count: int | None, measured: bool, unit: str = "images") -> list[str]:
     if not measured:
         return []
-    sides = [("generated samples", num), ("reference images", reference_count)]
+    sides = [("generated samples", num), (f"reference {unit}", reference_count)]
     return [
-        f"only {count} {what}: FD/KID from fewer than {FEW_IMAGES} images are dominated by noise and bias; "
+        f"only {count} {what}: FD/KID from fewer than {FEW_IMAGES} {unit} are dominated by noise and bias; "
         "compare only numbers measured with the same counts"
         for what, count in sides
         if count is not None and count < FEW_IMAGES
@@ -392,5 +416,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"{sampling['guidance']:g}, "
         f"seed {sampling['seed']}, checkpoint step {report['step']}"
     )
+    video = report.get("video")
+    if video:
+        lines.append(
+            f"video: clips of {video['level_frames']} frames per level; metrics per frame (not FVD); frame_diff, "
+            "frame_dist: generated clips, *_ref: reference clips (docs/video.md#evaluation)"
+        )
     lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n".join(lines)

@@ -7,6 +7,9 @@ feature vectors themselves: KID and precision/recall need those, FD does not.
 
 Lower levels are made as the diffusion process makes them: average pooling of the top-level
 image by ``resolution // side`` (identical to pooling by the nesting factor level after level).
+For a video model the reference holds clips: each level keeps every k-th frame of the clip and
+pools space the same way; its frames are the images measured, and each level also keeps the
+reference's temporal measures (:mod:`.video`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor
 from .errors import EvaluationError
 from .features import FeatureExtractor
 from .stats import FeatureStats
+from .video import ClipLayout, TemporalStats, clip_rows, frames_of, pool_clip_levels, reference_clip_config
 
 FORMAT = "matryoshka-eval-stats-v1"
 
@@ -37,6 +41,8 @@ class LevelStats:
     count: int
     features: np.ndarray | None = None
     """A subset (or all) of the feature vectors, for KID and precision/recall."""
+    temporal: TemporalStats | None = None
+    """Clip levels: their frames and temporal measures (None for images)."""
 
 
 @dataclass
@@ -47,6 +53,8 @@ class ReferenceStats:
     levels: dict[int, LevelStats]
     source: str = ""
     meta: dict = field(default_factory=dict)
+    clip_frames: int = 0
+    """Frames of the clips the levels were pooled from (0: images)."""
 
     @property
     def feature_name(self) -> str:
@@ -74,6 +82,7 @@ class ReferenceStats:
             "resolution": np.array(self.resolution),
             "level_sizes": np.array(self.level_sizes, dtype=np.int64),
             "source": np.array(self.source),
+            "clip_frames": np.array(self.clip_frames),
         }
         for size, level in self.levels.items():
             arrays[f"mean_{size}"] = level.mean
@@ -81,6 +90,9 @@ class ReferenceStats:
             arrays[f"count_{size}"] = np.array(level.count)
             if level.features is not None:
                 arrays[f"features_{size}"] = level.features.astype(np.float32)
+            if level.temporal is not None:
+                t = level.temporal
+                arrays[f"temporal_{size}"] = np.array([t.frames, t.clips, t.diff_sum, t.dist_sum], np.float64)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         np.savez(temporary, **arrays)
         os.replace(temporary, path)
@@ -101,14 +113,22 @@ class ReferenceStats:
             levels = {}
             for size in (int(s) for s in data["level_sizes"]):
                 features = data.get(f"features_{size}", None)
+                temporal = None
+                if f"temporal_{size}" in data:
+                    frames, clips, diff_sum, dist_sum = data[f"temporal_{size}"].tolist()
+                    temporal = TemporalStats(int(frames), int(clips), diff_sum, dist_sum)
                 levels[size] = LevelStats(
-                    size, data[f"mean_{size}"], data[f"cov_{size}"], int(data[f"count_{size}"]), features
+                    size, data[f"mean_{size}"], data[f"cov_{size}"], int(data[f"count_{size}"]), features, temporal
                 )
-            return cls(feature, int(data["resolution"]), levels, str(data["source"]), {"path": str(path)})
+            clip_frames = int(data["clip_frames"]) if "clip_frames" in data else 0
+            meta = {"path": str(path)}
+            return cls(feature, int(data["resolution"]), levels, str(data["source"]), meta, clip_frames)
 
-    def check_compatible(self, extractor: FeatureExtractor, sizes: Sequence[int], resolution: int) -> None:
+    def check_compatible(
+        self, extractor: FeatureExtractor, sizes: Sequence[int], resolution: int, layout: ClipLayout | None = None
+    ) -> None:
         """Raise EvaluationError unless these statistics can be compared with ``extractor``'s
-        features of images at these level sizes pooled from ``resolution``."""
+        features of images (or of clips laid out as ``layout``) at these level sizes pooled from ``resolution``."""
         where = self.meta.get("path", "the reference statistics")
         if self.feature_name != extractor.name or int(self.feature["dim"]) != extractor.dim:
             raise EvaluationError(
@@ -130,6 +150,17 @@ class ReferenceStats:
             raise EvaluationError(
                 f"{where} were pooled from {self.resolution}px images, the model's top level is {resolution}px"
             )
+        have = (self.clip_frames, [self.levels[s].temporal.frames if self.levels[s].temporal else 0 for s in sizes])
+        want = (layout.clip_frames, list(layout.level_frames)) if layout else (0, [0] * len(sizes))
+        if have != want:
+            raise EvaluationError(
+                f"{where} hold {_content(*have)}, the model makes {_content(*want)}: "
+                "recompute them with `mdm eval-stats DATA --run RUN`"
+            )
+
+
+def _content(clip_frames: int, level_frames: list[int]) -> str:
+    return f"clips of {clip_frames} frames ({level_frames} frames per level)" if clip_frames else "images"
 
 
 def pool_levels(images: Tensor, sizes: Sequence[int]) -> list[Tensor]:
@@ -160,22 +191,29 @@ def stats_from_batches(
     source: str = "",
     seed: int = 0,
     progress=None,
+    layout: ClipLayout | None = None,
 ) -> ReferenceStats:
-    """Statistics of ``total`` images given as batches of levels (highest first, ``sizes``).
+    """Statistics of ``total`` images (or clips laid out as ``layout``) given as batches of levels
+    (highest first, ``sizes``); the frames of clips are the images measured.
 
-    ``max_features``: how many feature vectors to keep (a seeded subset); None keeps all, 0 none."""
+    ``max_features``: how many items' feature vectors to keep (a seeded subset of images or
+    clips, all frames of a kept clip); None keeps all, 0 none."""
     keep = np.zeros(0, np.int64) if max_features == 0 else pick_subset(total, max_features, seed)
     stats = {size: FeatureStats(extractor.dim) for size in sizes}
     kept: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
+    temporal = {size: TemporalStats(frames) for size, frames in zip(sizes, layout.level_frames)} if layout else {}
     seen = 0
     for levels in batches:
         count = len(levels[0])
         rows = keep[(keep >= seen) & (keep < seen + count)] - seen
-        for size, images in zip(sizes, levels):
-            features = extractor(images)
+        for index, (size, images) in enumerate(zip(sizes, levels)):
+            frames = layout.level_frames[index] if layout else 1
+            features = extractor(frames_of(images) if layout else images)
             stats[size].update(features)
             if len(rows):
-                kept[size].append(features[rows])
+                kept[size].append(features[clip_rows(rows, frames)])
+            if layout:
+                temporal[size].update(images, features)
         seen += count
         if progress is not None:
             progress.update(count)
@@ -188,15 +226,19 @@ def stats_from_batches(
             stats[size].cov,
             stats[size].count,
             np.concatenate(kept[size]) if kept[size] else None,
+            temporal.get(size),
         )
         for size in sizes
     }
-    return ReferenceStats(extractor.describe(), resolution, levels, source)
+    return ReferenceStats(
+        extractor.describe(), resolution, levels, source, clip_frames=layout.clip_frames if layout else 0
+    )
 
 
-def reference_dataset(spec: str, resolution: int, run_data=None):
+def reference_dataset(spec: str, resolution: int, run_data=None, layout: ClipLayout | None = None):
     """The dataset named by ``spec``: an image folder, ``emoji`` (built in) or ``train`` (the
-    run's own training data config ``run_data``), at ``resolution`` without augmentation."""
+    run's own training data config ``run_data``), at ``resolution`` without augmentation; for a
+    video model (``layout``) a folder of videos, ``emoji-motion`` or ``train``."""
     from ..data import DataConfig, build_dataset
 
     if spec == "train":
@@ -205,8 +247,13 @@ def reference_dataset(spec: str, resolution: int, run_data=None):
         if run_data.source == "shards":
             raise EvaluationError(
                 "reference 'train' needs a data set of known size; data.source=shards is a stream: "
-                "give a folder of reference images or statistics from `mdm eval-stats`"
+                "give a folder of reference images or videos, or statistics from `mdm eval-stats`"
             )
+    if layout is not None:
+        return build_dataset(reference_clip_config(spec, resolution, layout, run_data))
+    if spec == "emoji-motion":
+        raise EvaluationError("reference 'emoji-motion' holds clips: it measures video models only")
+    if spec == "train":
         config = dataclasses.replace(run_data, resolution=resolution, hflip=False, crop="center", shuffle=False)
     elif spec == "emoji":
         base = run_data if run_data is not None and run_data.source == "emoji" else DataConfig()
@@ -229,14 +276,21 @@ def _stack_images(items: list[dict]) -> Tensor:
     return torch.stack([item["image"] for item in items])
 
 
-def dataset_batches(dataset, indices: np.ndarray, sizes: Sequence[int], batch_size: int, num_workers: int = 0):
-    """Batches of pooled levels of ``dataset[indices]``."""
+def dataset_batches(
+    dataset,
+    indices: np.ndarray,
+    sizes: Sequence[int],
+    batch_size: int,
+    num_workers: int = 0,
+    layout: ClipLayout | None = None,
+):
+    """Batches of pooled levels of ``dataset[indices]`` (images, or clips laid out as ``layout``)."""
     subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
     loader = torch.utils.data.DataLoader(
         subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_stack_images
     )
     for images in loader:
-        yield pool_levels(images, sizes)
+        yield pool_clip_levels(images, sizes, layout) if layout else pool_levels(images, sizes)
 
 
 def compute_reference_stats(
@@ -250,20 +304,27 @@ def compute_reference_stats(
     run_data=None,
     seed: int = 0,
     progress: bool = False,
+    layout: ClipLayout | None = None,
 ) -> ReferenceStats:
-    """Read the reference images named by ``spec`` (see :func:`reference_dataset`) once and
-    return their statistics at every level side in ``sizes`` (highest first)."""
+    """Read the reference images (clips, with ``layout``) named by ``spec`` (see
+    :func:`reference_dataset`) once and return their statistics at every level side in
+    ``sizes`` (highest first; for clips, as many as ``layout`` has levels)."""
     from tqdm.auto import tqdm
 
     sizes = sorted({int(s) for s in sizes}, reverse=True)
-    dataset = reference_dataset(spec, resolution, run_data)
+    if layout is not None and len(layout.level_frames) != len(sizes):
+        raise EvaluationError(f"levels {sizes} and frames per level {list(layout.level_frames)} differ in number")
+    dataset = reference_dataset(spec, resolution, run_data, layout)
     indices = pick_subset(len(dataset), max_images, seed)
-    bar = tqdm(total=len(indices), desc="reference features", unit="img", disable=not progress)
+    unit = "clip" if layout else "img"
+    bar = tqdm(total=len(indices), desc="reference features", unit=unit, disable=not progress)
     try:
         workers = getattr(getattr(dataset, "cfg", None), "num_workers", 0)
-        batches = dataset_batches(dataset, indices, sizes, batch_size, workers)
-        source = spec if spec in ("emoji", "train") else str(Path(spec).expanduser().resolve())
-        stats = stats_from_batches(batches, len(indices), sizes, extractor, resolution, max_features, source, seed, bar)
+        batches = dataset_batches(dataset, indices, sizes, batch_size, workers, layout)
+        source = spec if spec in ("emoji", "emoji-motion", "train") else str(Path(spec).expanduser().resolve())
+        stats = stats_from_batches(
+            batches, len(indices), sizes, extractor, resolution, max_features, source, seed, bar, layout
+        )
     finally:
         bar.close()
     stats.meta.update({"images": len(indices), "dataset_size": len(dataset)})

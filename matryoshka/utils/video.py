@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,17 +18,16 @@ def clip_frames(clip: torch.Tensor) -> np.ndarray:
     return to_uint8(clip.transpose(0, 1))
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
-    """(F, H, W, 3) uint8 -> H.264 mp4 (yuv420p; odd sides are padded by one edge pixel, as the
-    chroma subsampling needs even ones). MPEG-4 part 2 where FFmpeg lacks libx264."""
+def encode_mp4(frames: np.ndarray, fps: float = 8.0) -> bytes:
+    """(F, H, W, 3) uint8 -> the bytes of an H.264 mp4 (yuv420p; odd sides are padded by one edge
+    pixel, as the chroma subsampling needs even ones). MPEG-4 part 2 where FFmpeg lacks libx264."""
     import av
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames.shape[1:3]
     frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), mode="w") as container:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -36,6 +36,14 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
         for pixels in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """(F, H, W, 3) uint8 -> an mp4 file (see :func:`encode_mp4`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_mp4(frames, fps))
     return path
 
 
