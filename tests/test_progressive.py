@@ -60,6 +60,18 @@ def test_growth_preserves_inner_predictions_weights_and_optimizer_state(tmp_path
     first_inner = dict(trainer.model.named_parameters())["inner_unet." + next(iter(dict(old_model.named_parameters())))]
     torch.testing.assert_close(trainer.optimizer.state[first_inner]["exp_avg"], old_moment)
 
+    # The grown level's average starts its own warm-up; the inner one continues its own.
+    outer = [name for name in trainer.ema.model.state_dict() if not name.startswith("inner_unet.")]
+    assert outer and trainer.ema.started == dict.fromkeys(outer, 3)
+    name = next(n for n, p in trainer.model.named_parameters() if not n.startswith("inner_unet."))
+    inner_name = "inner_unet." + next(iter(dict(old_model.named_parameters())))
+    ema_before = {n: trainer.ema.model.state_dict()[n].clone() for n in (name, inner_name)}
+    trainer._train_step()
+    trained = dict(trainer.model.named_parameters())
+    for key, decay in ((name, 1 / 10), (inner_name, 4 / 13)):  # (1 + n) / (10 + n) after n = 0 and 3 updates
+        expected = decay * ema_before[key] + (1 - decay) * trained[key].detach()
+        torch.testing.assert_close(trainer.ema.model.state_dict()[key], expected)
+
 
 def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
     common = [

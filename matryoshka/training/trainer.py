@@ -184,6 +184,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.update(betas=tuple(self.config.train.betas), weight_decay=self.config.train.weight_decay)
         self.ema.updates = int(state["ema_updates"])
+        self.ema.started = {name: int(count) for name, count in state.get("ema_started", {}).items()}
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self._configure_stage()
         self.resumed_from = checkpoint
@@ -199,14 +200,17 @@ class Trainer:
         self._build(levels)
         load_inner(self.model, levels, old_model.state_dict(), old_levels, "the previous stage")
         load_inner(self.ema.model, levels, old_ema.model.state_dict(), old_levels, "the previous stage")
-        self.ema.updates = old_ema.updates
-        carry_optimizer_state(old_optimizer, old_model, self.optimizer, self.model, inner_prefix(levels, old_levels))
+        self.ema.updates, self.ema.started = old_ema.updates, dict(old_ema.started)
+        inner = inner_prefix(levels, old_levels)
+        self.ema.restart(name for name in self.ema.model.state_dict() if not name.startswith(inner))
+        carry_optimizer_state(old_optimizer, old_model, self.optimizer, self.model, inner)
 
     def _train_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "optimizer": optimizer_state(self.model, self.optimizer),
             "ema_updates": self.ema.updates,
+            "ema_started": self.ema.started,
             "nonfinite_total": self.nonfinite_total,
             "num_levels": self.num_levels,
             "stage": self.stage_index,
