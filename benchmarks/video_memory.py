@@ -53,6 +53,7 @@ from matryoshka.diffusion.schedules import make_schedule
 from matryoshka.models import Conditioning, NestedUNet, model_preset
 from matryoshka.models.config import ModelConfig
 from matryoshka.models.layers import Attention, Stage
+from matryoshka.models.temporal import is_temporal_parameter
 
 GIB = 2**30
 STATE_BYTES = {"weights": 4, "gradients": 4, "adamw_moments": 8, "ema": 4}
@@ -219,7 +220,7 @@ def largest_unit(model: NestedUNet) -> int:
 
 
 def per_gpu(parameters: int, unit: int, activations: dict[str, float], gpus: list[int]) -> list[dict]:
-    """GiB per GPU: DDP keeps the whole state on each, FSDP2 1/N of it plus a gathered unit or two."""
+    """GiB per GPU: DDP keeps the whole state on each, FSDP2 1/N of it plus three gathered units."""
     state = sum(STATE_BYTES.values()) * parameters / GIB
     # FSDP2 prefetches the next unit while computing one: two units of fp32 weights, and one unit's
     # unsharded gradients while they are reduce-scattered.
@@ -255,15 +256,21 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also measure the target size (small models only)")
     args = parser.parse_args()
     sizes = parse_sizes(args.frames, args.sides)
+    config = video_config(args.preset, sizes[0][0])
+    # Every level's side must survive the nesting and the innermost UNet's downsampling.
+    multiple = config.nest_ratio ** (config.num_levels - 1) * config.levels[0].downsampling
+    bad = [side for side in [side for _, side in sizes] + [args.target_side] if side % multiple]
+    if bad:
+        raise SystemExit(f"sides {bad} are not multiples of {multiple}, which {args.preset} needs")
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = NestedUNet(video_config(args.preset, sizes[0][0])).train()
+    model = NestedUNet(config).train()
     for parameter in model.parameters():  # allocated now: the step's peak is activations only
         parameter.grad = torch.zeros_like(parameter)
     build_seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in model.parameters())
-    temporal = sum(p.numel() for name, p in model.named_parameters() if ".temporal." in f".{name}")
+    temporal = sum(p.numel() for name, p in model.named_parameters() if is_temporal_parameter(name))
 
     report: dict = {
         "preset": args.preset,
