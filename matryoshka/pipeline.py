@@ -44,10 +44,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def build_process(config: RunConfig, num_levels: int | None = None) -> MatryoshkaDiffusion:
-    """The diffusion process over the model's pyramid (or its innermost ``num_levels``)."""
+def build_process(config: RunConfig, num_levels: int | None = None, one_frame: bool = False) -> MatryoshkaDiffusion:
+    """The diffusion process over the model's pyramid (or its innermost ``num_levels``); ``one_frame``:
+    of a video model's pyramid of one-frame clips (the images that joint training mixes in)."""
     diffusion = config.diffusion
     levels = num_levels or config.model.num_levels
+    frames = [1] * levels if one_frame else config.model.frames[:levels][::-1]
     # The config lists levels innermost first; the process orders them as its outputs, highest first.
     weights = diffusion.level_loss_weights[:levels][::-1] if diffusion.level_loss_weights else None
     return MatryoshkaDiffusion(
@@ -63,7 +65,7 @@ def build_process(config: RunConfig, num_levels: int | None = None) -> Matryoshk
         loss_weighting=diffusion.loss_weighting,
         min_snr_gamma=diffusion.min_snr_gamma,
         upsampled_residual=diffusion.upsampled_residual,
-        frames=config.model.frames[:levels][::-1] or None,
+        frames=frames or None,
         temporal_shift=diffusion.temporal_shift,
     )
 

@@ -236,9 +236,13 @@ def _train(config: RunConfig, resuming: bool, checkpoint: Path | None, dist) -> 
     elif resuming:
         say(f"{run_dir} has a config but no checkpoint yet: starting from step 0")
     stages = "" if len(trainer.stages) == 1 else f" in {len(trainer.stages)} stages"
+    images = ""
+    if trainer.images is not None:
+        fraction = config.data.image_fraction
+        images = f" and {describe_size(trainer.images.dataset)} ({fraction:.0%} of each batch, as one-frame clips)"
     say(
         f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
-        f"parameters) on {describe_size(trainer.dataset, config.data.frames)} at "
+        f"parameters) on {describe_size(trainer.dataset, config.data.frames)}{images} at "
         f"{config.data.resolution}px, {trainer.total_steps} steps"
         f"{stages}, device {trainer.device}"
     )

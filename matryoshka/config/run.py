@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..data.config import DataConfig
+from ..data.config import DataConfig, image_batch_size
 from ..diffusion.thresholding import threshold_options
 from ..models.config import ModelConfig
 from .errors import ConfigError
@@ -335,6 +335,8 @@ class RunConfig:
                 raise ValueError(
                     f"stages must grow strictly and end with all {levels} model levels; got levels {counts}"
                 )
+        for stage in self.resolved_stages():  # joint image and video training: images and clips in every batch
+            image_batch_size(stage.batch_size, self.data.image_fraction)
 
     def resolved_stages(self) -> list[StageConfig]:
         """The stage schedule with defaults filled in (one stage when none is configured)."""

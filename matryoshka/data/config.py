@@ -6,7 +6,7 @@ YAML/dict loader can fill :class:`DataConfig` with ``DataConfig(**d)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SOURCES = ("emoji", "imagefolder", "webdataset", "shards", "hf", "mlmdm-tsv", "emoji-motion", "videofolder")
 VIDEO_SOURCES = ("emoji-motion", "videofolder")
@@ -93,6 +93,11 @@ class DataConfig:
     frames: frames per clip of a video source (items are then (3, frames, R, R)); 0 for images.
         "shards" with frames > 0 reads the video members (mp4, webm, ...) of the shards as clips.
     frame_stride: videofolder and video shards: keep every this-many-th decoded frame (a lower frame rate).
+    image_source: video runs: an image source ("emoji", "imagefolder", ...) whose images are mixed into
+        training as one-frame clips (joint image and video training, docs/video.md); None: clips only.
+    image_path: where ``image_source`` reads (as ``path``; not needed for "emoji").
+    image_fraction: the share of each batch taken from ``image_source`` (round(fraction x batch) images,
+        the rest clips); 0 without images.
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -118,10 +123,13 @@ class DataConfig:
     num_classes: int = 0
     frames: int = 0
     frame_stride: int = 1
+    image_source: str | None = None
+    image_path: str | None = None
+    image_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _need_choice("source", self.source, SOURCES)
-        for name in ("path", "cache_dir"):
+        for name in ("path", "cache_dir", "image_source", "image_path"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise DataConfigError(name, f"must be a string or null, got {value!r}")
@@ -169,6 +177,55 @@ class DataConfig:
             )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """Joint image and video training: an image source, a fraction of the batch, and a video source."""
+        fraction = self.image_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise DataConfigError("image_fraction", f"must be a number in [0, 1), got {fraction!r}")
+        if self.image_source is None:
+            if fraction:
+                raise DataConfigError("image_source", f"must name an image source for data.image_fraction={fraction}")
+            if self.image_path is not None:
+                raise DataConfigError("image_path", "is set but data.image_source is not")
+            return
+        image_sources = [s for s in SOURCES if s not in VIDEO_SOURCES]
+        _need_choice("image_source", self.image_source, tuple(image_sources))
+        if not self.frames:
+            raise DataConfigError(
+                "image_source", "mixes images into a video run's clips: it needs a video source (data.frames > 0)"
+            )
+        if not fraction:
+            raise DataConfigError("image_fraction", "must be > 0 with data.image_source (the share of images)")
+        if self.image_source not in PATHLESS_SOURCES and self.image_path is None:
+            raise DataConfigError("image_path", f"is required for data.image_source={self.image_source!r}")
+
+    def image_config(self) -> DataConfig | None:
+        """The data config of the mixed-in images (None without them): this one's settings, one frame."""
+        if self.image_source is None:
+            return None
+        return replace(
+            self,
+            source=self.image_source,
+            path=self.image_path,
+            frames=0,
+            frame_stride=1,
+            image_source=None,
+            image_path=None,
+            image_fraction=0.0,
+        )
+
+
+def image_batch_size(batch_size: int, fraction: float) -> int:
+    """Images in a batch of ``batch_size`` samples with ``data.image_fraction``; at least one clip stays."""
+    images = round(fraction * batch_size)
+    if fraction and not 0 < images < batch_size:
+        raise ValueError(
+            f"data.image_fraction={fraction} of a batch of {batch_size} gives {images} images and "
+            f"{batch_size - images} clips: each step needs at least one of each (change the fraction or the batch)"
+        )
+    return images
 
 
 def _need_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

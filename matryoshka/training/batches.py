@@ -1,5 +1,8 @@
 """From a data batch to what one training step needs: images, per-sample randomness, conditioning.
 
+A video run with ``data.image_source`` also trains on images, as one-frame clips: the temporal
+layers skip them (``models/temporal.py``), so they train the spatial layers only.
+
 Each sample's timestep, noise and condition dropout come from (seed, step, dataset index),
 so they do not depend on how the global batch is split over processes or micro-batches.
 """
@@ -12,6 +15,15 @@ from ..data.loader import mix_seed
 from ..diffusion.process import MatryoshkaDiffusion
 from ..diffusion.spacetime import downsample
 from ..models import NULL_LABEL, Conditioning
+
+IMAGES_SEED = 0x1A6E5
+"""Mixed into the seeds of the images that joint training adds to a video run (their order, noise,
+condition dropout and network dropout), so they never repeat the clips' random draws."""
+
+
+def one_frame_clips(batch: dict) -> dict:
+    """An image batch as one-frame clips (B, C, 1, H, W): how a video model takes images."""
+    return {**batch, "image": batch["image"].unsqueeze(2)}
 
 
 def top_images(

@@ -28,12 +28,14 @@ from ..config import dump_yaml
 from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset, make_loader
 from ..data.loader import mix_seed
+from ..diffusion.process import MatryoshkaDiffusion
 from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
 from .batches import batch_conditioning, sample_randomness, top_images
 from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
+from .joint import ImageMix
 from .lr import lr_factor
 from .memory import check_model_fits
 from .metrics import MetricsLog, progress_bar
@@ -63,6 +65,8 @@ class Trainer:
         check_run_paths(config, self.run_dir)
 
         self.dataset = build_dataset(config.data)
+        self.images = ImageMix(config) if config.data.image_source else None
+        """Images that a video run mixes into every batch as one-frame clips (data.image_source)."""
         self._check_labels()
         self.text_encoder = load_encoder(config, self.device)
         self.embed_captions = None
@@ -87,6 +91,8 @@ class Trainer:
         checkpoint, state, weights = found.checkpoint, found.state, found.weights
         self.step = int(state.get("step", 0))
         self.data_state: dict[str, Any] = dict(state.get("data") or {})  # a stream's shard sizes: skip, don't read
+        if self.images is not None:
+            self.images.state = self.data_state.get("images", {})
         # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
         self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -101,12 +107,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def _check_labels(self) -> None:
-        classes = len(getattr(self.dataset, "class_names", []) or [])
+        names = list(getattr(self.dataset, "class_names", []) or [])
         wanted = self.config.model.num_classes
-        if self.config.data.label != "none" and classes != wanted:
+        if self.config.data.label != "none" and len(names) != wanted:
             raise ValueError(
-                f"data.label={self.config.data.label!r} gives {classes} classes but model.num_classes={wanted}"
+                f"data.label={self.config.data.label!r} gives {len(names)} classes but model.num_classes={wanted}"
             )
+        if self.images is not None:
+            self.images.check_classes(names)
 
     @property
     def boundaries(self) -> list[int]:
@@ -163,6 +171,8 @@ class Trainer:
         levels = self.num_levels
         self.process = build_process(self.config, levels)
         self.process.mixed_ratio = stage.mixed_ratio if levels > 1 else None
+        if self.images is not None:
+            self.images.configure(levels, self.process.mixed_ratio)
         if levels > stage.levels:
             raise ValueError(f"checkpoint has {levels} levels but stage {self.stage_index} trains {stage.levels}")
         frozen_levels = self.stages[self.stage_index - 1].levels if stage.freeze_inner and self.stage_index else 0
@@ -217,7 +227,10 @@ class Trainer:
             "stage_history": self.stage_history,
             "train_seconds": self.train_seconds,
             "class_names": list(getattr(self.dataset, "class_names", None) or []),
-            "data": self.batches.state_dict() if self.batches is not None else self.data_state,
+            "data": {
+                **(self.batches.state_dict() if self.batches is not None else self.data_state),
+                **({"images": self.images.state_dict()} if self.images is not None else {}),
+            },
         }
 
     def global_batch(self) -> int:
@@ -238,27 +251,18 @@ class Trainer:
         self.network.train()
         total, level_logs = 0.0, {}
         for micro in range(train.grad_accum):
-            batch = next(self.batches)
-            torch.manual_seed(mix_seed(train.seed, self.step, micro, self.dist.rank))  # network dropout
-            missing = self.config.model.num_levels - self.num_levels
-            images = top_images(batch, self.device, missing, self.config.model.nest_ratio, self._frame_stride())
-            indices = batch["index"].tolist()
-            t, noise, drop = sample_randomness(
-                self.process, indices, images, train.seed, self.step, train.cond_drop_prob
-            )
-            cond = batch_conditioning(
-                batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device
-            )
-            last = micro == train.grad_accum - 1
-            sync = self.network.no_sync() if self.dist.enabled and not self.sharded and not last else nullcontext()
-            with sync:
-                with self.autocast:
-                    loss, logs = self.process.loss(self.network, images, cond, t=t, noise=noise)
-                # Normalise before backward so accumulated gradients average the micro-batches.
-                (loss / train.grad_accum).backward()
-            total += loss.item() / train.grad_accum
-            for key, value in logs.items():
-                level_logs[key] = level_logs.get(key, 0.0) + float(value) / train.grad_accum
+            parts = [(next(self.batches), self.process, train.seed)]
+            if self.images is not None:
+                # Images first: DDP synchronises in the last backward, which must reach the temporal layers too.
+                parts.insert(0, self.images.next_part(train.seed))
+            for batch, process, seed in parts:
+                sync = micro == train.grad_accum - 1 and process is self.process
+                # A part's loss weighs as its share of the batch, so the gradient is the mean over all samples.
+                share = len(batch["index"]) / self.stage.batch_size
+                loss, logs = self._backward(batch, process, seed, micro, share, sync)
+                total += loss * share / train.grad_accum
+                for key, value in logs.items():
+                    level_logs[key] = level_logs.get(key, 0.0) + value / train.grad_accum
         max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         # Every rank sees the same all-reduced gradients, so they agree on skipping.
@@ -273,6 +277,26 @@ class Trainer:
             self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total, level_logs, grad_norm, lr
+
+    def _backward(
+        self, batch: dict, process: MatryoshkaDiffusion, seed: int, micro: int, share: float, sync: bool
+    ) -> tuple[float, dict[str, float]]:
+        """Loss and gradients of one micro-batch (of clips, or of one-frame clips: images); its loss and logs."""
+        train = self.config.train
+        torch.manual_seed(mix_seed(seed, self.step, micro, self.dist.rank))  # network dropout
+        missing = self.config.model.num_levels - self.num_levels
+        # One-frame clips keep their frame whatever the stride (x[:, :, ::k] of one frame is that frame).
+        images = top_images(batch, self.device, missing, self.config.model.nest_ratio, self._frame_stride())
+        indices = batch["index"].tolist()
+        t, noise, drop = sample_randomness(process, indices, images, seed, self.step, train.cond_drop_prob)
+        cond = batch_conditioning(batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device)
+        skip_sync = self.dist.enabled and not self.sharded and not sync
+        with self.network.no_sync() if skip_sync else nullcontext():
+            with self.autocast:
+                loss, logs = process.loss(self.network, images, cond, t=t, noise=noise)
+            # Normalise before backward so accumulated gradients average the micro-batches.
+            (loss * share / train.grad_accum).backward()
+        return loss.item(), {key: float(value) for key, value in logs.items()}
 
     def _stage_progress(self) -> float:
         """How far the stage is through its budget after warm-up: steps, or minutes where they end it sooner."""
@@ -310,17 +334,25 @@ class Trainer:
                 }
             )
         if self.batches is None:
-            self.batches = make_loader(
-                self.dataset,
-                batch_size=self.stage.batch_size,
-                seed=mix_seed(self.config.data.seed, self.stage_index),
-                shuffle=self.config.data.shuffle,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
-                num_workers=self.config.data.num_workers,
-                state={"shard_counts": self.data_state.get("shard_counts", {})},
-            )
+            batch, seed = self.stage.batch_size, mix_seed(self.config.data.seed, self.stage_index)
+            if self.images is not None:
+                self.images.start(self._loader, batch, seed)
+                batch -= self.images.batch_size(batch)
+            self.batches = self._loader(self.dataset, batch, seed, self.data_state)
+
+    def _loader(self, dataset, batch_size: int, seed: int, state: dict[str, Any]):
+        """The stage's resumable loader of ``dataset`` from the current step; ``state``: a stream's shard sizes."""
+        return make_loader(
+            dataset,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=self.config.data.shuffle,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
+            num_workers=self.config.data.num_workers,
+            state={"shard_counts": state.get("shard_counts", {})},
+        )
 
     def _end_stage_when_out_of_minutes(self) -> None:
         """A stage with ``minutes`` ends at the first step past them (all ranks agree)."""
