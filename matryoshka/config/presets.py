@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +34,14 @@ def emoji64() -> RunConfig:
     """Default: unconditional 64² nested around 16² on the built-in emoji, the fast CPU recipe."""
     # Each choice is measured in docs/benchmarks.md#learning-fast-on-a-cpu: progressive training
     # (the 16² UNet alone first, for at most STAGE1_MINUTES, in batches of 8 for more updates per
-    # minute), min-SNR weighting, and an outer level that refines the upsampled inner image.
+    # minute), min-SNR weighting, an outer level that refines the upsampled inner image, and
+    # simple diffusion's schedule shift: +2 ln 4 at the 16² level, none at the 64² one.
     return RunConfig(
         run_dir="runs/emoji64",
         model=emoji64_model(2),
-        diffusion=DiffusionConfig(loss_weighting="min_snr", upsampled_residual=True),
+        diffusion=DiffusionConfig(
+            loss_weighting="min_snr", upsampled_residual=True, logsnr_shift=2 * math.log(4), shift_power=2.0
+        ),
         data=DataConfig(resolution=64),
         train=TrainConfig(
             steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=500, sample_every=1000
@@ -140,7 +144,9 @@ def emoji_video() -> RunConfig:
     return RunConfig(
         run_dir="runs/emoji-video",
         model=emoji_video_model(),
-        diffusion=DiffusionConfig(loss_weighting="min_snr", upsampled_residual=True),
+        diffusion=DiffusionConfig(
+            loss_weighting="min_snr", upsampled_residual=True, logsnr_shift=2 * math.log(4), shift_power=2.0
+        ),
         data=DataConfig(source="emoji-motion", resolution=32, frames=8),
         train=TrainConfig(
             steps=6000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=250, sample_every=500
