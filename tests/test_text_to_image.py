@@ -159,13 +159,13 @@ def test_caption_dropout_rate_matches_probability(tmp_path, captioned):
     dropped = total = 0
     for step in range(150):
         trainer.step = step
-        batch = next(trainer.batches)
+        batch = next(trainer.loaders.batches)
         images = top_images(batch, trainer.device, 0, config.model.nest_ratio)
         _, _, drop = sample_randomness(trainer.process, batch["index"].tolist(), images, 0, step, 0.3)
         dropped += int(drop.sum())
         total += drop.numel()
     assert abs(dropped / total - 0.3) < 0.03
-    batch = next(trainer.batches)
+    batch = next(trainer.loaders.batches)
     cond = batch_conditioning(
         batch, torch.tensor([True] * 6 + [False] * 6), False, trainer.embed_captions, trainer.device
     )

@@ -26,7 +26,7 @@ import torch
 from ..checkpoints import latest_checkpoint, remove_partial_checkpoints
 from ..config import dump_yaml
 from ..config.run import RunConfig, StageConfig
-from ..data import build_dataset, make_loader
+from ..data import build_dataset
 from ..data.loader import mix_seed
 from ..diffusion.process import MatryoshkaDiffusion
 from ..models import NestedUNet
@@ -36,6 +36,7 @@ from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
 from .joint import ImageMix
+from .loaders import StageLoaders
 from .lr import lr_factor
 from .memory import check_model_fits
 from .metrics import MetricsLog, progress_bar
@@ -44,7 +45,7 @@ from .precision import use_bf16
 from .previews import evaluate_run, save_sample_grids
 from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
 from .saving import TrainingStopped, weights_not_finite, write_checkpoint
-from .stages import stage_boundaries
+from .stages import StagePlan
 from .state import all_finite, full_weights, init_inner_from, load_optimizer_state, optimizer_state, set_full_weights
 
 
@@ -58,7 +59,6 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         self.run_dir = Path(config.run_dir).expanduser()
         self.device = self.dist.device(config.train.device)
-        self.stages = config.resolved_stages()
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
         self.notes: list[str] = []
         """What the trainer decided about the run directory, for the command to print."""
@@ -90,11 +90,8 @@ class Trainer:
         self.notes += found.notes
         checkpoint, state, weights = found.checkpoint, found.state, found.weights
         self.step = int(state.get("step", 0))
-        self.data_state: dict[str, Any] = dict(state.get("data") or {})  # a stream's shard sizes: skip, don't read
-        if self.images is not None:
-            self.images.state = self.data_state.get("images", {})
-        # Where earlier stages ended (time-limited stages end wherever their minutes ran out).
-        self.stage_history: list[dict[str, Any]] = list(state.get("stage_history", []))
+        self.loaders = StageLoaders(config, self.dist, self.dataset, self.images, state.get("data") or {})
+        self.plan = StagePlan(config, self.dist, self.device, list(state.get("stage_history", [])))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.run_end_seconds = math.inf
         """Training seconds at which this invocation's train.max_minutes run out (set by train())."""
@@ -117,26 +114,21 @@ class Trainer:
             self.images.check_classes(names)
 
     @property
-    def boundaries(self) -> list[int]:
-        last_is_open = not self.config.stages or self.config.stages[-1].steps is None
-        return stage_boundaries(self.stages, self.stage_history, self.config.train.steps, last_is_open)
+    def stages(self) -> list[StageConfig]:
+        return self.plan.stages
 
     @property
     def total_steps(self) -> int:
-        return self.boundaries[-1]
+        return self.plan.total_steps
 
     @property
     def stage_index(self) -> int:
         """The stage the next step belongs to."""
-        return next((i for i, end in enumerate(self.boundaries) if self.step < end), len(self.stages) - 1)
+        return self.plan.index(self.step)
 
     @property
     def stage(self) -> StageConfig:
-        return self.stages[self.stage_index]
-
-    @property
-    def stage_start(self) -> int:
-        return self.boundaries[self.stage_index - 1] if self.stage_index else 0
+        return self.plan.stages[self.stage_index]
 
     @property
     def num_levels(self) -> int:
@@ -181,9 +173,7 @@ class Trainer:
         if frozen_levels:
             inner_module(self.model, levels, frozen_levels).requires_grad_(False)
         self.network = wrap(self.model, self.dist, self.sharded, self.config.train.compile)
-        if getattr(self, "batches", None) is not None:
-            self.data_state = self.batches.state_dict()  # keeps what a stream learned about its shards
-        self.batches = None  # the loader is (re)made for the stage's batch size
+        self.loaders.reset()
 
     def _resume(self, checkpoint: Path, state: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]) -> None:
         set_full_weights(self.model, weights["model"], self.sharded, checkpoint / "model.safetensors")
@@ -224,13 +214,10 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "num_levels": self.num_levels,
             "stage": self.stage_index,
-            "stage_history": self.stage_history,
+            "stage_history": self.plan.history,
             "train_seconds": self.train_seconds,
             "class_names": list(getattr(self.dataset, "class_names", None) or []),
-            "data": {
-                **(self.batches.state_dict() if self.batches is not None else self.data_state),
-                **({"images": self.images.state_dict()} if self.images is not None else {}),
-            },
+            "data": self.loaders.state_dict(),
         }
 
     def global_batch(self) -> int:
@@ -240,7 +227,7 @@ class Trainer:
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
         lr = stage.lr * lr_factor(
-            self.step - self.stage_start,
+            self.step - self.plan.start(self.step),
             train.warmup_steps,
             self._stage_progress(),
             train.lr_schedule,
@@ -251,7 +238,7 @@ class Trainer:
         self.network.train()
         total, level_logs = 0.0, {}
         for micro in range(train.grad_accum):
-            parts = [(next(self.batches), self.process, train.seed)]
+            parts = [(next(self.loaders.batches), self.process, train.seed)]
             if self.images is not None:
                 # Images first: DDP synchronises in the last backward, which must reach the temporal layers too.
                 parts.insert(0, self.images.next_part(train.seed))
@@ -299,21 +286,8 @@ class Trainer:
         return loss.item(), {key: float(value) for key, value in logs.items()}
 
     def _stage_progress(self) -> float:
-        """How far the stage is through its budget after warm-up: steps, or minutes where they end it sooner."""
-        warmup = self.config.train.warmup_steps
-        length = self.boundaries[self.stage_index] - self.stage_start
-        progress = (self.step - self.stage_start - warmup) / max(1, length - warmup)
-        if self.config.train.lr_schedule == "constant":
-            return progress
-        start = self.stage_history[-1].get("start_seconds", 0.0)
-        end = self.run_end_seconds
-        if self.stage.minutes and self.stage_index < len(self.stages) - 1:
-            end = min(end, start + 60 * self.stage.minutes)
-        if math.isfinite(end):
-            # Clocks differ across ranks; every rank must apply the same rate.
-            spent = self.dist.max(self.train_seconds - start, self.device)
-            progress = max(progress, spent / max(end - start, 1e-9))
-        return progress
+        """The lr schedule's progress through the current stage (a collective where a time limit applies)."""
+        return self.plan.progress(self.step, self.train_seconds, self.run_end_seconds)
 
     def _frame_stride(self) -> int:
         """Data frames per frame of the current top level (1 for images, or with all levels grown)."""
@@ -324,45 +298,10 @@ class Trainer:
         """Grow the model when the next step belongs to a stage with more levels."""
         if self.stage.levels > self.num_levels:
             self._grow(self.stage.levels)
-        if not self.stage_history or self.stage_history[-1]["stage"] != self.stage_index:
-            self.stage_history.append(
-                {
-                    "stage": self.stage_index,
-                    "levels": self.num_levels,
-                    "start_step": self.step,
-                    "start_seconds": self.train_seconds,
-                }
-            )
-        if self.batches is None:
-            batch, seed = self.stage.batch_size, mix_seed(self.config.data.seed, self.stage_index)
-            if self.images is not None:
-                self.images.start(self._loader, batch, seed)
-                batch -= self.images.batch_size(batch)
-            self.batches = self._loader(self.dataset, batch, seed, self.data_state)
-
-    def _loader(self, dataset, batch_size: int, seed: int, state: dict[str, Any]):
-        """The stage's resumable loader of ``dataset`` from the current step; ``state``: a stream's shard sizes."""
-        return make_loader(
-            dataset,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=self.config.data.shuffle,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            start_step=(self.step - self.stage_start) * self.config.train.grad_accum,
-            num_workers=self.config.data.num_workers,
-            state={"shard_counts": state.get("shard_counts", {})},
-        )
-
-    def _end_stage_when_out_of_minutes(self) -> None:
-        """A stage with ``minutes`` ends at the first step past them (all ranks agree)."""
-        minutes = self.stage.minutes
-        if not minutes or self.stage_index == len(self.stages) - 1:
-            return
-        entry = self.stage_history[-1]
-        spent = self.train_seconds - entry.get("start_seconds", 0.0)
-        if self.dist.any(spent >= 60 * minutes, self.device) and self.step < self.boundaries[self.stage_index]:
-            entry["end_step"] = self.step
+        self.plan.begin(self.step, self.num_levels, self.train_seconds)
+        if self.loaders.batches is None:
+            start_step = (self.step - self.plan.start(self.step)) * self.config.train.grad_accum
+            self.loaders.start(self.stage_index, self.stage.batch_size, start_step)
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path | None:
@@ -430,7 +369,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "images_per_s": rate,
             "nonfinite_steps": self.nonfinite_total,
-            "stage": self.stage_history[-1]["stage"],
+            "stage": self.plan.history[-1]["stage"],
             "levels": self.num_levels,
         }
         self.metrics.write(record)
@@ -459,13 +398,13 @@ class Trainer:
                 now = time.perf_counter()
                 self.train_seconds += now - step_started
                 step_started = now
-                self._end_stage_when_out_of_minutes()
+                self.plan.end_when_out_of_minutes(self.step, self.train_seconds)
                 bar.update(1 if not train.max_minutes else min(time.perf_counter() - start, bar.total) - bar.n)
                 diverged = self.nonfinite_in_a_row >= train.max_nonfinite_steps
                 stop_signal = self.dist.any(self._stop_signal is not None, self.device)
                 out_of_time = self.dist.any(time.perf_counter() >= deadline, self.device)
                 done = self.step >= self.total_steps or out_of_time or diverged or stop_signal
-                boundary = self.step in self.boundaries
+                boundary = self.step in self.plan.boundaries
                 if self.step % train.log_every == 0 or done or boundary:
                     now = time.perf_counter()
                     rate = (self.step - last_step) * self.global_batch() / max(now - last_time, 1e-9)
