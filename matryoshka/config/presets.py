@@ -46,7 +46,10 @@ def emoji64() -> RunConfig:
         train=TrainConfig(
             steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=500, sample_every=1000
         ),
-        stages=[StageConfig(levels=1, steps=4000, minutes=STAGE1_MINUTES), StageConfig(levels=2, batch_size=16)],
+        stages=[
+            StageConfig(levels=1, steps=4000, minutes=STAGE1_MINUTES),
+            StageConfig(levels=2, batch_size=16, lr=3e-4),
+        ],
     )
 
 
