@@ -40,7 +40,13 @@ OLD_RECIPE = [
     "diffusion.upsampled_residual=false",
     "sample.spacing=mlmdm",
 ]
-ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "new": []}
+# The first round of issue 12 (docs/benchmarks.md): no schedule shift, the nested stage at the run's lr.
+ROUND1_RECIPE = [
+    "diffusion.logsnr_shift=0",
+    "diffusion.shift_power=1",
+    "stages=[{levels: 1, steps: 4000, minutes: 8}, {levels: 2, batch_size: 16}]",
+]
+ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "round1": ROUND1_RECIPE, "new": []}
 
 
 def run(command: list[str], env: dict[str, str], log: Path) -> None:
