@@ -40,10 +40,15 @@ def make_run(run: Path, folder: Path, num_classes: int = 0) -> Path:
         model=replace(base.model, num_classes=num_classes),
         data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
     )
+    return save_untrained(run, config, step=7)
+
+
+def save_untrained(run: Path, config, step: int) -> Path:
+    """``run`` with one checkpoint of ``config``'s model at its seed-0 initial weights (no training needed)."""
     torch.manual_seed(0)
     model = NestedUNet(config.model)
-    state = {"step": 7, "num_levels": config.model.num_levels}
-    save_checkpoint(run, 7, model.state_dict(), model.state_dict(), state, config, keep=1)
+    state = {"step": step, "num_levels": config.model.num_levels}
+    save_checkpoint(run, step, model.state_dict(), model.state_dict(), state, config, keep=1)
     return run
 
 

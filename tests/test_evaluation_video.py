@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from matryoshka.checkpoints import save_checkpoint
 from matryoshka.cli.main import main
 from matryoshka.config.presets import tiny_video
 from matryoshka.data import DataConfig, build_dataset
@@ -17,10 +16,9 @@ from matryoshka.diffusion.schedules import squaredcos
 from matryoshka.evaluation import ReferenceStats, run_evaluation
 from matryoshka.evaluation.errors import EvaluationError
 from matryoshka.evaluation.video import ClipLayout, TemporalStats, frames_of, pool_clip_levels
-from matryoshka.models import NestedUNet
 from matryoshka.pipeline import Pipeline, load_pipeline
 
-from .test_evaluation_cli import make_folder, make_run
+from .test_evaluation_cli import make_folder, make_run, save_untrained
 
 
 def mdm(*argv) -> int:
@@ -29,12 +27,7 @@ def mdm(*argv) -> int:
 
 def make_video_run(run: Path) -> Path:
     """An untrained tiny-video checkpoint (4 frames at 16² around 2 frames at 8²): no training needed."""
-    config = replace(tiny_video(), run_dir=str(run))
-    torch.manual_seed(0)
-    model = NestedUNet(config.model)
-    state = {"step": 5, "num_levels": config.model.num_levels}
-    save_checkpoint(run, 5, model.state_dict(), model.state_dict(), state, config, keep=1)
-    return run
+    return save_untrained(run, replace(tiny_video(), run_dir=str(run)), step=5)
 
 
 @pytest.fixture(scope="module")
