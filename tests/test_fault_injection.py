@@ -75,6 +75,13 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None
         time.sleep(0.05)
 
 
+def train_tiny(run: Path, folder: Path, *overrides: str) -> int:
+    """``mdm train tiny`` on the test folder with the fast settings; returns the exit status."""
+    return main(
+        ["train", "tiny", f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST, *overrides]
+    )
+
+
 def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(tmp_path, folder):
     run = tmp_path / "run"
     process = start(run, folder, "train.steps=1000", "train.checkpoint_every=2", slow_save=True)
@@ -144,19 +151,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(small_disk, folder, capsys):
     run = small_disk / "run"
-    code = main(
-        [
-            "train",
-            "tiny",
-            f"run_dir={run}",
-            "data.source=imagefolder",
-            f"data.path={folder}",
-            *FAST,
-            "train.steps=50",
-            "train.checkpoint_every=1",
-            "train.keep_checkpoints=50",
-        ]
-    )
+    code = train_tiny(run, folder, "train.steps=50", "train.checkpoint_every=1", "train.keep_checkpoints=50")
     assert code == 4
     message = capsys.readouterr().err
     assert "could not save the checkpoint" in message and "No space left" in message and "is intact" in message
@@ -168,20 +163,7 @@ def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoin
 
 def test_crafted_pickle_is_refused_without_running_code(tmp_path, folder):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "tiny",
-                f"run_dir={run}",
-                "data.source=imagefolder",
-                f"data.path={folder}",
-                *FAST,
-                "train.steps=2",
-            ]
-        )
-        == 0
-    )
+    assert train_tiny(run, folder, "train.steps=2") == 0
     marker = tmp_path / "pwned"
 
     class Exploit:
@@ -193,39 +175,13 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path, folder):
     with pytest.raises(CheckpointError, match="refusing or unable to read"):
         load_train_state(state)
     # Resuming reads state.pt (sampling no longer needs it): refused, and nothing is run.
-    assert (
-        main(
-            [
-                "train",
-                "tiny",
-                f"run_dir={run}",
-                "data.source=imagefolder",
-                f"data.path={folder}",
-                *FAST,
-                "train.steps=3",
-            ]
-        )
-        == 2
-    )
+    assert train_tiny(run, folder, "train.steps=3") == 2
     assert not marker.exists()
 
 
 def test_non_finite_or_mismatched_weights_are_refused(tmp_path, folder):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "tiny",
-                f"run_dir={run}",
-                "data.source=imagefolder",
-                f"data.path={folder}",
-                *FAST,
-                "train.steps=2",
-            ]
-        )
-        == 0
-    )
+    assert train_tiny(run, folder, "train.steps=2") == 0
     weights = run / "checkpoints" / "step_00000002" / "ema.safetensors"
     tensors = load_tensors(weights)
     name = next(iter(tensors))
