@@ -11,6 +11,7 @@ import time
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -433,3 +434,47 @@ def test_torchrun_training_on_streamed_shards(tmp_path):
     assert "4 streamed shards" in result.stdout + result.stderr
     state = torch.load(run / "checkpoints/step_00000003/state.pt", weights_only=True)
     assert state["data"]["world_size"] == 2 and state["data"]["step"] == 3
+
+
+def pooled_features():
+    from matryoshka.evaluation.features import FeatureExtractor
+
+    class Pooled(torch.nn.Module):
+        """12 features: a fixed 1x1 convolution averaged over each quarter of the image."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def features(self, images):
+            return torch.nn.functional.adaptive_avg_pool2d(self.conv(images), 2).flatten(1)
+
+    return FeatureExtractor("pooled", 12, Pooled(), preprocess=lambda x: x)
+
+
+def test_reference_train_reads_the_stream_like_the_indexed_shards(tmp_path):
+    from matryoshka.evaluation.errors import EvaluationError
+    from matryoshka.evaluation.reference import compute_reference_stats
+
+    counts = [4, 5, 3]
+    pattern = make_shards(tmp_path, counts)
+    extractor = pooled_features()
+
+    def stats(source, max_images, max_features=100):
+        data = DataConfig(source=source, path=pattern, resolution=8, shuffle_buffer=4)
+        return compute_reference_stats("train", extractor, 8, [8, 4], max_images, max_features, 5, run_data=data)
+
+    indexed, streamed = stats("webdataset", None), stats("shards", None)
+    for size in (8, 4):  # the whole first epoch, each sample once: the same statistics in another order
+        assert streamed.levels[size].count == indexed.levels[size].count == sum(counts)
+        np.testing.assert_allclose(streamed.levels[size].mean, indexed.levels[size].mean, atol=1e-6)
+        np.testing.assert_allclose(streamed.levels[size].cov, indexed.levels[size].cov, atol=1e-6)
+        assert streamed.levels[size].features.shape == (sum(counts), 12)
+    first = stats("shards", 6)  # the first six samples in shard order: shard 0, then two of shard 1
+    indexed_set = build_dataset(DataConfig(source="webdataset", path=pattern, resolution=8))
+    first_six = torch.stack([indexed_set[i]["image"] for i in range(6)])
+    assert first.levels[8].count == 6 and first.meta["images"] == 6
+    np.testing.assert_allclose(first.levels[8].mean, extractor(first_six).mean(0), atol=1e-6)
+    with pytest.raises(EvaluationError, match="no length"):
+        stats("shards", None, max_features=None)

@@ -244,11 +244,6 @@ def reference_dataset(spec: str, resolution: int, run_data=None, layout: ClipLay
     if spec == "train":
         if run_data is None:
             raise EvaluationError("reference 'train' needs a run (its data config)")
-        if run_data.source == "shards":
-            raise EvaluationError(
-                "reference 'train' needs a data set of known size; data.source=shards is a stream: "
-                "give a folder of reference images or videos, or statistics from `mdm eval-stats`"
-            )
     if layout is not None:
         return build_dataset(reference_clip_config(spec, resolution, layout, run_data))
     if spec == "emoji-motion":
@@ -315,6 +310,10 @@ def compute_reference_stats(
     if layout is not None and len(layout.level_frames) != len(sizes):
         raise EvaluationError(f"levels {sizes} and frames per level {list(layout.level_frames)} differ in number")
     dataset = reference_dataset(spec, resolution, run_data, layout)
+    if getattr(dataset, "streaming", False):
+        return stream_reference_stats(
+            dataset, extractor, resolution, sizes, max_images, max_features, batch_size, seed, progress, layout
+        )
     indices = pick_subset(len(dataset), max_images, seed)
     unit = "clip" if layout else "img"
     bar = tqdm(total=len(indices), desc="reference features", unit=unit, disable=not progress)
@@ -328,4 +327,51 @@ def compute_reference_stats(
     finally:
         bar.close()
     stats.meta.update({"images": len(indices), "dataset_size": len(dataset)})
+    return stats
+
+
+def stream_batches(dataset, max_images: int | None, sizes: Sequence[int], batch_size: int, layout):
+    """Pooled levels of a stream's first ``max_images`` samples in shard order, or of its whole
+    first epoch when None: a stream has no length, and its first repeated sample id ends the epoch."""
+    from ..data import make_loader
+
+    loader = make_loader(dataset, batch_size=batch_size, seed=0, shuffle=False)
+    seen: set[int] = set()
+    try:
+        while max_images is None or len(seen) < max_images:
+            batch = next(loader)
+            ids = batch["index"].tolist()
+            fresh = [i for i, sample in enumerate(ids) if sample not in seen]
+            if max_images is not None:
+                fresh = fresh[: max_images - len(seen)]
+            seen.update(ids[i] for i in fresh)
+            if fresh:
+                images = batch["image"][fresh]
+                yield pool_clip_levels(images, sizes, layout) if layout else pool_levels(images, sizes)
+            if len(fresh) < len(ids) and max_images is None:
+                return
+    finally:
+        loader.close()
+
+
+def stream_reference_stats(
+    dataset, extractor, resolution, sizes, max_images, max_features, batch_size, seed, progress, layout
+) -> ReferenceStats:
+    """:func:`compute_reference_stats` for streamed shards (``data.source=shards``)."""
+    from tqdm.auto import tqdm
+
+    if max_images is None and max_features is None:
+        raise EvaluationError("a stream has no length: give a number of reference images or of kept feature vectors")
+    # the kept feature vectors: a seeded subset of max_images items, or the first max_features of the epoch
+    total = max_images if max_images is not None else max_features
+    bar = tqdm(total=max_images, desc="reference features", unit="clip" if layout else "img", disable=not progress)
+    try:
+        batches = stream_batches(dataset, max_images, sizes, batch_size, layout)
+        stats = stats_from_batches(
+            batches, total, sizes, extractor, resolution, max_features, "train", seed, bar, layout
+        )
+    finally:
+        bar.close()
+    count = next(iter(stats.levels.values())).count // (layout.clip_frames if layout else 1)
+    stats.meta.update({"images": count, "dataset_size": None})
     return stats
