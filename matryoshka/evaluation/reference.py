@@ -241,9 +241,8 @@ def reference_dataset(spec: str, resolution: int, run_data=None, layout: ClipLay
     video model (``layout``) a folder of videos, ``emoji-motion`` or ``train``."""
     from ..data import DataConfig, build_dataset
 
-    if spec == "train":
-        if run_data is None:
-            raise EvaluationError("reference 'train' needs a run (its data config)")
+    if spec == "train" and run_data is None:
+        raise EvaluationError("reference 'train' needs a run (its data config)")
     if layout is not None:
         return build_dataset(reference_clip_config(spec, resolution, layout, run_data))
     if spec == "emoji-motion":
