@@ -297,10 +297,18 @@ def metrics(run: Path) -> list[dict]:
 def test_tiny_video_train_resume_sample(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     options = [*FAST, "train.checkpoint_every=2", "diffusion.upsampled_residual=true"]
-    assert main(["train", "tiny-video", f"run_dir={straight}", "train.steps=4", *options]) == 0
+    # the uninterrupted run also evaluates every 2 steps (per-frame FD and temporal measures at every level)
+    evaluation = ["eval.every=2", "eval.num=4", "eval.steps=2", "eval.reference=emoji-motion", "eval.max_reference=8"]
+    evaluation += ["eval.metrics=[fd,temporal]"]
+    assert main(["train", "tiny-video", f"run_dir={straight}", "train.steps=4", *options, *evaluation]) == 0
     assert main(["train", "tiny-video", f"run_dir={resumed}", "train.steps=2", *options]) == 0
     assert main(["train", "tiny-video", f"run_dir={resumed}", "train.steps=4", *options]) == 0
-    a, b = metrics(straight), metrics(resumed)
+    evaluations = [m for m in metrics(straight) if "fd_effnet-lite0/4x16x16" in m]
+    assert [m["step"] for m in evaluations] == [2, 4]
+    for level in ("4x16x16", "2x8x8"):
+        assert all(m[f"fd_effnet-lite0/{level}"] > 0 and m[f"frame_diff_ref/{level}"] > 0 for m in evaluations)
+    a = [m for m in metrics(straight) if "loss" in m]
+    b = metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for key in ("loss", "loss/4x16x16", "loss/2x8x8"):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-5, err_msg=key)
@@ -324,8 +332,8 @@ def test_video_run_configs_are_checked():
         load_run_config("tiny-video", ["data.frames=8"])
     with pytest.raises(ValueError, match="frames"):
         load_run_config("tiny", ["data.source=emoji-motion"])
-    with pytest.raises(ValueError, match="not implemented for video"):
-        load_run_config("tiny-video", ["eval.every=10"])
+    with pytest.raises(ValueError, match="max_reference"):
+        load_run_config("tiny-video", ["eval.every=10", "eval.max_reference=1"])
     for preset in ("emoji-video", "emoji-video-text"):
         config = load_run_config(preset)
         assert config.model.frames == [4, 8] and config.data.frames == 8 and config.data.resolution == 32

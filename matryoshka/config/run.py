@@ -220,7 +220,10 @@ class EvalConfig:
     """Evaluate every this many steps (and at the end); 0 disables."""
     num: int = 256
     reference: str = "train"
-    """"train" (the run's data), "emoji", an image folder, or a stats .npz from ``mdm eval-stats``."""
+    """"train" (the run's data), "emoji", an image folder, or a stats .npz from ``mdm eval-stats``;
+    for video runs "train", "emoji-motion" or a folder of videos."""
+    max_reference: int | None = None
+    """Reference images (clips) read when ``reference`` is data: a seeded subset, or all (None)."""
     feature: str = "effnet-lite0"
     metrics: list[str] = field(default_factory=lambda: ["fd"])
     sampler: Literal["ddpm", "ddim", "dpm++2m"] | None = None
@@ -230,6 +233,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.num < 2 or self.batch_size < 1:
             raise ValueError("every must be >= 0, num >= 2 and batch_size >= 1")
+        if self.max_reference is not None and self.max_reference < 2:
+            raise ValueError("max_reference must be at least 2 (or null: all of the reference data)")
 
 
 @dataclass
@@ -308,8 +313,6 @@ class RunConfig:
                 f"data.frames={self.data.frames} must equal the top level's frames ({clip}: the last of model.frames, "
                 "0 for an image model)"
             )
-        if clip and self.eval.every:
-            raise ValueError("eval.every: periodic evaluation (FD of images) is not implemented for video runs; set 0")
         if self.diffusion.level_loss_weights and len(self.diffusion.level_loss_weights) != levels:
             raise ValueError(f"diffusion.level_loss_weights needs {levels} values (one per level, innermost first)")
         if self.data.label != "none" and not self.model.num_classes:

@@ -48,4 +48,5 @@ def evaluate_run(pipeline: Pipeline) -> dict[str, float]:
         batch_size=settings.batch_size,
         seed=sample.seed,
         prompts=sample.prompts or None,
+        max_reference_images=settings.max_reference,
     )
