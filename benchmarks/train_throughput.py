@@ -7,7 +7,7 @@
 
 Times full optimizer steps (forward, loss on every level, backward, AdamW) on random
 data after warm-up steps, so it measures the model and the diffusion loss, not the
-data pipeline. Prints one JSON line.
+data pipeline. Prints one JSON line; for a video preset ``images_per_s`` counts clips, ``frames_per_s`` their frames.
 """
 
 from __future__ import annotations
@@ -26,7 +26,16 @@ from matryoshka.diffusion.schedules import make_schedule
 from matryoshka.models import Conditioning, NestedUNet, model_preset
 from matryoshka.models.config import ModelConfig
 
-DEFAULT_RESOLUTION = {"tiny": 16, "emoji64": 64, "unet64": 64, "mlmdm-64": 64, "mlmdm-256": 256, "mlmdm-1024": 1024}
+DEFAULT_RESOLUTION = {
+    "tiny": 16,
+    "emoji64": 64,
+    "unet64": 64,
+    "mlmdm-64": 64,
+    "mlmdm-256": 256,
+    "mlmdm-1024": 1024,
+    "tiny-video": 16,
+    "emoji-video": 32,
+}
 
 
 def main() -> None:
@@ -64,9 +73,13 @@ def main() -> None:
         num_levels=config.num_levels,
         factor=max(2, config.nest_ratio),
         mixed_ratio=args.mixed_ratio,
+        frames=config.frames[::-1] or None,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(args.batch_size, config.in_channels, resolution, resolution, device=device).clamp(-1, 1)
+    # a video model trains on clips (B, C, F, H, W) of its top level's frame count
+    clip = config.frames[-1:] if config.is_video else []
+    shape = (args.batch_size, config.in_channels, *clip, resolution, resolution)
+    images = torch.randn(*shape, device=device).clamp(-1, 1)
     cond = None
     if config.text_dim:
         cond = Conditioning(text=torch.randn(args.batch_size, 77, config.text_dim, device=device))
@@ -112,6 +125,7 @@ def main() -> None:
                 "checkpointing": args.checkpointing,
                 "compile": args.compile,
                 "images_per_s": round(args.batch_size * args.steps / elapsed, 2),
+                **({"frames_per_s": round(args.batch_size * clip[0] * args.steps / elapsed, 2)} if clip else {}),
                 "step_s": round(elapsed / args.steps, 4),
                 "peak_memory_GiB": round(peak, 3),
                 "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
