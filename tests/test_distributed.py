@@ -24,7 +24,7 @@ def folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), count=24)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, timeout: float = 240, preset: str = "tiny") -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -34,7 +34,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.Com
         "-m",
         "matryoshka.cli",
         "train",
-        "tiny",
+        preset,
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -56,6 +56,21 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder):
     assert b[-1]["images_per_s"] > 0
     one = load_file(tmp_path / "one/checkpoints/step_00000004/model.safetensors")
     for key, value in load_file(tmp_path / "two/checkpoints/step_00000004/model.safetensors").items():
+        torch.testing.assert_close(value, one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_joint_image_and_video_batches_match_one_process(tmp_path):
+    """Each rank's batch is an image pass and a clip pass: two ranks of 4 train as one process of 8."""
+    joint = ["data.image_source=emoji", "data.image_fraction=0.5", "train.steps=3", *COMMON]
+    two = torchrun(f"run_dir={tmp_path / 'two'}", "train.batch_size=4", *joint, preset="tiny-video")
+    assert two.returncode == 0, two.stderr[-3000:]
+    torch.set_num_threads(1)
+    assert main(["train", "tiny-video", f"run_dir={tmp_path / 'one'}", "train.batch_size=8", *joint]) == 0
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("loss", "loss/4x16x16", "loss/2x8x8"):
+        np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-4, err_msg=key)
+    one = load_file(tmp_path / "one/checkpoints/step_00000003/model.safetensors")
+    for key, value in load_file(tmp_path / "two/checkpoints/step_00000003/model.safetensors").items():
         torch.testing.assert_close(value, one[key], rtol=1e-4, atol=1e-5)
 
 
