@@ -96,6 +96,30 @@ def test_video_members_stream_as_clips_and_bad_ones_are_counted(tmp_path):
     assert np.allclose(np.diff(levels), 20, atol=4) and 20 - 4 <= levels[0] <= 140 + 4
 
 
+def test_parquet_video_column_streams_like_tar_members(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    brighter, darker = encode_mp4(frames_with_levels(9)), encode_webm(frames_with_levels(7)[::-1].copy())
+    syn.write_tar(
+        tmp_path / "tar" / "shard-000.tar",
+        [("a/0.mp4", brighter), ("a/0.txt", b"brighter"), ("a/1.webm", darker), ("a/1.txt", b"darker")],
+    )
+    # raw bytes in one row, {"bytes", "path"} (the encoded-video cell layout) in the other
+    cells = [{"bytes": brighter, "path": None}, {"bytes": darker, "path": None}]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(
+        pyarrow.table({"video": cells, "text": ["brighter", "darker"]}), tmp_path / "pq" / "shard-000.parquet"
+    )
+    tar, parquet = (
+        next(make_loader(build_dataset(video_config(str(tmp_path / name))), batch_size=2, seed=0, shuffle=False))
+        for name in ("tar", "pq")
+    )
+    assert parquet["image"].shape == (2, 3, 3, 16, 16) and parquet["caption"] == ["brighter", "darker"]
+    assert torch.equal(parquet["image"], tar["image"])
+    np.testing.assert_allclose(brightness(parquet["image"][1]), [120, 80, 40], atol=4)
+
+
 def test_frames_setting_for_shards_and_video_sources():
     assert DataConfig(source="shards", path="x.tar", frames=8).frames == 8
     with pytest.raises(DataConfigError, match=r"data\.frames"):

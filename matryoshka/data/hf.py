@@ -25,6 +25,8 @@ from .tars import expand_braces
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp")
 CAPTION_COLUMNS = ("text", "caption")
+# Video cells: raw bytes or {"bytes", "path"} (the layout of an encoded video column).
+VIDEO_COLUMNS = ("video", "mp4", "webm", "avi", "mkv", "mov", "m4v")
 
 
 def _files(spec: str) -> list[str]:
@@ -69,7 +71,7 @@ def image_column(features: dict[str, Any]) -> str | None:
 
 
 def image_bytes(value: Any) -> bytes:
-    """Bytes of an image cell: raw bytes, or ``{"bytes", "path"}`` as the ``Image`` feature stores it."""
+    """Bytes of an image or video cell: raw bytes, or ``{"bytes", "path"}`` as the ``Image`` feature stores it."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
@@ -150,8 +152,20 @@ def _image_ext(data: bytes) -> str:
     return "png" if data[:4] == b"\x89PNG" else "webp" if data[8:12] == b"WEBP" else "jpg"
 
 
+def _video_ext(data: bytes) -> str:
+    # a video member's key names its container; FFmpeg probes the bytes themselves when decoding
+    if data[4:8] == b"ftyp":
+        return "mp4"
+    if data[:4] == b"\x1aE\xdf\xa3":
+        return "webm"
+    if data[:4] == b"RIFF" and data[8:11] == b"AVI":
+        return "avi"
+    return "gif" if data[:4] == b"GIF8" else "mkv"
+
+
 def iter_parquet_samples(raw) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(row key, {ext: bytes})`` for the rows of a Parquet file opened as ``raw``, like tar samples."""
+    """``(row key, {ext: bytes})`` for the rows of a Parquet file opened as ``raw``, like tar samples: an
+    image column, a video column (for ``data.frames > 0``), a caption and a label."""
     import pyarrow.parquet as pq
 
     if not (hasattr(raw, "seekable") and raw.seekable()):
@@ -160,6 +174,7 @@ def iter_parquet_samples(raw) -> Iterator[tuple[str, dict[str, bytes]]]:
     names = parquet.schema_arrow.names
     image = next((n for n in IMAGE_COLUMNS if n in names), None)
     caption = next((c for c in CAPTION_COLUMNS if c in names), None)
+    video = next((n for n in VIDEO_COLUMNS if n in names), None)
     row = 0
     for batch in parquet.iter_batches(batch_size=256):
         for record in batch.to_pylist():
@@ -167,6 +182,9 @@ def iter_parquet_samples(raw) -> Iterator[tuple[str, dict[str, bytes]]]:
             data = image_bytes(record.get(image)) if image else b""
             if data:
                 parts[_image_ext(data)] = data
+            clip = image_bytes(record.get(video)) if video else b""
+            if clip:
+                parts[_video_ext(clip)] = clip
             if caption and isinstance(record.get(caption), str):
                 parts["txt"] = record[caption].encode("utf-8")
             if record.get("label") is not None:
