@@ -476,5 +476,10 @@ def test_reference_train_reads_the_stream_like_the_indexed_shards(tmp_path):
     first_six = torch.stack([indexed_set[i]["image"] for i in range(6)])
     assert first.levels[8].count == 6 and first.meta["images"] == 6
     np.testing.assert_allclose(first.levels[8].mean, extractor(first_six).mean(0), atol=1e-6)
+    assert stats("shards", 50).levels[8].count == sum(counts)  # more than an epoch holds: the epoch
+    # a corrupt image's stand-in (the sample before it, same id) is neither counted twice nor an epoch's end
+    members = [(name, b"not a png" if name == "s000/0001.png" else data) for name, data in sample_members(0, 4)]
+    syn.write_tar(tmp_path / "shard-000.tar", members)
+    assert stats("shards", None).levels[8].count == sum(counts) - 1
     with pytest.raises(EvaluationError, match="no length"):
         stats("shards", None, max_features=None)

@@ -330,24 +330,30 @@ def compute_reference_stats(
 
 
 def stream_batches(dataset, max_images: int | None, sizes: Sequence[int], batch_size: int, layout):
-    """Pooled levels of a stream's first ``max_images`` samples in shard order, or of its whole
-    first epoch when None: a stream has no length, and its first repeated sample id ends the epoch."""
+    """Pooled levels of a stream's first ``max_images`` samples in shard order (fewer if its first
+    epoch is shorter), or of its whole first epoch when None. Read unshuffled by one reader, sample
+    ids (shard << SAMPLE_BITS | sample) only grow within an epoch: a smaller one starts the next,
+    and a repeated one is a bad sample's stand-in, which is not counted twice."""
     from ..data import make_loader
 
     loader = make_loader(dataset, batch_size=batch_size, seed=0, shuffle=False)
-    seen: set[int] = set()
+    last, count = -1, 0
     try:
-        while max_images is None or len(seen) < max_images:
+        while max_images is None or count < max_images:
             batch = next(loader)
-            ids = batch["index"].tolist()
-            fresh = [i for i, sample in enumerate(ids) if sample not in seen]
-            if max_images is not None:
-                fresh = fresh[: max_images - len(seen)]
-            seen.update(ids[i] for i in fresh)
-            if fresh:
-                images = batch["image"][fresh]
+            rows, epoch_over = [], False
+            for row, sample in enumerate(batch["index"].tolist()):
+                if sample < last or (max_images is not None and count == max_images):
+                    epoch_over = True
+                    break
+                if sample > last:
+                    rows.append(row)
+                    count += 1
+                last = sample
+            if rows:
+                images = batch["image"][rows]
                 yield pool_clip_levels(images, sizes, layout) if layout else pool_levels(images, sizes)
-            if len(fresh) < len(ids) and max_images is None:
+            if epoch_over:
                 return
     finally:
         loader.close()
