@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from matryoshka.config import apply_overrides, from_dict, to_dict
 from matryoshka.diffusion.process import MatryoshkaDiffusion
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--mixed-ratio", type=float, help="mixed-resolution batch fraction for the top level")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights (train.channels_last)")
+    parser.add_argument(
+        "--flops", action="store_true", help="also count the forward FLOPs of the loss per image (torch's counter)"
+    )
     parser.add_argument(
         "--set",
         nargs="*",
@@ -92,6 +96,11 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    forward_flops = None
+    if args.flops:
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
+            process.loss(model, images, cond)
+        forward_flops = counter.get_total_flops() / args.batch_size
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -127,6 +136,7 @@ def main() -> None:
                 "images_per_s": round(args.batch_size * args.steps / elapsed, 2),
                 **({"frames_per_s": round(args.batch_size * clip[0] * args.steps / elapsed, 2)} if clip else {}),
                 "step_s": round(elapsed / args.steps, 4),
+                **({"forward_gflop_per_image": round(forward_flops / 1e9, 1)} if forward_flops else {}),
                 "peak_memory_GiB": round(peak, 3),
                 "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
             }

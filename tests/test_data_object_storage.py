@@ -6,6 +6,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import s3fs
+from gcp_storage_emulator.server import create_server
+from moto.server import ThreadedMotoServer
 
 from matryoshka.data import build_dataset, make_loader
 
@@ -32,10 +35,8 @@ def upload(fs, folder: Path, bucket: str) -> None:
 
 
 @pytest.fixture
-def s3_bucket(tmp_path, monkeypatch):
-    server_module = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+def s3_bucket(monkeypatch):
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     # What a user of MinIO or another S3-compatible store sets: botocore reads the endpoint from the environment.
@@ -57,10 +58,10 @@ def s3_bucket(tmp_path, monkeypatch):
 
 @pytest.fixture
 def gs_bucket(monkeypatch):
-    emulator = pytest.importorskip("gcp_storage_emulator.server")
-    gcsfs = pytest.importorskip("gcsfs")
+    import gcsfs  # after GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is set: gcsfs reads it on import
+
     port = free_port()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     gcsfs.GCSFileSystem.clear_instance_cache()

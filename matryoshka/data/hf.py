@@ -70,8 +70,9 @@ def image_column(features: dict[str, Any]) -> str | None:
     return (named or [n for n in IMAGE_COLUMNS if n in features] or [None])[0]
 
 
-def image_bytes(value: Any) -> bytes:
-    """Bytes of an image or video cell: raw bytes, or ``{"bytes", "path"}`` as the ``Image`` feature stores it."""
+def cell_bytes(value: Any) -> bytes:
+    """Bytes of an image or video cell: raw bytes, or ``{"bytes", "path"}`` as the ``Image`` and
+    ``Video`` features store it."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
@@ -126,7 +127,7 @@ class HFDataset(ImageDataset):
         self._finish_index()
 
     def _bytes(self, row: int) -> bytes:
-        data = image_bytes(self.table[row][self.image_column])
+        data = cell_bytes(self.table[row][self.image_column])
         if not data:
             raise BadImage("zero_bytes")
         return data
@@ -179,10 +180,10 @@ def iter_parquet_samples(raw) -> Iterator[tuple[str, dict[str, bytes]]]:
     for batch in parquet.iter_batches(batch_size=256):
         for record in batch.to_pylist():
             parts: dict[str, bytes] = {}
-            data = image_bytes(record.get(image)) if image else b""
+            data = cell_bytes(record.get(image)) if image else b""
             if data:
                 parts[_image_ext(data)] = data
-            clip = image_bytes(record.get(video)) if video else b""
+            clip = cell_bytes(record.get(video)) if video else b""
             if clip:
                 parts[_video_ext(clip)] = clip
             if caption and isinstance(record.get(caption), str):

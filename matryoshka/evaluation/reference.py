@@ -309,23 +309,31 @@ def compute_reference_stats(
     if layout is not None and len(layout.level_frames) != len(sizes):
         raise EvaluationError(f"levels {sizes} and frames per level {list(layout.level_frames)} differ in number")
     dataset = reference_dataset(spec, resolution, run_data, layout)
-    if getattr(dataset, "streaming", False):
-        return stream_reference_stats(
-            dataset, extractor, resolution, sizes, max_images, max_features, batch_size, seed, progress, layout
-        )
-    indices = pick_subset(len(dataset), max_images, seed)
-    unit = "clip" if layout else "img"
-    bar = tqdm(total=len(indices), desc="reference features", unit=unit, disable=not progress)
-    try:
+    streaming = getattr(dataset, "streaming", False)
+    if streaming:
+        if max_images is None and max_features is None:
+            raise EvaluationError(
+                "a stream has no length: give a number of reference images or of kept feature vectors"
+            )
+        # the kept feature vectors: a seeded subset of max_images items, or the first max_features of the epoch
+        total = max_images if max_images is not None else max_features
+        batches = stream_batches(dataset, max_images, sizes, batch_size, layout)
+    else:
+        indices = pick_subset(len(dataset), max_images, seed)
+        total = len(indices)
         workers = getattr(getattr(dataset, "cfg", None), "num_workers", 0)
         batches = dataset_batches(dataset, indices, sizes, batch_size, workers, layout)
+    unit = "clip" if layout else "img"
+    bar = tqdm(total=max_images if streaming else total, desc="reference features", unit=unit, disable=not progress)
+    try:
         source = spec if spec in ("emoji", "emoji-motion", "train") else str(Path(spec).expanduser().resolve())
         stats = stats_from_batches(
-            batches, len(indices), sizes, extractor, resolution, max_features, source, seed, bar, layout
+            batches, total, sizes, extractor, resolution, max_features, source, seed, bar, layout
         )
     finally:
         bar.close()
-    stats.meta.update({"images": len(indices), "dataset_size": len(dataset)})
+    count = stats.levels[sizes[0]].count // (layout.clip_frames if layout else 1)
+    stats.meta.update({"images": count, "dataset_size": None if streaming else len(dataset)})
     return stats
 
 
@@ -357,26 +365,3 @@ def stream_batches(dataset, max_images: int | None, sizes: Sequence[int], batch_
                 return
     finally:
         loader.close()
-
-
-def stream_reference_stats(
-    dataset, extractor, resolution, sizes, max_images, max_features, batch_size, seed, progress, layout
-) -> ReferenceStats:
-    """:func:`compute_reference_stats` for streamed shards (``data.source=shards``)."""
-    from tqdm.auto import tqdm
-
-    if max_images is None and max_features is None:
-        raise EvaluationError("a stream has no length: give a number of reference images or of kept feature vectors")
-    # the kept feature vectors: a seeded subset of max_images items, or the first max_features of the epoch
-    total = max_images if max_images is not None else max_features
-    bar = tqdm(total=max_images, desc="reference features", unit="clip" if layout else "img", disable=not progress)
-    try:
-        batches = stream_batches(dataset, max_images, sizes, batch_size, layout)
-        stats = stats_from_batches(
-            batches, total, sizes, extractor, resolution, max_features, "train", seed, bar, layout
-        )
-    finally:
-        bar.close()
-    count = next(iter(stats.levels.values())).count // (layout.clip_frames if layout else 1)
-    stats.meta.update({"images": count, "dataset_size": None})
-    return stats
