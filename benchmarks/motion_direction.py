@@ -4,8 +4,8 @@
     python benchmarks/motion_direction.py --run runs/emoji-video-text --num 16 --sprite "red heart" --out motion.json
 
 Samples ``--num`` clips for the prompts "<sprite> moving left/right/up/down" (each sprite once in
-every direction; sprites spread evenly over emoji-motion's emoji, whose captions name them, or
-given by ``--sprite``), tracks the sprite's centroid frame to frame at every level
+every direction; sprites spread evenly over the emoji-motion sprites the run trained on, whose
+captions name them, or given by ``--sprite``), tracks the sprite's centroid frame to frame at every level
 (``matryoshka/evaluation/motion.py``: the pixels unlike the background colour, which is estimated
 from the clip's border), and reports, as JSON, the fraction of clips whose net motion is in the
 prompted direction, per direction and overall. Chance is 0.25 for a model whose sprites move in a
@@ -28,9 +28,12 @@ from matryoshka.evaluation.motion import DIRECTIONS, direction_scores, track
 from matryoshka.pipeline import Pipeline, load_pipeline
 
 
-def emoji_sprites(count: int, resolution: int) -> list[str]:
-    """``count`` emoji names spread evenly over emoji-motion's emoji (the names its captions use)."""
-    dataset = EmojiMotionDataset(DataConfig(source="emoji-motion", resolution=resolution, frames=2, captions=True))
+def emoji_sprites(count: int, data: DataConfig) -> list[str]:
+    """``count`` emoji names spread evenly over the run's emoji-motion sprites (the names its captions use)."""
+    sprites = data.sprites if data.source == "emoji-motion" else 0
+    dataset = EmojiMotionDataset(
+        DataConfig(source="emoji-motion", resolution=data.resolution, frames=2, captions=True, sprites=sprites)
+    )
     names = [dataset.table.names[row] for row in dataset.rows]
     return [names[i] for i in np.linspace(0, len(names) - 1, count).astype(int)]
 
@@ -85,7 +88,7 @@ def main() -> None:
 
     pipeline = load_pipeline(args.run)
     check_run(pipeline)
-    sprites = args.sprite or emoji_sprites(args.num // 4, pipeline.config.data.resolution)
+    sprites = args.sprite or emoji_sprites(args.num // 4, pipeline.config.data)
     prompts, wanted = zip(*prompts_for(sprites, args.num))
     start = time.perf_counter()
     tracks = sample_and_track(pipeline, list(prompts), args)

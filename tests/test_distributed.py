@@ -59,10 +59,13 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder):
         torch.testing.assert_close(value, one[key], rtol=1e-4, atol=1e-5)
 
 
-def test_ddp_joint_image_and_video_batches_match_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_joint_image_and_video_batches_on_two_ranks_match_one_process(tmp_path, strategy):
     """Each rank's batch is an image pass and a clip pass: two ranks of 4 train as one process of 8."""
     joint = ["data.image_source=emoji", "data.image_fraction=0.5", "train.steps=3", *COMMON]
-    two = torchrun(f"run_dir={tmp_path / 'two'}", "train.batch_size=4", *joint, preset="tiny-video")
+    two = torchrun(
+        f"run_dir={tmp_path / 'two'}", f"train.strategy={strategy}", "train.batch_size=4", *joint, preset="tiny-video"
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     torch.set_num_threads(1)
     assert main(["train", "tiny-video", f"run_dir={tmp_path / 'one'}", "train.batch_size=8", *joint]) == 0

@@ -13,14 +13,14 @@ from PIL import Image
 
 from matryoshka.cli.main import main
 from matryoshka.config.presets import load_run_config
-from matryoshka.data import DataConfig, build_dataset
+from matryoshka.data import DataConfig, DataConfigError, build_dataset
 from matryoshka.data.emoji_motion import MOTIONS, EmojiMotionDataset
 from matryoshka.diffusion import get_sampler
 from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.schedules import squaredcos
 from matryoshka.models import ModelConfig, NestedUNet
 from matryoshka.models.presets import tiny, tiny_video
-from matryoshka.models.temporal import fold_frames, is_temporal_parameter
+from matryoshka.models.temporal import fold_frames, frame_places, is_temporal_parameter
 from matryoshka.pipeline import load_pipeline
 from matryoshka.training.state import init_inner_from
 from matryoshka.utils.video import write_gif, write_mp4
@@ -37,8 +37,9 @@ def randomize(model: torch.nn.Module, seed: int = 0, only=lambda name: True) -> 
     return model
 
 
-def video_of(config: ModelConfig, frames: list[int], temporal: bool = True) -> ModelConfig:
-    return replace(config, levels=[replace(level, temporal=temporal) for level in config.levels], frames=frames)
+def video_of(config: ModelConfig, frames: list[int], temporal: bool = True, frame_embedding=False) -> ModelConfig:
+    levels = [replace(level, temporal=temporal, frame_embedding=frame_embedding) for level in config.levels]
+    return replace(config, levels=levels, frames=frames)
 
 
 def decoded(path: Path) -> np.ndarray:
@@ -96,9 +97,10 @@ def test_image_process_is_unchanged_by_the_video_options():
 # ----- the model ----------------------------------------------------------------------------
 
 
-def test_inflated_model_is_the_image_model_per_frame_exactly():
+@pytest.mark.parametrize("frame_embedding", [False, True])
+def test_inflated_model_is_the_image_model_per_frame_exactly(frame_embedding):
     image = randomize(NestedUNet(tiny(2)))
-    video = NestedUNet(video_of(tiny(2), [4, 4]))
+    video = NestedUNet(video_of(tiny(2), [4, 4], frame_embedding=frame_embedding))
     missing, unexpected = video.load_state_dict(image.state_dict(), strict=False)
     assert not unexpected and missing and all(is_temporal_parameter(name) for name in missing)
     generator = torch.Generator().manual_seed(1)
@@ -114,7 +116,7 @@ def test_inflated_model_is_the_image_model_per_frame_exactly():
 def test_an_image_is_a_one_frame_clip():
     """Joint image and video data: a video model given one-frame clips skips its temporal layers."""
     image = randomize(NestedUNet(tiny(2)))
-    video = randomize(NestedUNet(video_of(tiny(2), [2, 4])), seed=5)
+    video = randomize(NestedUNet(video_of(tiny(2), [2, 4], frame_embedding=True)), seed=5)
     video.load_state_dict(image.state_dict(), strict=False)  # temporal layers keep their (non-zero) values
     z = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 8, 8)]
     t = torch.tensor([1.0, 300.0, 999.0])
@@ -138,6 +140,21 @@ def test_temporal_layers_mix_frames_once_trained(temporal):
     assert not torch.equal(before[:, :, 3], after[:, :, 3])
     # Frame 0 sees frame 3 only through temporal layers; a spatial-only model keeps frames independent.
     assert torch.equal(before[:, :, 0], after[:, :, 0]) != temporal
+
+
+@pytest.mark.parametrize("frame_embedding", [False, True])
+def test_frame_embedding_tells_identical_frames_apart(frame_embedding):
+    """Spatial-only levels: identical frames give identical outputs unless the frame's place is embedded."""
+    model = randomize(NestedUNet(video_of(tiny(2), [2, 4], temporal=False, frame_embedding=frame_embedding)))
+    generator = torch.Generator().manual_seed(3)
+    z = [torch.randn(1, 3, 1, 16, 16, generator=generator).expand(-1, -1, 4, -1, -1)]
+    z.append(torch.randn(1, 3, 1, 8, 8, generator=generator).expand(-1, -1, 2, -1, -1))
+    with torch.no_grad():
+        out = model(z, torch.tensor([300.0]))
+    for level in out:
+        assert torch.equal(level[:, :, 0], level[:, :, 1]) != frame_embedding
+    # An inner frame has the place of the outer frame it was kept from (every 2nd here).
+    assert torch.equal(frame_places(2, torch.device("cpu")), frame_places(4, torch.device("cpu"))[::2])
 
 
 def test_subsampled_inner_frames_feed_their_outer_frames():
@@ -238,6 +255,18 @@ def test_emoji_motion_is_deterministic_and_captions_say_the_motion():
             assert np.abs(centre[-1] - centre[0]).max() < 1.5
             assert not torch.equal(item["image"][:, 0], item["image"][:, 1])
     assert motion_set(captions=False)[heart]["caption"] == ""
+
+
+def test_emoji_motion_sprites_picks_a_smaller_vocabulary_evenly():
+    full = EmojiMotionDataset(DataConfig(source="emoji-motion", resolution=16, frames=2))
+    few = EmojiMotionDataset(DataConfig(source="emoji-motion", resolution=16, frames=2, sprites=5))
+    assert len(few) == 5 * len(MOTIONS)
+    assert list(few.rows) == [full.rows[round(i * (len(full.rows) - 1) / 4)] for i in range(5)]
+    assert few.clip(len(MOTIONS))[1] == full.clip(int(np.searchsorted(full.rows, few.rows[1])) * len(MOTIONS))[1]
+    with pytest.raises(DataConfigError, match="sprites"):
+        DataConfig(source="emoji", sprites=5)
+    with pytest.raises(ValueError, match="only"):
+        EmojiMotionDataset(DataConfig(source="emoji-motion", resolution=16, frames=2, sprites=len(full.rows) + 1))
 
 
 def frames_with_levels(count: int, side: int = 24) -> np.ndarray:

@@ -77,8 +77,13 @@ def add_parsers(subparsers) -> None:
     )
     evaluate.add_argument(
         "--metrics",
-        help="comma-separated: fd (fid), kid, pr, temporal (video runs), clip (default fd,kid,pr, and temporal "
-        "for video runs)",
+        help="comma-separated: fd (fid), kid, pr, temporal (video runs), clip, fvd (video runs, needs "
+        "--i3d-weights) (default fd,kid,pr, and temporal for video runs)",
+    )
+    evaluate.add_argument(
+        "--i3d-weights",
+        metavar="PATH",
+        help="StyleGAN-V's i3d_torchscript.pt for --metrics fvd (checked by its git blob id; docs/video.md)",
     )
     _feature_arguments(evaluate)
     evaluate.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: the run's sample.sampler")
@@ -231,6 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=cache,
         ema=args.ema,
         inception_weights=args.inception_weights,
+        i3d_weights=args.i3d_weights,
         feature_batch_size=args.feature_batch_size,
         kid_subset_size=args.kid_subset_size,
         kid_subsets=args.kid_subsets,

@@ -41,6 +41,7 @@ _INTS = {
     "retries": 0,
     "num_classes": 0,
     "frames": 0,
+    "sprites": 0,
     "frame_stride": 1,
 }
 
@@ -98,6 +99,8 @@ class DataConfig:
     image_path: where ``image_source`` reads (as ``path``; not needed for "emoji").
     image_fraction: the share of each batch taken from ``image_source`` (round(fraction x batch) images,
         the rest clips); 0 without images.
+    sprites: "emoji-motion": use this many emoji, spread evenly over the named ones (a smaller
+        vocabulary: each sprite is seen more often, so motion is learnt sooner); 0: all of them.
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -126,6 +129,7 @@ class DataConfig:
     image_source: str | None = None
     image_path: str | None = None
     image_fraction: float = 0.0
+    sprites: int = 0
 
     def __post_init__(self) -> None:
         _need_choice("source", self.source, SOURCES)
@@ -175,6 +179,8 @@ class DataConfig:
                 f"'shards' (0: image members, F: video members as F-frame clips) (source {self.source!r}, frames "
                 f"{self.frames})",
             )
+        if self.sprites and self.source != "emoji-motion":
+            raise DataConfigError("sprites", f"only applies to source 'emoji-motion', not {self.source!r}")
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
         self._check_images()

@@ -96,6 +96,10 @@ class EmojiMotionDataset(ImageDataset):
         self.location = resource_paths(font_path, emoji_test_path)[0]
         self.table: EmojiTable = load_emoji_table(cfg.resolution, cfg.cache_dir, True, font_path, emoji_test_path)
         self.rows = np.nonzero(self.table.group >= 0)[0]
+        if cfg.sprites:
+            if cfg.sprites > len(self.rows):
+                raise ValueError(f"data.sprites={cfg.sprites}, but the emoji set has only {len(self.rows)} named emoji")
+            self.rows = self.rows[np.linspace(0, len(self.rows) - 1, cfg.sprites).round().astype(int)]
         self.items = np.arange(len(self.rows) * len(MOTIONS))
         self._finish_index()
 

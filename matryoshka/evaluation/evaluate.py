@@ -25,12 +25,13 @@ import torch
 
 from .errors import EvaluationError
 from .features import FeatureExtractor, build_feature_extractor, resolve_feature_name, uint8_to_images
+from .fvd import FVDMeter, I3DFeatures
 from .reference import ReferenceStats, compute_reference_stats, pick_subset
 from .sampling import SampleCache, generate_batches, level_sizes, resolve_settings
 from .stats import FeatureStats, frechet_distance, frechet_distance_to_samples, kernel_distance, precision_recall
 from .video import ClipLayout, TemporalStats, clip_layout, clip_rows, frames_of, level_name, video_summary
 
-METRICS = ("fd", "kid", "pr", "temporal", "clip")
+METRICS = ("fd", "kid", "pr", "temporal", "clip", "fvd")
 _ALIASES = {"fid": "fd", "precision": "pr", "recall": "pr", "precision_recall": "pr", "clip_score": "clip"}
 NEEDS_FEATURES = ("kid", "pr")
 """Metrics that need the reference's feature vectors, not only its mean and covariance."""
@@ -157,6 +158,7 @@ def run_evaluation(
     cache_dir: str | Path | None = None,
     ema: bool | None = None,
     inception_weights: str | Path | None = None,
+    i3d_weights: str | Path | None = None,
     device: str | torch.device | None = None,
     feature_batch_size: int = 64,
     kid_subset_size: int = 1000,
@@ -192,12 +194,23 @@ def run_evaluation(
         raise EvaluationError(f"precision/recall with k={pr_k} needs more than {pr_k} samples")
     sizes = level_sizes(pipeline)
     layout = clip_layout(pipeline)
-    if "temporal" in chosen and layout is None:
-        raise EvaluationError("the temporal measures need a video model (model.frames); this one makes images")
+    for metric in {"temporal", "fvd"} & set(chosen):
+        if layout is None:
+            raise EvaluationError(f"{metric} needs a video model (model.frames); this one makes images")
     frames = list(layout.level_frames) if layout else [0] * len(sizes)
     names_of = {size: level_name(size, count) for size, count in zip(sizes, frames)}
     device = torch.device(device) if device is not None else pipeline.device
-    measure = bool(set(chosen) - {"clip"})
+    measure = bool(set(chosen) - {"clip", "fvd"})
+    fvd = None
+    if "fvd" in chosen:
+        if i3d_weights is None:
+            raise EvaluationError(
+                "FVD needs the I3D network: pass --i3d-weights i3d_torchscript.pt (see docs/video.md)"
+            )
+        fvd = FVDMeter(I3DFeatures(i3d_weights, device), sizes, layout)
+        fvd.add_reference(
+            reference, pipeline.config.data.resolution, pipeline.config.data, max_reference_images, feature_batch_size
+        )
 
     extractor = None
     ref = None
@@ -280,6 +293,8 @@ def run_evaluation(
                     fake_kept[size].append(features[clip_rows(rows, per_sample)])
                 if "temporal" in chosen and size in fake_temporal:
                     fake_temporal[size].update(clips, features)
+            if fvd is not None:
+                fvd.add_generated(size, clips)
             if scorer is not None:
                 frame_texts = [text for text in texts for _ in range(per_sample)]
                 clip_sums[size] += float(scorer.scores(images, frame_texts).sum()) / per_sample
@@ -320,6 +335,8 @@ def run_evaluation(
         if scorer is not None:
             results[f"clip_score_{scorer.name}/{level}"] = clip_sums[size] / num
 
+    if fvd is not None:
+        results.update(fvd.results(names_of))
     report: dict[str, Any] = {
         "metrics": results,
         "feature": extractor.describe() if extractor is not None else None,
@@ -347,6 +364,8 @@ def run_evaluation(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **details,
     }
+    if fvd is not None:
+        report["fvd"] = fvd.network.describe()
     if scorer is not None:
         report["clip"] = {"model": scorer.name, "prompt": clip_prompt, "convention": "100 * max(cos, 0), mean"}
     reference_count = None if ref is None else min(ref.levels[s].count for s in sizes)

@@ -39,6 +39,10 @@ class LevelConfig:
     temporal: bool = False
     """Space-time level (video): a temporal convolution and temporal self-attention after every
     ResNet block (``temporal.py``); False keeps the level spatial-only (frames are independent)."""
+    frame_embedding: bool = False
+    """Video: add an embedding of each frame's place in the clip to the time embedding (zero at
+    initialisation), so the spatial layers know which frame they draw: "moving left" then says
+    where the sprite is in frame f without waiting for the temporal layers to carry it."""
 
     def __post_init__(self) -> None:
         if not self.channels:
@@ -124,8 +128,10 @@ class ModelConfig:
                 raise ValueError(f"frames needs one count per level (innermost first), got {self.frames}")
             if any(f < 1 for f in self.frames) or any(o % i for i, o in zip(self.frames, self.frames[1:])):
                 raise ValueError(f"frames must be >= 1, each a multiple of the level inside it; got {self.frames}")
-        elif any(level.temporal for level in self.levels):
-            raise ValueError("a temporal level needs model.frames (one frame count per level, innermost first)")
+        elif any(level.temporal or level.frame_embedding for level in self.levels):
+            raise ValueError(
+                "a temporal level or frame_embedding needs model.frames (one frame count per level, innermost first)"
+            )
         ratios = {level.downsampling for level in self.levels[1:]}
         if len(ratios) > 1:
             raise ValueError(

@@ -23,7 +23,7 @@ from torch import nn
 from .conditioning import Conditioning
 from .config import LevelConfig, ModelConfig
 from .layers import SinusoidalEmbedding, Stage, zero_init
-from .temporal import fold_frames, unfold_frames
+from .temporal import fold_frames, frame_places, unfold_frames
 
 
 @dataclass
@@ -59,6 +59,7 @@ class NestedUNet(nn.Module):
         self.cond_layers = nn.ModuleDict(
             {key: SinusoidalEmbedding(embed_dim, zero_output=True) for key in level.micro_conditioning}
         )
+        self.frame_emb = SinusoidalEmbedding(embed_dim, zero_output=True) if level.frame_embedding else None
         if self.is_innermost:
             self.lm_proj = (
                 nn.Linear(config.text_dim, config.text_proj_dim) if config.text_dim and config.text_proj_dim else None
@@ -212,6 +213,8 @@ class NestedUNet(nn.Module):
             level_t, level_context = t.repeat_interleave(frames), context.repeated(frames)
         rows = k * frames
         emb = self._time_embedding(level_t, level_context)[:rows]
+        if self.frame_emb is not None and frames > 1:  # frames of a sample are adjacent rows
+            emb = emb + self.frame_emb(frame_places(frames, emb.device)).repeat(k, 1)
         tokens = None if level_context.tokens is None else level_context.tokens[:rows]
         mask = None if level_context.mask is None else level_context.mask[:rows]
 

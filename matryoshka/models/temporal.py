@@ -95,6 +95,16 @@ class TemporalBlock(nn.Module):
         return self.attn(self.conv(x, frames), frames)
 
 
+def frame_places(frames: int, device: torch.device) -> torch.Tensor:
+    """(F,) each frame's place in its clip, index / F scaled to the time embedding's 0-1000 range.
+
+    Index / F (not / (F-1)) is the same for a frame at every level of the space-time pyramid:
+    inner frame k, kept from every s-th frame, is outer frame k*s of s*F frames.
+    """
+    return torch.arange(frames, device=device, dtype=torch.float32) * (1000.0 / frames)
+
+
 def is_temporal_parameter(name: str) -> bool:
     """Parameters an image model lacks: they keep their identity initialisation when inflating."""
-    return ".temporal." in f".{name}"
+    dotted = f".{name}"
+    return ".temporal." in dotted or ".frame_emb." in dotted
