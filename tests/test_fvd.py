@@ -56,7 +56,9 @@ def test_clips_reach_the_network_as_8_bit_values_stretched_to_16_frames(stand_in
     want = StandInI3D()(pixels, rescale=True).double().numpy()
     np.testing.assert_allclose(features, want, rtol=1e-6)
     # the 12 repeated frame pairs add no motion: motion is 3/15 of the 4-frame clip's
-    np.testing.assert_allclose(features[:, 6:], StandInI3D()(pixels[:, :, ::4], rescale=True)[:, 6:].numpy() * 3 / 15, rtol=1e-5)
+    np.testing.assert_allclose(
+        features[:, 6:], StandInI3D()(pixels[:, :, ::4], rescale=True)[:, 6:].numpy() * 3 / 15, rtol=1e-5
+    )
 
 
 def test_meter_gives_zero_for_the_reference_itself_and_the_frechet_distance_otherwise(stand_in):
