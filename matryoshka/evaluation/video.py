@@ -120,7 +120,7 @@ class TemporalStats:
 
 
 def video_summary(layout: ClipLayout, reference_clips: int | None) -> dict:
-    """The ``video`` section of a report: what a video run's numbers are (never FVD)."""
+    """The ``video`` section of a report: what the per-frame and temporal numbers are (FVD: ``fvd/<level>``)."""
     return {
         "clip_frames": layout.clip_frames,
         "level_frames": list(layout.level_frames),
