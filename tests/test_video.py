@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -366,6 +367,11 @@ def test_video_run_configs_are_checked():
     for preset in ("emoji-video", "emoji-video-text"):
         config = load_run_config(preset)
         assert config.model.frames == [4, 8] and config.data.frames == 8 and config.data.resolution == 32
+    # the preview prompts name sprites the preset trains on
+    dataset = EmojiMotionDataset(replace(config.data, resolution=16, frames=2))
+    names = {dataset.table.names[row] for row in dataset.rows}
+    motions = "|".join(MOTIONS)
+    assert all(re.fullmatch(f"(.+) ({motions})", p).group(1) in names for p in config.sample.prompts)
 
 
 def test_video_model_pools_like_the_process():
