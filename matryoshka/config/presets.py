@@ -18,7 +18,7 @@ from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConf
 STAGE1_MINUTES = 8.0
 """How long ``emoji64`` trains its 16² UNet alone before growing (or 4000 steps, if sooner)."""
 VIDEO_STAGE1_MINUTES = 36.0
-"""How long ``emoji-video`` trains its 4×8² level alone before growing (or 9000 steps, if sooner)."""
+"""How long ``emoji-video`` trains its 4-frame 8² level alone before growing (or 9000 steps, if sooner)."""
 
 
 def tiny() -> RunConfig:
@@ -146,7 +146,7 @@ EMOJI_VIDEO_PROMPTS = [  # sprites among emoji-video's 64
 
 def emoji_video() -> RunConfig:
     """CPU demo: unconditional 8 frames at 32² around 4 frames at 8² on 64 sprites of emoji-motion."""
-    # Progressive, like emoji64: the 4×8² level, where motion is decided, trains alone first
+    # Progressive, like emoji64: the 4-frame 8² level, where motion is decided, trains alone first
     # (~4 steps/s on 2 cores against ~0.6 nested), then the 32² level grows around it.
     # 64 sprites: each is seen in every motion many times within the hour (docs/video.md#results).
     return RunConfig(

@@ -180,7 +180,9 @@ class DataConfig:
                 f"{self.frames})",
             )
         if self.sprites and self.source != "emoji-motion":
-            raise DataConfigError("sprites", f"only applies to source 'emoji-motion', not {self.source!r}")
+            raise DataConfigError(
+                "sprites", f"only applies to source 'emoji-motion': set data.sprites=0 for source {self.source!r}"
+            )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
         self._check_images()

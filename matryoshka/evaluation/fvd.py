@@ -125,17 +125,18 @@ class FVDMeter:
 
     def add_reference(self, spec, resolution: int, run_data, max_clips: int | None, batch_size: int) -> None:
         """I3D statistics of the reference clips ``spec`` names (a folder of videos, ``emoji-motion``,
-        ``train``), a seeded subset of ``max_clips`` of them, pooled into the model's pyramid."""
-        from .reference import dataset_batches, pick_subset, reference_dataset
+        ``train``): a seeded subset of ``max_clips`` (a stream's first ones; None: all, or its first
+        epoch), pooled into the model's pyramid as the process pools them."""
+        from .reference import ReferenceStats, reference_batches, reference_dataset
 
-        if not isinstance(spec, str) or str(spec).endswith(".npz"):
+        if isinstance(spec, ReferenceStats) or str(spec).endswith(".npz"):
             raise EvaluationError(
                 "FVD needs reference clips (a folder of videos, 'emoji-motion' or 'train'), not statistics: "
                 "I3D features are not in `mdm eval-stats` files"
             )
-        dataset = reference_dataset(spec, resolution, run_data, self.layout)
-        indices = pick_subset(len(dataset), max_clips)
-        for levels in dataset_batches(dataset, indices, self.sizes, batch_size, layout=self.layout):
+        dataset = reference_dataset(str(spec), resolution, run_data, self.layout)
+        batches, _ = reference_batches(dataset, max_clips, self.sizes, batch_size, self.layout)
+        for levels in batches:
             for size, clips in zip(self.sizes, levels):
                 if size in self.real:
                     self.real[size].update(self.network(clips))

@@ -310,19 +310,12 @@ def compute_reference_stats(
         raise EvaluationError(f"levels {sizes} and frames per level {list(layout.level_frames)} differ in number")
     dataset = reference_dataset(spec, resolution, run_data, layout)
     streaming = getattr(dataset, "streaming", False)
+    if streaming and max_images is None and max_features is None:
+        raise EvaluationError("a stream has no length: give a number of reference images or of kept feature vectors")
+    batches, total = reference_batches(dataset, max_images, sizes, batch_size, layout, seed)
     if streaming:
-        if max_images is None and max_features is None:
-            raise EvaluationError(
-                "a stream has no length: give a number of reference images or of kept feature vectors"
-            )
         # the kept feature vectors: a seeded subset of max_images items, or the first max_features of the epoch
         total = max_images if max_images is not None else max_features
-        batches = stream_batches(dataset, max_images, sizes, batch_size, layout)
-    else:
-        indices = pick_subset(len(dataset), max_images, seed)
-        total = len(indices)
-        workers = getattr(getattr(dataset, "cfg", None), "num_workers", 0)
-        batches = dataset_batches(dataset, indices, sizes, batch_size, workers, layout)
     unit = "clip" if layout else "img"
     bar = tqdm(total=max_images if streaming else total, desc="reference features", unit=unit, disable=not progress)
     try:
@@ -335,6 +328,16 @@ def compute_reference_stats(
     count = stats.levels[sizes[0]].count // (layout.clip_frames if layout else 1)
     stats.meta.update({"images": count, "dataset_size": None if streaming else len(dataset)})
     return stats
+
+
+def reference_batches(dataset, max_images: int | None, sizes: Sequence[int], batch_size: int, layout, seed: int = 0):
+    """(batches of pooled levels, items at most) of a reference dataset: a seeded subset of
+    ``max_images`` items of an indexed set, or a stream's first ``max_images`` (None: its first epoch)."""
+    if getattr(dataset, "streaming", False):
+        return stream_batches(dataset, max_images, sizes, batch_size, layout), max_images
+    indices = pick_subset(len(dataset), max_images, seed)
+    workers = getattr(getattr(dataset, "cfg", None), "num_workers", 0)
+    return dataset_batches(dataset, indices, sizes, batch_size, workers, layout), len(indices)
 
 
 def stream_batches(dataset, max_images: int | None, sizes: Sequence[int], batch_size: int, layout):
