@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from matryoshka.cli.main import main
+from matryoshka.config.presets import load_run_config
 from matryoshka.evaluation import fvd as fvd_module
 from matryoshka.evaluation.errors import EvaluationError
 from matryoshka.evaluation.fvd import FVDMeter, I3DFeatures, git_blob_id, stretch_frames
@@ -62,29 +63,30 @@ def test_clips_reach_the_network_as_8_bit_values_stretched_to_16_frames(stand_in
 
 
 def test_meter_gives_zero_for_the_reference_itself_and_the_frechet_distance_otherwise(stand_in):
-    network = I3DFeatures(stand_in, expected_blob=git_blob_id(stand_in))
-    layout = ClipLayout(4, (4, 2))
-    meter = FVDMeter(network, [16, 8], layout)
-    meter.add_reference("emoji-motion", 16, None, max_clips=12, batch_size=5)
-    assert meter.real[16].count == meter.real[8].count == 12
     from matryoshka.data import DataConfig
     from matryoshka.data.emoji_motion import EmojiMotionDataset
     from matryoshka.evaluation.reference import dataset_batches, pick_subset
 
+    network = I3DFeatures(stand_in, expected_blob=git_blob_id(stand_in))
+    layout = ClipLayout(4, (4, 2))
     dataset = EmojiMotionDataset(DataConfig(source="emoji-motion", resolution=16, frames=4, shuffle=False))
-    indices = pick_subset(len(dataset), 12)
-    for levels in dataset_batches(dataset, indices, [16, 8], 12, layout=layout):
-        for size, clips in zip([16, 8], levels):
-            meter.add_generated(size, clips)
-            real = network(clips)
-    assert meter.results({16: "4x16x16", 8: "2x8x8"})["fvd/4x16x16"] == pytest.approx(0, abs=1e-6)
-    other = FVDMeter(network, [16, 8], layout)
-    other.real = meter.real
+    meter = FVDMeter(network, [16, 8], layout)
+    meter.add_reference(dataset, max_clips=12, batch_size=5)
+    assert meter.real[16].count == meter.real[8].count == 12
+    (top, inner), *_ = dataset_batches(dataset, pick_subset(len(dataset), 12), [16, 8], 12, layout=layout)
+    meter.add_generated(16, top)
+    meter.add_generated(8, inner)
+    names = {16: "4x16x16", 8: "2x8x8"}
+    assert meter.results(names) == pytest.approx({"fvd/4x16x16": 0, "fvd/2x8x8": 0}, abs=1e-6)
+    assert meter.describe(names)["clips"] == meter.describe(names)["reference_clips"] == {"4x16x16": 12, "2x8x8": 12}
+    assert meter.warnings() == []  # 12 clips on each side, 9 features
+
     noise = torch.rand(12, 3, 2, 8, 8) * 2 - 1
+    other = FVDMeter(network, [16, 8], layout)
+    other.real, other.generated[16] = meter.real, meter.generated[16]
     other.add_generated(8, noise)
-    other.generated[16] = meter.generated[16]
-    value = other.results({16: "a", 8: "b"})["fvd/b"]
-    assert value == pytest.approx(frechet_distance_of(real, network(noise)), rel=1e-6) and value > 0.1
+    value = other.results(names)["fvd/2x8x8"]
+    assert value == pytest.approx(frechet_distance_of(network(inner), network(noise)), rel=1e-6) and value > 0.1
 
 
 def test_mdm_eval_reports_fvd_at_every_video_level(tmp_path, stand_in, monkeypatch, capsys):
@@ -100,5 +102,10 @@ def test_mdm_eval_reports_fvd_at_every_video_level(tmp_path, stand_in, monkeypat
     assert set(report["metrics"]) == {"fvd/4x16x16", "fvd/2x8x8"}
     assert all(np.isfinite(v) and v > 0 for v in report["metrics"].values())
     assert report["fvd"]["name"] == "i3d" and report["fvd"]["frames"] == 16
+    assert report["fvd"]["clips"] == {"4x16x16": 4, "2x8x8": 4}
+    assert report["fvd"]["reference_clips"] == {"4x16x16": 8, "2x8x8": 8}
+    assert any("FVD from 4 clips" in warning for warning in report["warnings"])
     assert main(["eval", str(run), "--reference", "emoji-motion", "--metrics", "fvd", "--num", "2", "--no-cache"]) != 0
     assert "--i3d-weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fvd is not measured during training"):
+        load_run_config("tiny-video", ["eval.every=10", "eval.metrics=[fd,fvd]"])

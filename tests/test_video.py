@@ -148,12 +148,19 @@ def test_frame_embedding_tells_identical_frames_apart(frame_embedding):
     """Spatial-only levels: identical frames give identical outputs unless the frame's place is embedded."""
     model = randomize(NestedUNet(video_of(tiny(2), [2, 4], temporal=False, frame_embedding=frame_embedding)))
     generator = torch.Generator().manual_seed(3)
-    z = [torch.randn(1, 3, 1, 16, 16, generator=generator).expand(-1, -1, 4, -1, -1)]
-    z.append(torch.randn(1, 3, 1, 8, 8, generator=generator).expand(-1, -1, 2, -1, -1))
+    z = [torch.randn(2, 3, 1, 16, 16, generator=generator).expand(-1, -1, 4, -1, -1)]
+    z.append(torch.randn(2, 3, 1, 8, 8, generator=generator).expand(-1, -1, 2, -1, -1))
+    t = torch.tensor([300.0, 40.0])
     with torch.no_grad():
-        out = model(z, torch.tensor([300.0]))
+        out = model(z, t)
+        alone = model([level[1:] for level in z], t[1:])
+        top_for_first_only = model([z[0][:1], z[1]], t)  # mixed-resolution batch: top level for sample 0 only
     for level in out:
         assert torch.equal(level[:, :, 0], level[:, :, 1]) != frame_embedding
+    for got, want in zip(alone, out):  # each sample's frames get their own places, whatever the batch
+        torch.testing.assert_close(got, want[1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top_for_first_only[0], out[0][:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top_for_first_only[1], out[1], rtol=1e-5, atol=1e-6)
     # An inner frame has the place of the outer frame it was kept from (every 2nd here).
     assert torch.equal(frame_places(2, torch.device("cpu")), frame_places(4, torch.device("cpu"))[::2])
 
@@ -367,6 +374,8 @@ def test_video_run_configs_are_checked():
     for preset in ("emoji-video", "emoji-video-text"):
         config = load_run_config(preset)
         assert config.model.frames == [4, 8] and config.data.frames == 8 and config.data.resolution == 32
+        joint = load_run_config(preset, ["data.image_source=emoji", "data.image_fraction=0.25"]).data
+        assert joint.sprites == 64 and joint.image_config().sprites == 0  # the sprites are emoji-motion's
     # the preview prompts name sprites the preset trains on
     dataset = EmojiMotionDataset(replace(config.data, resolution=16, frames=2))
     names = {dataset.table.names[row] for row in dataset.rows}

@@ -235,6 +235,8 @@ class EvalConfig:
             raise ValueError("every must be >= 0, num >= 2 and batch_size >= 1")
         if self.max_reference is not None and self.max_reference < 2:
             raise ValueError("max_reference must be at least 2 (or null: all of the reference data)")
+        if "fvd" in self.metrics:
+            raise ValueError("eval.metrics: fvd is not measured during training; use `mdm eval --metrics fvd`")
 
 
 @dataclass

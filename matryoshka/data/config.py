@@ -222,6 +222,7 @@ class DataConfig:
             image_source=None,
             image_path=None,
             image_fraction=0.0,
+            sprites=0,
         )
 
 

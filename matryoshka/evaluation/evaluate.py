@@ -25,7 +25,7 @@ import torch
 
 from .errors import EvaluationError
 from .features import FeatureExtractor, build_feature_extractor, resolve_feature_name, uint8_to_images
-from .fvd import FVDMeter, I3DFeatures
+from .fvd import start_fvd
 from .reference import ReferenceStats, compute_reference_stats, pick_subset
 from .sampling import SampleCache, generate_batches, level_sizes, resolve_settings
 from .stats import FeatureStats, frechet_distance, frechet_distance_to_samples, kernel_distance, precision_recall
@@ -201,16 +201,6 @@ def run_evaluation(
     names_of = {size: level_name(size, count) for size, count in zip(sizes, frames)}
     device = torch.device(device) if device is not None else pipeline.device
     measure = bool(set(chosen) - {"clip", "fvd"})
-    fvd = None
-    if "fvd" in chosen:
-        if i3d_weights is None:
-            raise EvaluationError(
-                "FVD needs the I3D network: pass --i3d-weights i3d_torchscript.pt (see docs/video.md)"
-            )
-        fvd = FVDMeter(I3DFeatures(i3d_weights, device), sizes, layout)
-        fvd.add_reference(
-            reference, pipeline.config.data.resolution, pipeline.config.data, max_reference_images, feature_batch_size
-        )
 
     extractor = None
     ref = None
@@ -242,6 +232,11 @@ def run_evaluation(
                 "KID and precision/recall need the reference's feature vectors, which these statistics "
                 "do not hold: recompute them with `mdm eval-stats --max-features N` or use --metrics fd"
             )
+
+    fvd = None
+    if "fvd" in chosen:
+        batch = feature_batch_size
+        fvd = start_fvd(pipeline, reference, i3d_weights, sizes, layout, device, max_reference_images, batch)
 
     scorer, names = None, None
     if "clip" in chosen:
@@ -365,7 +360,7 @@ def run_evaluation(
         **details,
     }
     if fvd is not None:
-        report["fvd"] = fvd.network.describe()
+        report["fvd"] = fvd.describe(names_of)
     if scorer is not None:
         report["clip"] = {"model": scorer.name, "prompt": clip_prompt, "convention": "100 * max(cos, 0), mean"}
     reference_count = None if ref is None else min(ref.levels[s].count for s in sizes)
@@ -373,6 +368,8 @@ def run_evaluation(
         reference_count = None if ref is None else ref.levels[sizes[0]].temporal.clips
         report["video"] = video_summary(layout, reference_count)
     report["warnings"] = _sample_size_warnings(num, reference_count, measure, "clips" if layout else "images")
+    if fvd is not None:
+        report["warnings"] += fvd.warnings()
     return report
 
 
@@ -438,8 +435,8 @@ def format_table(report: dict[str, Any]) -> str:
     video = report.get("video")
     if video:
         lines.append(
-            f"video: clips of {video['level_frames']} frames per level; metrics per frame (not FVD); frame_diff, "
-            "frame_dist: generated clips, *_ref: reference clips (docs/video.md#evaluation)"
+            f"video: clips of {video['level_frames']} frames per level; fd/kid/pr/clip per frame (not FVD); "
+            "frame_diff, frame_dist: generated clips, *_ref: reference clips (docs/video.md#evaluation)"
         )
     lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n".join(lines)

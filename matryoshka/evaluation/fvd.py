@@ -77,9 +77,9 @@ class I3DFeatures:
                 f"{expected_blob}. FVD is only reported with that network; other networks' numbers would "
                 "not compare with published FVDs"
             )
-        # TorchScript holds no pickled Python: loading it runs no code from the file, and the id
-        # check above pins the file to the published one. PyTorch deprecates TorchScript, but the
-        # published I3D exists only in that form.
+        # TorchScript holds no pickled Python, but the network it defines runs when called: the id
+        # check above is the guard, pinning the file to the published one. PyTorch deprecates
+        # TorchScript, but the published I3D exists only in that form.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.network = torch.jit.load(str(path), map_location=torch.device(device)).eval()
@@ -101,8 +101,6 @@ class I3DFeatures:
             pixels = (batch + 1) * 127.5  # the 8-bit values, as StyleGAN-V feeds them
             features = self.network(pixels, rescale=True, resize=True, return_features=True)
             outputs.append(features.double().cpu())
-        if not outputs:
-            return np.zeros((0, 0))
         return torch.cat(outputs).numpy()
 
 
@@ -123,18 +121,12 @@ class FVDMeter:
         if size in self.levels:
             self.generated[size].update(self.network(clips))
 
-    def add_reference(self, spec, resolution: int, run_data, max_clips: int | None, batch_size: int) -> None:
-        """I3D statistics of the reference clips ``spec`` names (a folder of videos, ``emoji-motion``,
-        ``train``): a seeded subset of ``max_clips`` (a stream's first ones; None: all, or its first
-        epoch), pooled into the model's pyramid as the process pools them."""
-        from .reference import ReferenceStats, reference_batches, reference_dataset
+    def add_reference(self, dataset, max_clips: int | None, batch_size: int) -> None:
+        """I3D statistics of the reference clips of ``dataset``: a seeded subset of ``max_clips``
+        (a stream's first ones; None: all, or its first epoch), pooled into the model's pyramid
+        as the process pools them."""
+        from .reference import reference_batches
 
-        if isinstance(spec, ReferenceStats) or str(spec).endswith(".npz"):
-            raise EvaluationError(
-                "FVD needs reference clips (a folder of videos, 'emoji-motion' or 'train'), not statistics: "
-                "I3D features are not in `mdm eval-stats` files"
-            )
-        dataset = reference_dataset(str(spec), resolution, run_data, self.layout)
         batches, _ = reference_batches(dataset, max_clips, self.sizes, batch_size, self.layout)
         for levels in batches:
             for size, clips in zip(self.sizes, levels):
@@ -148,3 +140,34 @@ class FVDMeter:
             )
             for size in self.levels
         }
+
+    def describe(self, name_of) -> dict:
+        clips = {name_of[size]: self.generated[size].count for size in self.levels}
+        reference = {name_of[size]: self.real[size].count for size in self.levels}
+        return {**self.network.describe(), "clips": clips, "reference_clips": reference}
+
+    def warnings(self) -> list[str]:
+        """Fewer clips than feature dimensions on a side leave its covariance singular: FVD is then biased."""
+        fewest = min(stats.count for stats in (*self.generated.values(), *self.real.values()))
+        dim = next(iter(self.real.values())).dim
+        if fewest <= dim:
+            return [f"FVD from {fewest} clips on a side, not more than the {dim} I3D features: biased and noisy"]
+        return []
+
+
+def start_fvd(pipeline, reference, weights, sizes, layout, device, max_clips: int | None, batch_size: int) -> FVDMeter:
+    """An :class:`FVDMeter` for ``pipeline`` holding the reference clips' statistics (``mdm eval --metrics fvd``)."""
+    from .reference import ReferenceStats, reference_dataset
+
+    if weights is None:
+        raise EvaluationError("FVD needs the I3D network: pass --i3d-weights i3d_torchscript.pt (docs/video.md)")
+    if isinstance(reference, ReferenceStats) or str(reference).endswith(".npz"):
+        raise EvaluationError(
+            "FVD needs reference clips (a folder of videos, 'emoji-motion' or 'train'), not statistics: "
+            "I3D features are not in `mdm eval-stats` files"
+        )
+    data = pipeline.config.data
+    dataset = reference_dataset(str(reference), data.resolution, data, layout)
+    meter = FVDMeter(I3DFeatures(weights, device, batch_size), sizes, layout)
+    meter.add_reference(dataset, max_clips, batch_size)
+    return meter

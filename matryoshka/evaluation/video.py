@@ -14,8 +14,7 @@ pyramid, and the temporal measures (docs/video.md#evaluation).
     ``1 - cos(phi(x[f+1]), phi(x[f]))``, phi the feature network (a change of content rather
     than of pixels).
 
-Neither is FVD, which needs the I3D video network: its weights are not available offline, so
-FVD is not computed at all.
+Neither is FVD, which needs the I3D video network from a file the user supplies (:mod:`.fvd`).
 """
 
 from __future__ import annotations
@@ -138,8 +137,11 @@ def reference_clip_config(spec: str, resolution: int, layout: ClipLayout, run_da
 
     if spec == "train":
         return dataclasses.replace(run_data, resolution=resolution, hflip=False, crop="center", shuffle=False)
-    if spec == "emoji-motion":
-        return DataConfig(source="emoji-motion", resolution=resolution, frames=layout.clip_frames, shuffle=False)
+    if spec == "emoji-motion":  # the sprites a run trained on, if it trained on emoji-motion
+        sprites = run_data.sprites if run_data is not None and run_data.source == "emoji-motion" else 0
+        return DataConfig(
+            source="emoji-motion", resolution=resolution, frames=layout.clip_frames, shuffle=False, sprites=sprites
+        )
     if spec == "emoji":
         raise EvaluationError(
             "reference 'emoji' holds images; a video model is measured against clips: 'emoji-motion', 'train', "
