@@ -271,6 +271,12 @@ def test_emoji_motion_sprites_picks_a_smaller_vocabulary_evenly():
     assert len(few) == 5 * len(MOTIONS)
     assert list(few.rows) == [full.rows[round(i * (len(full.rows) - 1) / 4)] for i in range(5)]
     assert few.clip(len(MOTIONS))[1] == full.clip(int(np.searchsorted(full.rows, few.rows[1])) * len(MOTIONS))[1]
+    # `--reference emoji-motion` for such a run reads its sprites only
+    from matryoshka.evaluation.reference import reference_dataset
+    from matryoshka.evaluation.video import ClipLayout
+
+    reference = reference_dataset("emoji-motion", 16, few.cfg, ClipLayout(2, (2,)))
+    assert len(reference) == 5 * len(MOTIONS) and list(reference.rows) == list(few.rows)
     with pytest.raises(DataConfigError, match="sprites"):
         DataConfig(source="emoji", sprites=5)
     with pytest.raises(ValueError, match="only"):

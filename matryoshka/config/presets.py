@@ -168,7 +168,7 @@ def emoji_video() -> RunConfig:
 
 
 def emoji_video_text() -> RunConfig:
-    """``emoji-video`` conditioned on captions ("cat face growing") through MiniLM (offline)."""
+    """``emoji-video`` conditioned on captions ("bear moving right") through MiniLM (offline)."""
     base = emoji_video()
     return replace(
         base,

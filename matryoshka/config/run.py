@@ -324,7 +324,9 @@ class RunConfig:
         if self.text.encoder != "none" and not self.data.captions:
             raise ValueError("text.encoder needs captions: set data.captions=true")
         if self.stages and self.train.strategy == "fsdp":
-            raise ValueError("train.strategy=fsdp does not support progressive stages yet; use train.strategy=ddp")
+            raise ValueError(
+                "train.strategy=fsdp does not support progressive stages yet; use train.strategy=ddp or stages=[]"
+            )
         if self.stages:
             if any(stage.steps is None for stage in self.stages[:-1]):
                 raise ValueError("every stage but the last needs its steps (the last one may run until train.steps)")
