@@ -158,7 +158,9 @@ def test_video_evaluation_explains_bad_inputs(video_setup, capsys, tmp_path):
     assert mdm("eval", image_run, "--reference", "emoji-motion", "--metrics", "fd", *common) == 2
     assert "measures video models only" in capsys.readouterr().err
     assert mdm("eval", image_run, "--reference", image_stats, "--metrics", "temporal", *common) == 2
-    assert "need a video model" in capsys.readouterr().err
+    assert "temporal needs a video model" in capsys.readouterr().err
+    assert mdm("eval", image_run, "--reference", tmp_path / "images", "--metrics", "fvd", *common) == 2
+    assert "fvd needs a video model" in capsys.readouterr().err
     assert mdm("eval", run, "--reference", "emoji", "--metrics", "fd", *common) == 2
     assert "reference 'emoji' holds images" in capsys.readouterr().err
     assert mdm("eval-stats", "emoji-motion", "--run", run, "--out", tmp_path / "x.npz", "--levels", "16") == 2

@@ -113,7 +113,7 @@ def emoji_video() -> ModelConfig:
 
     Where a clip moves is decided at the coarsest level, so that level is small and cheap: 4
     frames at 8² train at ~33 clips/s on 2 cores, and learn which way a prompt moves its sprite
-    within minutes (docs/video.md#results); the outer level adds detail at 32² and also mixes
+    in about 15 minutes (docs/video.md#results); the outer level adds detail at 32² and mixes
     frames, refining the upsampled inner clip.
     """
     inner = LevelConfig(
