@@ -194,8 +194,8 @@ def run_evaluation(
         raise EvaluationError(f"precision/recall with k={pr_k} needs more than {pr_k} samples")
     sizes = level_sizes(pipeline)
     layout = clip_layout(pipeline)
-    for metric in {"temporal", "fvd"} & set(chosen):
-        if layout is None:
+    for metric in ("temporal", "fvd"):
+        if metric in chosen and layout is None:
             raise EvaluationError(f"{metric} needs a video model (model.frames); this one makes images")
     frames = list(layout.level_frames) if layout else [0] * len(sizes)
     names_of = {size: level_name(size, count) for size, count in zip(sizes, frames)}

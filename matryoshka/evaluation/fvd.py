@@ -111,14 +111,14 @@ class FVDMeter:
         self.network = network
         self.layout = layout
         self.sizes = list(sizes)
-        self.levels = {size: count for size, count in zip(sizes, layout.level_frames) if count > 1}
-        if not self.levels:
+        self.frames = {size: count for size, count in zip(sizes, layout.level_frames) if count > 1}
+        if not self.frames:
             raise EvaluationError("FVD needs clips of more than one frame; every level of this model has one")
-        self.generated = {size: FeatureStats() for size in self.levels}
-        self.real = {size: FeatureStats() for size in self.levels}
+        self.generated = {size: FeatureStats() for size in self.frames}
+        self.real = {size: FeatureStats() for size in self.frames}
 
     def add_generated(self, size: int, clips: Tensor) -> None:
-        if size in self.levels:
+        if size in self.frames:
             self.generated[size].update(self.network(clips))
 
     def add_reference(self, dataset, max_clips: int | None, batch_size: int) -> None:
@@ -138,13 +138,19 @@ class FVDMeter:
             f"fvd/{name_of[size]}": frechet_distance(
                 self.real[size].mean, self.real[size].cov, self.generated[size].mean, self.generated[size].cov
             )
-            for size in self.levels
+            for size in self.frames
         }
 
     def describe(self, name_of) -> dict:
-        clips = {name_of[size]: self.generated[size].count for size in self.levels}
-        reference = {name_of[size]: self.real[size].count for size in self.levels}
-        return {**self.network.describe(), "clips": clips, "reference_clips": reference}
+        clips = {name_of[size]: self.generated[size].count for size in self.frames}
+        reference = {name_of[size]: self.real[size].count for size in self.frames}
+        stretched = {name_of[size]: count for size, count in self.frames.items() if count < FVD_FRAMES}
+        return {
+            **self.network.describe(),
+            "clips": clips,
+            "reference_clips": reference,
+            "stretched_from_frames": stretched,  # levels whose clips were repeated to FVD_FRAMES
+        }
 
     def warnings(self) -> list[str]:
         """Fewer clips than feature dimensions on a side leave its covariance singular: FVD is then biased."""
