@@ -148,10 +148,11 @@ def test_loss_targets(prediction, target):
     torch.testing.assert_close(loss, ((pred - true) ** 2).mean(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("floor", [0.0, 1.0])
 @pytest.mark.parametrize("target", ["eps", "x0", "v"])
-def test_min_snr_loss_is_the_same_x0_loss_in_every_target(target):
-    # Min-SNR-gamma is min(SNR, gamma) * |x0_hat - x0|^2 whatever the regression target.
-    p = make(1, prediction="v", loss_target=target, loss_weighting="min_snr", min_snr_gamma=5.0)
+def test_min_snr_loss_is_the_same_x0_loss_in_every_target(target, floor):
+    # Min-SNR-gamma is clamp(SNR, floor, gamma) * |x0_hat - x0|^2 whatever the regression target.
+    p = make(1, prediction="v", loss_target=target, loss_weighting="min_snr", min_snr_gamma=5.0, min_snr_floor=floor)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 4, 4, generator=gen)
     eps = torch.randn(x.shape, generator=gen)
@@ -163,9 +164,9 @@ def test_min_snr_loss_is_the_same_x0_loss_in_every_target(target):
     x0_hat = a * z - s * (0.3 * z)
     snr = (a / s).pow(2).flatten()
     per_sample = (x0_hat - x).pow(2).flatten(1).mean(1)
-    expected = (snr.clamp(max=5.0) * per_sample).mean()
+    expected = (snr.clamp(min=floor, max=5.0) * per_sample).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
-    assert float(snr[0]) > 5 > float(snr[-1])  # both sides of the clamp are exercised
+    assert float(snr[0]) > 5 > 1 > float(snr[-1])  # every side of the clamp is exercised
 
 
 def test_min_snr_uses_each_levels_shifted_snr():
@@ -177,6 +178,8 @@ def test_min_snr_uses_each_levels_shifted_snr():
         torch.testing.assert_close(loss_weight("eps", snr.log(), "min_snr", 1.0), expected)
     with pytest.raises(ValueError, match="min_snr"):
         make(1, loss_weighting="p2")
+    with pytest.raises(ValueError, match="min_snr_floor"):
+        make(1, loss_weighting="min_snr", min_snr_gamma=1.0, min_snr_floor=2.0)
 
 
 def test_mixed_ratio_loss_matches_hand_computation():

@@ -41,6 +41,8 @@ class DiffusionConfig:
     loss_weighting: Literal["none", "min_snr"] = "none"
     """Per-sample loss weight: none (ml-mdm) or min-SNR-gamma (Hang et al. 2023), per level."""
     min_snr_gamma: float = 5.0
+    min_snr_floor: float = 0.0
+    """With min_snr: the x0 error's weight is clamp(SNR, floor, gamma); 1 keeps the noisy end trained."""
     upsampled_residual: bool = False
     """Outer levels predict a correction to the upsampled x0 estimate of the level below."""
     level_loss_weights: list[float] = field(default_factory=list)
@@ -61,6 +63,8 @@ class DiffusionConfig:
             raise ValueError("level_loss_weights must be non-negative")
         if self.min_snr_gamma <= 0:
             raise ValueError("min_snr_gamma must be positive")
+        if not 0 <= self.min_snr_floor <= self.min_snr_gamma:
+            raise ValueError("min_snr_floor must be in [0, min_snr_gamma]")
 
 
 @dataclass

@@ -91,20 +91,22 @@ def prediction_target(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: 
     return v_from_x0_eps(x0, eps, alpha, sigma)
 
 
-def loss_weight(kind: str, log_snr: Tensor, weighting: LossWeighting, gamma: float) -> Tensor:
+def loss_weight(kind: str, log_snr: Tensor, weighting: LossWeighting, gamma: float, floor: float = 0.0) -> Tensor:
     """Per-sample factor on a loss taken in parameterisation ``kind``.
 
     An MSE on eps is SNR times the MSE on x0, one on v is (SNR + 1) times it. Min-SNR-gamma
     (Hang et al. 2023, Eq. 9) weights the x0 error by min(SNR, gamma), so the factor on a
     ``kind`` loss is min(SNR, gamma) / that multiplier: nearly clean samples stop dominating
-    the gradient, which makes early training learn the coarse content first.
+    the gradient. ``floor`` > 0 weights the x0 error by clamp(SNR, floor, gamma) instead:
+    floor 1 is Salimans & Ho's (2022, §4) truncated-SNR weighting at the noisy end, where
+    min-SNR's weight SNR -> 0 leaves the layout, which the first sampler steps decide, untrained.
     """
     if weighting == "none":
         return torch.ones_like(log_snr)
     if weighting != "min_snr":
         raise ValueError(f"unknown loss weighting {weighting!r}; valid: none, min_snr")
     snr = log_snr.exp()
-    clipped = snr.clamp(max=gamma)
+    clipped = snr.clamp(min=floor, max=gamma)
     if kind == "x0":
         return clipped
     if kind == "eps":
@@ -142,6 +144,7 @@ class MatryoshkaDiffusion:
             level is computed (paper §3.3 mixed-resolution batches).
         loss_weighting: "none" (ml-mdm) or "min_snr" (each level by its own shifted SNR).
         min_snr_gamma: gamma of the min-SNR weighting.
+        min_snr_floor: lower bound of min-SNR's x0 weight (see ``loss_weight``).
         upsampled_residual: each outer level's output is read as a correction to the next
             lower level's x0 estimate upsampled (see ``network_output``).
         frames: None for images, else the frame count of every level, highest first, for
@@ -162,6 +165,7 @@ class MatryoshkaDiffusion:
         mixed_ratio: float | None = None,
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
+        min_snr_floor: float = 0.0,
         upsampled_residual: bool = False,
         frames: Sequence[int] | None = None,
         temporal_shift: bool = False,
@@ -197,6 +201,9 @@ class MatryoshkaDiffusion:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
         self.loss_weighting: LossWeighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
+        if not 0 <= min_snr_floor <= min_snr_gamma:
+            raise ValueError(f"min_snr_floor must be in [0, min_snr_gamma={min_snr_gamma}], got {min_snr_floor}")
+        self.min_snr_floor = float(min_snr_floor)
         self.upsampled_residual = upsampled_residual
         self._level_schedules = tuple(
             schedule.shifted(self.shift_ratio(i), self.shift_power) for i in range(num_levels)
@@ -405,6 +412,7 @@ class MatryoshkaDiffusion:
                 self.schedule_for_level(level).log_snr(t[:n]).float(),
                 self.loss_weighting,
                 self.min_snr_gamma,
+                self.min_snr_floor,
             )
             level_loss = (weight * (pred_t - target).pow(2).flatten(1).mean(1)).mean()
             logs[f"loss/{level_name(pred)}"] = level_loss.detach()
