@@ -45,8 +45,11 @@ ROUND1_RECIPE = [
     "diffusion.logsnr_shift=0",
     "diffusion.shift_power=1",
     "stages=[{levels: 1, steps: 4000, minutes: 8}, {levels: 2, batch_size: 16}]",
+    "diffusion.residual_upsampling=bicubic",
 ]
-ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "round1": ROUND1_RECIPE, "new": []}
+# The second round (sessions 4-6): the outer level refined the bicubically upsampled inner image.
+ROUND2_RECIPE = ["diffusion.residual_upsampling=bicubic"]
+ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "round1": ROUND1_RECIPE, "round2": ROUND2_RECIPE, "new": []}
 
 
 def run(command: list[str], env: dict[str, str], log: Path) -> None:

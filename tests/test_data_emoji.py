@@ -85,6 +85,17 @@ def test_subgroup_labels_unnamed_and_hflip(group_ds, cache_dir):
     assert full.table.stats["bitmaps"] == len(full)
 
 
+def test_sprites_trains_on_a_smaller_vocabulary_spread_evenly(group_ds, cache_dir):
+    few = EmojiDataset(DataConfig(label="group", cache_dir=cache_dir, sprites=5, captions=True))
+    assert len(few) == 5
+    picked = [round(i * (len(group_ds) - 1) / 4) for i in range(5)]
+    for i, j in enumerate(picked):
+        assert torch.equal(few[i]["image"], group_ds[j]["image"])
+        assert few[i]["label"] == group_ds[j]["label"] and few[i]["caption"] == group_ds.name(j)
+    with pytest.raises(ValueError, match="only"):
+        EmojiDataset(DataConfig(cache_dir=cache_dir, sprites=len(group_ds) + 1))
+
+
 def test_missing_resources_error():
     with pytest.raises(EmojiResourceError) as info:
         EmojiDataset(DataConfig(), font_path="/nonexistent/NotoColorEmoji.ttf")

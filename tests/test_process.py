@@ -274,10 +274,11 @@ def test_bad_arguments():
         p.loss(lambda z, t, c: z[:1], torch.zeros(2, 1, 4, 4))
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_upsampled_residual_makes_a_zero_output_copy_the_level_below(prediction):
+def test_upsampled_residual_makes_a_zero_output_copy_the_level_below(prediction, mode):
     # x0 of the top level = upsampled clipped x0 of the level below + (x0(r) - x0(0)).
-    p = make(2, prediction=prediction, upsampled_residual=True)
+    p = make(2, prediction=prediction, upsampled_residual=True, residual_upsampling=mode)
     gen = torch.Generator().manual_seed(5)
     z = [torch.randn(3, 3, 8, 8, generator=gen), torch.randn(3, 3, 2, 2, generator=gen)]
     t = torch.tensor([10, 400, 900])
@@ -286,17 +287,19 @@ def test_upsampled_residual_makes_a_zero_output_copy_the_level_below(prediction)
     low_x0 = convert_prediction(torch.zeros_like(z[1]), prediction, "x0", z[1], a, s)
     a, s = p.coefficients(0, t, z[0])
     top_x0 = convert_prediction(zero[0], prediction, "x0", z[0], a, s)
-    expected = F.interpolate(low_x0.clamp(-1, 1), scale_factor=4, mode="bicubic").clamp(-1, 1)
+    expected = F.interpolate(low_x0.clamp(-1, 1), scale_factor=4, mode=mode).clamp(-1, 1)
     torch.testing.assert_close(top_x0, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(zero[1], torch.zeros_like(z[1]))  # the innermost level is untouched
     # A non-zero output r: x0 = upsampled x0 of the level below (from its own r) + x0(r) - x0(0).
     out = p.network_output(Recorder(0.5), z, t, None)
     a1, s1 = p.coefficients(1, t, z[1])
     low = convert_prediction(0.5 * z[1], prediction, "x0", z[1], a1, s1)
-    base = F.interpolate(low.clamp(-1, 1), scale_factor=4, mode="bicubic").clamp(-1, 1)
+    base = F.interpolate(low.clamp(-1, 1), scale_factor=4, mode=mode).clamp(-1, 1)
     delta = convert_prediction(0.5 * z[0], prediction, "x0", z[0], a, s) - convert_prediction(
         0 * z[0], prediction, "x0", z[0], a, s
     )
     torch.testing.assert_close(
         convert_prediction(out[0], prediction, "x0", z[0], a, s), base + delta, rtol=1e-3, atol=2e-4
     )
+    with pytest.raises(ValueError, match="residual_upsampling"):
+        make(2, upsampled_residual=True, residual_upsampling="nearest")

@@ -279,7 +279,7 @@ def test_emoji_motion_sprites_picks_a_smaller_vocabulary_evenly():
     reference = reference_dataset("emoji-motion", 16, few.cfg, ClipLayout(2, (2,)))
     assert len(reference) == 5 * len(MOTIONS) and list(reference.rows) == list(few.rows)
     with pytest.raises(DataConfigError, match="sprites"):
-        DataConfig(source="emoji", sprites=5)
+        DataConfig(source="imagefolder", path="x", sprites=5)
     with pytest.raises(ValueError, match="only"):
         EmojiMotionDataset(DataConfig(source="emoji-motion", resolution=16, frames=2, sprites=len(full.rows) + 1))
 

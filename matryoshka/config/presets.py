@@ -36,13 +36,17 @@ def emoji64() -> RunConfig:
     """Default: unconditional 64² nested around 16² on the built-in emoji, the fast CPU recipe."""
     # Each choice is measured in docs/benchmarks.md#learning-fast-on-a-cpu: progressive training
     # (the 16² UNet alone first, for at most STAGE1_MINUTES, in batches of 8 for more updates per
-    # minute), min-SNR weighting, an outer level that refines the upsampled inner image, and
-    # simple diffusion's schedule shift: +2 ln 4 at the 16² level, none at the 64² one.
+    # minute), min-SNR weighting, an outer level that refines the (bilinearly) upsampled inner
+    # image, and simple diffusion's schedule shift: +2 ln 4 at the 16² level, none at the 64² one.
     return RunConfig(
         run_dir="runs/emoji64",
         model=emoji64_model(2),
         diffusion=DiffusionConfig(
-            loss_weighting="min_snr", upsampled_residual=True, logsnr_shift=2 * math.log(4), shift_power=2.0
+            loss_weighting="min_snr",
+            upsampled_residual=True,
+            residual_upsampling="bilinear",
+            logsnr_shift=2 * math.log(4),
+            shift_power=2.0,
         ),
         data=DataConfig(resolution=64),
         train=TrainConfig(

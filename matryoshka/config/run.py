@@ -45,6 +45,8 @@ class DiffusionConfig:
     """With min_snr: the x0 error's weight is clamp(SNR, floor, gamma); 1 keeps the noisy end trained."""
     upsampled_residual: bool = False
     """Outer levels predict a correction to the upsampled x0 estimate of the level below."""
+    residual_upsampling: Literal["bicubic", "bilinear"] = "bicubic"
+    """How ``upsampled_residual`` upsamples that estimate (bilinear overshoots less at hard edges)."""
     level_loss_weights: list[float] = field(default_factory=list)
     """Loss weight per level, innermost (lowest resolution) first like ``model.levels``; empty: all 1."""
     loss_on_all_levels: bool = True

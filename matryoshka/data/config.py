@@ -99,8 +99,8 @@ class DataConfig:
     image_path: where ``image_source`` reads (as ``path``; not needed for "emoji").
     image_fraction: the share of each batch taken from ``image_source`` (round(fraction x batch) images,
         the rest clips); 0 without images.
-    sprites: "emoji-motion": use this many emoji, spread evenly over the named ones (a smaller
-        vocabulary: each sprite is seen more often, so motion is learnt sooner); 0: all of them.
+    sprites: "emoji" and "emoji-motion": use this many emoji, spread evenly over the named ones (a
+        smaller vocabulary: each emoji is seen more often, so it is learnt sooner); 0: all of them.
     emoji_keep_unnamed: keep the font bitmaps that have no emoji-test.txt name
         (regional indicators, keycap parts, internal glyphs); they get label -1
         and an empty caption.
@@ -179,9 +179,10 @@ class DataConfig:
                 f"'shards' (0: image members, F: video members as F-frame clips) (source {self.source!r}, frames "
                 f"{self.frames})",
             )
-        if self.sprites and self.source != "emoji-motion":
+        if self.sprites and self.source not in ("emoji", "emoji-motion"):
             raise DataConfigError(
-                "sprites", f"only applies to source 'emoji-motion': set data.sprites=0 for source {self.source!r}"
+                "sprites",
+                f"only applies to the sources 'emoji' and 'emoji-motion': set data.sprites=0 for source {self.source!r}",
             )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")

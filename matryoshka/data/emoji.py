@@ -24,7 +24,7 @@ from .emoji_font import (
     parse_emoji_test,
     resource_paths,
 )
-from .emoji_table import EmojiTable, build_emoji_table, default_cache_dir, load_emoji_table
+from .emoji_table import EmojiTable, build_emoji_table, default_cache_dir, load_emoji_table, spread_evenly
 from .images import uint8_to_tensor
 
 __all__ = [
@@ -67,7 +67,7 @@ class EmojiDataset(ImageDataset):
         self.table = load_emoji_table(cfg.resolution, cfg.cache_dir, True, font_path, emoji_test_path)
         t = self.table
         keep = np.arange(len(t.glyphs)) if cfg.emoji_keep_unnamed else np.nonzero(t.group >= 0)[0]
-        self.items = keep.astype(np.int64)
+        self.items = spread_evenly(keep.astype(np.int64), cfg.sprites)
         if cfg.label == "group":
             self.class_names = list(t.group_names)
             self._labels = t.group

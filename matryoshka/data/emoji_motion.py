@@ -21,7 +21,7 @@ from PIL import Image
 from .base import ImageDataset
 from .config import DataConfig
 from .emoji_font import resource_paths
-from .emoji_table import EmojiTable, load_emoji_table
+from .emoji_table import EmojiTable, load_emoji_table, spread_evenly
 from .images import uint8_to_tensor
 
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "bouncing", "rotating", "growing")
@@ -95,11 +95,7 @@ class EmojiMotionDataset(ImageDataset):
         super().__init__(cfg)
         self.location = resource_paths(font_path, emoji_test_path)[0]
         self.table: EmojiTable = load_emoji_table(cfg.resolution, cfg.cache_dir, True, font_path, emoji_test_path)
-        self.rows = np.nonzero(self.table.group >= 0)[0]
-        if cfg.sprites:
-            if cfg.sprites > len(self.rows):
-                raise ValueError(f"data.sprites={cfg.sprites}, but the emoji set has only {len(self.rows)} named emoji")
-            self.rows = self.rows[np.linspace(0, len(self.rows) - 1, cfg.sprites).round().astype(int)]
+        self.rows = spread_evenly(np.nonzero(self.table.group >= 0)[0], cfg.sprites)
         self.items = np.arange(len(self.rows) * len(MOTIONS))
         self._finish_index()
 

@@ -63,6 +63,15 @@ class EmojiTable:
         return int((self.group >= 0).sum())
 
 
+def spread_evenly(rows: np.ndarray, count: int) -> np.ndarray:
+    """``count`` of ``rows`` spread evenly over them (``data.sprites``: a smaller emoji vocabulary); 0: all."""
+    if not count:
+        return rows
+    if count > len(rows):
+        raise ValueError(f"data.sprites={count}, but the emoji set has only {len(rows)} named emoji")
+    return rows[np.linspace(0, len(rows) - 1, count).round().astype(int)]
+
+
 def _bitmap_to_square(png: bytes, resolution: int) -> np.ndarray:
     im = Image.open(io.BytesIO(png))
     im.load()

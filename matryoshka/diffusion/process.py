@@ -147,6 +147,7 @@ class MatryoshkaDiffusion:
         min_snr_floor: lower bound of min-SNR's x0 weight (see ``loss_weight``).
         upsampled_residual: each outer level's output is read as a correction to the next
             lower level's x0 estimate upsampled (see ``network_output``).
+        residual_upsampling: how that estimate is upsampled, "bicubic" or "bilinear".
         frames: None for images, else the frame count of every level, highest first, for
             clips (B, C, F, H, W) (the space-time pyramid of ``spacetime``).
         temporal_shift: count frames in the resolution shift (``spacetime.shift_ratio``).
@@ -167,6 +168,7 @@ class MatryoshkaDiffusion:
         min_snr_gamma: float = 5.0,
         min_snr_floor: float = 0.0,
         upsampled_residual: bool = False,
+        residual_upsampling: str = "bicubic",
         frames: Sequence[int] | None = None,
         temporal_shift: bool = False,
     ) -> None:
@@ -205,6 +207,9 @@ class MatryoshkaDiffusion:
             raise ValueError(f"min_snr_floor must be in [0, min_snr_gamma={min_snr_gamma}], got {min_snr_floor}")
         self.min_snr_floor = float(min_snr_floor)
         self.upsampled_residual = upsampled_residual
+        if residual_upsampling not in ("bicubic", "bilinear"):
+            raise ValueError(f"unknown residual_upsampling {residual_upsampling!r}; valid: bicubic, bilinear")
+        self.residual_upsampling = residual_upsampling
         self._level_schedules = tuple(
             schedule.shifted(self.shift_ratio(i), self.shift_power) for i in range(num_levels)
         )
@@ -317,7 +322,7 @@ class MatryoshkaDiffusion:
         """The model's predictions at integer times t (B,), in the process's parameterisation.
 
         With ``upsampled_residual`` each outer level's raw output r is shifted by the
-        prediction that the (clipped, bicubically upsampled) x0 estimate b of the level below
+        prediction that the (clipped, upsampled) x0 estimate b of the level below
         would have at this z, so its x0 is b + (x0(r) - x0(0)): a zero output reproduces the
         lower level, and the outer network only learns the detail it adds (ml-mdm has this
         idea as its "residual" option, which divides b by the side ratio; we do not).
@@ -330,7 +335,9 @@ class MatryoshkaDiffusion:
             alpha, sigma = self.coefficients(level + 1, t, low_z)
             low_x0 = convert_prediction(preds[level + 1].float(), self.prediction, "x0", low_z, alpha, sigma)
             k = preds[level].shape[0]
-            base = upsample(low_x0.detach()[:k].clamp(-1, 1), self.factor, self.frame_stride(level))
+            base = upsample(
+                low_x0.detach()[:k].clamp(-1, 1), self.factor, self.frame_stride(level), self.residual_upsampling
+            )
             top_z = z[level].float()
             alpha, sigma = self.coefficients(level, t[:k], top_z)
             shift = convert_prediction(base.clamp(-1, 1), "x0", self.prediction, top_z, alpha, sigma)
