@@ -182,7 +182,7 @@ class DataConfig:
         if self.sprites and self.source not in ("emoji", "emoji-motion"):
             raise DataConfigError(
                 "sprites",
-                f"only applies to the sources 'emoji' and 'emoji-motion': set data.sprites=0 for source {self.source!r}",
+                f"only applies to the sources 'emoji' and 'emoji-motion': set data.sprites=0 for {self.source!r}",
             )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")
