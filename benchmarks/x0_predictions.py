@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from matryoshka.data.build import build_dataset
@@ -35,6 +36,9 @@ def main() -> None:
     dataset = build_dataset(pipe.config.data)
     picks = torch.linspace(0, len(dataset) - 1, 8).round().long().tolist()
     images = torch.stack([dataset[i]["image"] for i in picks])
+    # A run still in its first progressive stage has only its inner levels: start at their top side.
+    side = pipe.config.model.level_sides(images.shape[-1])[pipe.config.model.num_levels - process.num_levels]
+    images = F.avg_pool2d(images, images.shape[-1] // side)
     pyramid = process.pyramid(images)
     inner = pyramid[-1]
     generator = torch.Generator().manual_seed(args.seed)
@@ -52,7 +56,7 @@ def main() -> None:
     print("x0 MSE per t:", errors)
     grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
     pixels = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    scale = max(1, 256 // inner.shape[-1])
+    scale = max(1, 64 // inner.shape[-1])
     Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST).save(args.out)
     print(f"grid (rows: clean, then noisy input and x0 estimate per t): {args.out}")
 
