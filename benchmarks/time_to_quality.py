@@ -247,8 +247,9 @@ def plot(rows: list[dict], levels: list[str], path: Path) -> None:
     figure, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.5), squeeze=False)
     for axis, level in zip(axes[0], levels):
         for arm in dict.fromkeys(row["arm"] for row in rows):
-            points = [(row["minutes"], row[level]) for row in rows if row["arm"] == arm and level in row]
-            axis.plot(*zip(*points), marker="o", label=arm)
+            points = sorted((row["minutes"], row[level]) for row in rows if row["arm"] == arm and level in row)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=arm)
         axis.set(
             xlabel="training minutes", ylabel=f"FD_effnet-lite0 {level.split('/')[-1]}", title=level.split("/")[-1]
         )
