@@ -97,9 +97,9 @@ def loss_weight(kind: str, log_snr: Tensor, weighting: LossWeighting, gamma: flo
     An MSE on eps is SNR times the MSE on x0, one on v is (SNR + 1) times it. Min-SNR-gamma
     (Hang et al. 2023, Eq. 9) weights the x0 error by min(SNR, gamma), so the factor on a
     ``kind`` loss is min(SNR, gamma) / that multiplier: nearly clean samples stop dominating
-    the gradient. ``floor`` > 0 weights the x0 error by clamp(SNR, floor, gamma) instead:
-    floor 1 is Salimans & Ho's (2022, §4) truncated-SNR weighting at the noisy end, where
-    min-SNR's weight SNR -> 0 leaves the layout, which the first sampler steps decide, untrained.
+    the gradient. ``floor`` > 0 weights the x0 error by clamp(SNR, floor, gamma) instead, so
+    the noisiest samples, whose min-SNR weight SNR goes to 0, stay trained: floor 1 is Salimans
+    & Ho's (2022, §4) truncated-SNR weighting at that end (worse on emoji64: docs/benchmarks.md).
     """
     if weighting == "none":
         return torch.ones_like(log_snr)
