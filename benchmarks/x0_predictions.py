@@ -33,6 +33,8 @@ def main() -> None:
 
     pipe = load_pipeline(args.run, device="cpu")
     process, model = pipe.process, pipe.model
+    if model.config.num_classes or model.config.text_dim:
+        raise SystemExit(f"{args.run} is a conditional run; this script asks unconditional runs only")
     dataset = build_dataset(pipe.config.data)
     picks = torch.linspace(0, len(dataset) - 1, 8).round().long().tolist()
     images = torch.stack([dataset[i]["image"] for i in picks])
