@@ -39,8 +39,7 @@ def main() -> None:
     picks = torch.linspace(0, len(dataset) - 1, 8).round().long().tolist()
     images = torch.stack([dataset[i]["image"] for i in picks])
     # A run still in its first progressive stage has only its inner levels: start at their top side.
-    side = pipe.config.model.level_sides(images.shape[-1])[pipe.config.model.num_levels - process.num_levels]
-    images = F.avg_pool2d(images, images.shape[-1] // side)
+    images = F.avg_pool2d(images, images.shape[-1] // pipe.resolution)
     pyramid = process.pyramid(images)
     inner = pyramid[-1]
     generator = torch.Generator().manual_seed(args.seed)

@@ -79,6 +79,7 @@ def test_meter_gives_zero_for_the_reference_itself_and_the_frechet_distance_othe
     names = {16: "4x16x16", 8: "2x8x8"}
     assert meter.results(names) == pytest.approx({"fvd/4x16x16": 0, "fvd/2x8x8": 0}, abs=1e-6)
     assert meter.describe(names)["clips"] == meter.describe(names)["reference_clips"] == {"4x16x16": 12, "2x8x8": 12}
+    assert meter.describe(names)["stretched_from_frames"] == {"4x16x16": 4, "2x8x8": 2}
     assert meter.warnings() == []  # 12 clips on each side, 9 features
 
     noise = torch.rand(12, 3, 2, 8, 8) * 2 - 1

@@ -68,7 +68,7 @@ def spread_evenly(rows: np.ndarray, count: int) -> np.ndarray:
     if not count:
         return rows
     if count > len(rows):
-        raise ValueError(f"data.sprites={count}, but the emoji set has only {len(rows)} named emoji")
+        raise ValueError(f"data.sprites={count}, but the emoji set has only {len(rows)} emoji")
     return rows[np.linspace(0, len(rows) - 1, count).round().astype(int)]
 
 
