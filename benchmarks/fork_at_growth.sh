@@ -4,7 +4,7 @@
 #   bash benchmarks/fork_at_growth.sh RUN NAME MINUTES [KEY=VALUE ...]
 #
 # Copies the progressive run RUN to $OUT/NAME (default OUT=runs/forks), keeps only its checkpoints up to
-# the end of its first stage, writes the KEY=VALUE settings into the copy's config.yaml (these may be
+# the end of its first stage (a run still in its first stage grows at its newest checkpoint), writes the KEY=VALUE settings into the copy's config.yaml (these may be
 # settings an existing run cannot change, e.g. diffusion.loss_weighting or stages.1.lr), resumes it for
 # MINUTES of training (OMP_NUM_THREADS threads, default 1) and prints its FD at every level
 # (N=128 DPM++(2M)-25 samples against REF, default the emoji set's statistics in $OUT/emoji-ref.npz).
@@ -17,7 +17,12 @@ dst=$out/$name
 mkdir -p "$out"
 [[ -f "$ref" ]] || mdm eval-stats emoji --resolution 64 --levels 64,16 --feature effnet-lite0 --out "$ref"
 rm -rf "$dst" && cp -r "$src" "$dst" && rm -rf "$dst/eval" "$dst/checkpoints/latest"
-boundary=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))[0]['end_step'])" "$dst/stages.json")
+boundary=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))[0].get('end_step', ''))" "$dst/stages.json")
+if [[ -z "$boundary" ]]; then  # still in its first stage: end that stage at its newest checkpoint, grow now
+  newest=$(ls -d "$dst"/checkpoints/step_* | sort | tail -1)
+  boundary=$((10#${newest##*step_}))
+  set -- "stages.0.steps=$boundary" "$@"
+fi
 for checkpoint in "$dst"/checkpoints/step_*; do
   (( 10#${checkpoint##*step_} > boundary )) && rm -rf "$checkpoint"
 done
