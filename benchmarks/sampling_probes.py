@@ -32,8 +32,8 @@ class Autoguided(torch.nn.Module):
         super().__init__()
         self.strong, self.weak, self.weight, self.config = strong, weak, weight, strong.config
 
-    def forward(self, z, t, cond=None):
-        pairs = zip(self.strong(z, t, cond), self.weak(z, t, cond))
+    def forward(self, z, t, cond=None, **self_cond):
+        pairs = zip(self.strong(z, t, cond, **self_cond), self.weak(z, t, cond, **self_cond))
         return [weak + self.weight * (strong - weak) for strong, weak in pairs]
 
 

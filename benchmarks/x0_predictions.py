@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from matryoshka.data.build import build_dataset
-from matryoshka.diffusion.process import convert_prediction
+from matryoshka.diffusion.parameterisation import convert_prediction
 from matryoshka.pipeline import load_pipeline
 
 

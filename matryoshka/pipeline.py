@@ -69,6 +69,7 @@ def build_process(config: RunConfig, num_levels: int | None = None, one_frame: b
         upsampled_residual=diffusion.upsampled_residual,
         frames=frames or None,
         temporal_shift=diffusion.temporal_shift,
+        self_condition=config.model.self_condition,
     )
 
 

@@ -79,7 +79,8 @@ def test_joint_image_and_video_batches_on_two_ranks_match_one_process(tmp_path, 
 
 def test_fsdp_trains_checkpoints_and_resumes_on_one_process(tmp_path, folder):
     run = tmp_path / "fsdp"
-    data = ["data.source=imagefolder", f"data.path={folder}"]
+    # Self-conditioning adds a forward pass without gradients before each step's training pass.
+    data = ["data.source=imagefolder", f"data.path={folder}", "model.self_condition=true"]
     result = torchrun(
         f"run_dir={run}", "train.strategy=fsdp", "train.steps=3", "train.checkpoint_every=3", *data, *COMMON
     )
@@ -88,7 +89,7 @@ def test_fsdp_trains_checkpoints_and_resumes_on_one_process(tmp_path, folder):
     state = torch.load(run / "checkpoints/step_00000003/state.pt", weights_only=True)
     assert state["step"] == 3 and len(state["optimizer"]["state"]) > 0
 
-    assert main(["train", "tiny", f"run_dir={run}", "train.steps=5"]) == 0  # one process, same run
+    assert main(["train", "tiny", f"run_dir={run}", "train.steps=5", "model.self_condition=true"]) == 0  # same run
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
     out = tmp_path / "out"
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--out", str(out)]) == 0

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matryoshka.diffusion.process import (
-    MatryoshkaDiffusion,
+from matryoshka.diffusion.parameterisation import (
     convert_prediction,
     eps_from_v,
     loss_weight,
@@ -13,6 +12,7 @@ from matryoshka.diffusion.process import (
     v_from_x0_eps,
     x0_from_v,
 )
+from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.schedules import squaredcos
 
 SCHED = squaredcos()

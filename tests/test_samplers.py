@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matryoshka.diffusion.process import MatryoshkaDiffusion, convert_prediction
+from matryoshka.diffusion.parameterisation import convert_prediction
+from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.samplers import (
     SAMPLERS,
     get_sampler,

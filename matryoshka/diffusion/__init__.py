@@ -1,9 +1,7 @@
 """Noise schedules, the multi-resolution forward process and joint samplers."""
 
-from .process import (
+from .parameterisation import (
     PREDICTION_TYPES,
-    MatryoshkaDiffusion,
-    PyramidModel,
     convert_prediction,
     eps_from_v,
     eps_from_x0,
@@ -12,6 +10,7 @@ from .process import (
     x0_from_eps,
     x0_from_v,
 )
+from .process import MatryoshkaDiffusion, PyramidModel
 from .samplers import (
     SAMPLERS,
     Conditioning,

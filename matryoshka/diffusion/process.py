@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from .parameterisation import (
+    LossWeighting,
+    Prediction,
+    check_prediction,
+    convert_prediction,
+    loss_weight,
+    prediction_target,
+)
 from .schedules import NoiseSchedule
 from .spacetime import check_frames, downsample, level_name, shift_ratio, upsample
-
-Prediction = Literal["eps", "x0", "v"]
-PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
-LossWeighting = Literal["none", "min_snr"]
 
 
 class PyramidModel(Protocol):
@@ -31,92 +35,23 @@ class PyramidModel(Protocol):
 
     ``z_list``: noisy levels, highest resolution first (with a mixed-resolution batch
     the first level may hold fewer samples than the others); ``t_model``: float
-    tensor (B,); ``cond``: opaque conditioning passed through. Returns one
+    tensor (B,); ``cond``: opaque conditioning passed through; a self-conditioning
+    model also takes ``self_cond=`` x0 estimates shaped like ``z_list``. Returns one
     prediction per level, same order and shapes as ``z_list``.
     """
 
-    def __call__(self, z_list: list[Tensor], t_model: Tensor, cond: Any) -> list[Tensor]: ...
+    def __call__(self, z_list: list[Tensor], t_model: Tensor, cond: Any, **self_cond: Any) -> list[Tensor]: ...
 
 
-# ----- parameterisations ------------------------------------------------------
-# With z = alpha*x0 + sigma*eps and alpha^2 + sigma^2 = 1 (VP), v = alpha*eps - sigma*x0
-# (Salimans & Ho 2022). Each conversion below is written in the form that avoids
-# dividing by a coefficient that can be near zero where that is possible.
-
-
-def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return alpha * eps - sigma * x0
-
-
-def x0_from_v(z: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return alpha * z - sigma * v
-
-
-def eps_from_v(z: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return sigma * z + alpha * v
-
-
-def x0_from_eps(z: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return (z - sigma * eps) / alpha
-
-
-def eps_from_x0(z: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return (z - alpha * x0) / sigma
-
-
-def convert_prediction(pred: Tensor, source: str, target: str, z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Convert a prediction of type ``source`` into type ``target`` at noisy input z."""
-    _check_prediction(source)
-    _check_prediction(target)
-    if source == target:
-        return pred
-    if source == "v":
-        return x0_from_v(z, pred, alpha, sigma) if target == "x0" else eps_from_v(z, pred, alpha, sigma)
-    if source == "eps":
-        if target == "x0":
-            return x0_from_eps(z, pred, alpha, sigma)
-        return (pred - sigma * z) / alpha  # v, using x0 = (z - sigma*eps)/alpha
-    if target == "eps":
-        return eps_from_x0(z, pred, alpha, sigma)
-    return (alpha * z - pred) / sigma  # v from x0, using eps = (z - alpha*x0)/sigma
-
-
-def prediction_target(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """The regression target of type ``kind`` for clean data x0 and noise eps."""
-    _check_prediction(kind)
-    if kind == "x0":
-        return x0
-    if kind == "eps":
-        return eps
-    return v_from_x0_eps(x0, eps, alpha, sigma)
-
-
-def loss_weight(kind: str, log_snr: Tensor, weighting: LossWeighting, gamma: float, floor: float = 0.0) -> Tensor:
-    """Per-sample factor on a loss taken in parameterisation ``kind``.
-
-    An MSE on eps is SNR times the MSE on x0, one on v is (SNR + 1) times it. Min-SNR-gamma
-    (Hang et al. 2023, Eq. 9) weights the x0 error by min(SNR, gamma), so the factor on a
-    ``kind`` loss is min(SNR, gamma) / that multiplier: nearly clean samples stop dominating
-    the gradient. ``floor`` > 0 weights the x0 error by clamp(SNR, floor, gamma) instead, so
-    the noisiest samples, whose min-SNR weight SNR goes to 0, stay trained: floor 1 is Salimans
-    & Ho's (2022, §4) truncated-SNR weighting at that end (worse on emoji64: docs/benchmarks.md).
-    """
-    if weighting == "none":
-        return torch.ones_like(log_snr)
-    if weighting != "min_snr":
-        raise ValueError(f"unknown loss weighting {weighting!r}; valid: none, min_snr")
-    snr = log_snr.exp()
-    clipped = snr.clamp(min=floor, max=gamma)
-    if kind == "x0":
-        return clipped
-    if kind == "eps":
-        return clipped / snr
-    return clipped / (snr + 1)
-
-
-def _check_prediction(kind: str) -> None:
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction type {kind!r}; valid types: {', '.join(PREDICTION_TYPES)}")
+def first_samples(cond: Any, count: int) -> Any:
+    """The conditioning of a batch's first ``count`` samples (None, a tensor, or an object with ``head``)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[:count]
+    if hasattr(cond, "head"):
+        return cond.head(count)
+    raise TypeError(f"cannot take the first samples of conditioning of type {type(cond).__name__}")
 
 
 # ----- the process ------------------------------------------------------------
@@ -151,6 +86,8 @@ class MatryoshkaDiffusion:
         frames: None for images, else the frame count of every level, highest first, for
             clips (B, C, F, H, W) (the space-time pyramid of ``spacetime``).
         temporal_shift: count frames in the resolution shift (``spacetime.shift_ratio``).
+        self_condition: the model takes x0 estimates (``ModelConfig.self_condition``): the
+            loss feeds them to half of each batch, samplers their previous step's estimate.
     """
 
     def __init__(
@@ -171,13 +108,14 @@ class MatryoshkaDiffusion:
         residual_upsampling: str = "bicubic",
         frames: Sequence[int] | None = None,
         temporal_shift: bool = False,
+        self_condition: bool = False,
     ) -> None:
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         if int(factor) != factor or factor < 2:
             raise ValueError(f"factor must be an integer >= 2, got {factor}")
-        _check_prediction(prediction)
-        _check_prediction(loss_target)
+        check_prediction(prediction)
+        check_prediction(loss_target)
         if level_weights is None:
             level_weights = [1.0] * num_levels
         if len(level_weights) != num_levels:
@@ -210,6 +148,7 @@ class MatryoshkaDiffusion:
         if residual_upsampling not in ("bicubic", "bilinear"):
             raise ValueError(f"unknown residual_upsampling {residual_upsampling!r}; valid: bicubic, bilinear")
         self.residual_upsampling = residual_upsampling
+        self.self_condition = self_condition
         self._level_schedules = tuple(
             schedule.shifted(self.shift_ratio(i), self.shift_power) for i in range(num_levels)
         )
@@ -318,8 +257,16 @@ class MatryoshkaDiffusion:
             out.append(alpha * x + sigma * eps)
         return out
 
-    def network_output(self, model: PyramidModel, z: Sequence[Tensor], t: Tensor, cond: Any) -> list[Tensor]:
-        """The model's predictions at integer times t (B,), in the process's parameterisation.
+    def network_output(
+        self,
+        model: PyramidModel,
+        z: Sequence[Tensor],
+        t: Tensor,
+        cond: Any,
+        self_cond: Sequence[Tensor] | None = None,
+    ) -> list[Tensor]:
+        """The model's predictions at integer times t (B,), in the process's parameterisation
+        (``self_cond``: a self-conditioning model's x0 estimates, None for zeros).
 
         With ``upsampled_residual`` each outer level's raw output r is shifted by the
         prediction that the (clipped, upsampled) x0 estimate b of the level below
@@ -327,7 +274,8 @@ class MatryoshkaDiffusion:
         lower level, and the outer network only learns the detail it adds (ml-mdm has this
         idea as its "residual" option, which divides b by the side ratio; we do not).
         """
-        preds = list(model(list(z), self.model_time(t), cond))
+        extra = {} if self_cond is None else {"self_cond": list(self_cond)}
+        preds = list(model(list(z), self.model_time(t), cond, **extra))
         if not self.upsampled_residual or len(preds) != self.num_levels:
             return preds
         for level in reversed(range(self.num_levels - 1)):
@@ -343,6 +291,32 @@ class MatryoshkaDiffusion:
             shift = convert_prediction(base.clamp(-1, 1), "x0", self.prediction, top_z, alpha, sigma)
             preds[level] = preds[level].float() + shift
         return preds
+
+    def x0_estimates(self, preds: Sequence[Tensor], z: Sequence[Tensor], t: Tensor) -> list[Tensor]:
+        """Every level's x0 from network outputs ``preds`` at z and integer times t (B,), in z's dtype."""
+        out = []
+        for level, (pred, zi) in enumerate(zip(preds, z)):
+            alpha, sigma = self.coefficients(level, t[: zi.shape[0]], zi)
+            out.append(convert_prediction(pred.to(zi.dtype), self.prediction, "x0", zi, alpha, sigma))
+        return out
+
+    def self_condition_inputs(self, model: PyramidModel, z: Sequence[Tensor], t: Tensor, cond: Any) -> list[Tensor]:
+        """What a self-conditioning model is fed in training (Chen et al. 2023, §3): the first
+        half of the batch (which is in random order) gets the clipped x0 estimates of a pass
+        without gradients at the same z, the rest zeros, so it learns the sampler's first step
+        and every later one. A fixed half rather than Chen et al.'s coin per batch keeps the
+        number of forward passes equal on every rank (DDP and FSDP communicate in each)."""
+        inputs = [torch.zeros_like(zi) for zi in z]
+        half = z[-1].shape[0] // 2
+        if half == 0:
+            return inputs
+        head = [zi[:half] for zi in z]
+        with torch.no_grad():
+            preds = self.network_output(model, head, t[:half], first_samples(cond, half))
+            estimates = self.x0_estimates(preds, head, t)
+        for level, estimate in enumerate(estimates):
+            inputs[level][: estimate.shape[0]] = estimate.clamp(-1, 1)
+        return inputs
 
     def top_batch(self, batch_size: int) -> int:
         """Samples whose top level is computed: floor(m * B) for mixed ratio m, else B.
@@ -396,7 +370,8 @@ class MatryoshkaDiffusion:
         z = self.add_noise(levels, t, noise)
         k = self.top_batch(batch)
         z[0] = z[0][:k]
-        preds = self.network_output(model, z, t, cond)
+        self_cond = self.self_condition_inputs(model, z, t, cond) if self.self_condition else None
+        preds = self.network_output(model, z, t, cond, self_cond)
         if len(preds) != self.num_levels or any(p.shape != zi.shape for p, zi in zip(preds, z)):
             raise ValueError(
                 "the model must return one prediction per level with the shapes of its inputs: "

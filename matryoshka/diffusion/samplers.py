@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .process import MatryoshkaDiffusion, PyramidModel, convert_prediction
+from .process import MatryoshkaDiffusion, PyramidModel
 from .thresholding import threshold_x0
 
 Callback = Callable[[int, int, int, list[Tensor], list[Tensor]], None]
@@ -127,6 +127,7 @@ class _Denoiser:
         self.dynamic_threshold = dynamic_threshold
         self.dynamic_max = dynamic_max
         self.pair = None
+        self.previous: list[Tensor] | None = None  # x0 of the last step, a self-conditioning model's input
         if any(g != 1.0 for g in scales):
             if uncond is None:
                 if cond is None:
@@ -148,19 +149,19 @@ class _Denoiser:
     def __call__(self, z: list[Tensor], t: int) -> list[Tensor]:
         batch = z[0].shape[0]
         t_vec = torch.full((batch,), t, dtype=torch.long, device=z[0].device)
+        previous = self.previous if self.process.self_condition else None
         if self._guided(t):
             doubled = [torch.cat([zi, zi]) for zi in z]
-            out = self.process.network_output(self.model, doubled, torch.cat([t_vec, t_vec]), self.pair)
+            previous = None if previous is None else [torch.cat([e, e]) for e in previous]
+            out = self.process.network_output(self.model, doubled, torch.cat([t_vec, t_vec]), self.pair, previous)
             # The parameterisations are affine in the output at a fixed z, so guiding
             # the raw output equals guiding x0, eps or v.
             preds = [u + g * (c - u) for (u, c), g in zip((o.chunk(2) for o in out), self.scales)]
         else:
-            preds = self.process.network_output(self.model, z, t_vec, self.cond)
-        x0 = []
-        for level, (pred, zi) in enumerate(zip(preds, z)):
-            alpha, sigma = self.process.coefficients(level, t_vec, zi)
-            x = convert_prediction(pred.to(zi.dtype), self.process.prediction, "x0", zi, alpha, sigma)
-            x0.append(threshold_x0(x, self.clip_x0, self.dynamic_threshold, self.dynamic_max))
+            preds = self.process.network_output(self.model, z, t_vec, self.cond, previous)
+        estimates = self.process.x0_estimates(preds, z, t_vec)
+        x0 = [threshold_x0(x, self.clip_x0, self.dynamic_threshold, self.dynamic_max) for x in estimates]
+        self.previous = x0
         return x0
 
 

@@ -63,6 +63,11 @@ class Conditioning:
         micro = {key: torch.cat([self.micro[key], other.micro[key]]) for key in self.micro}
         return Conditioning(**joined, micro=micro)
 
+    def head(self, count: int) -> Conditioning:
+        """The conditioning of the first ``count`` samples."""
+        fields = {name: None if value is None else value[:count] for name, value in self._tensors().items()}
+        return Conditioning(**fields, micro={key: value[:count] for key, value in self.micro.items()})
+
     def unconditional(self) -> Conditioning:
         """The null condition of the same batch: null labels and empty text."""
         labels = None if self.labels is None else torch.full_like(self.labels, NULL_LABEL)

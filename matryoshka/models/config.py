@@ -112,6 +112,10 @@ class ModelConfig:
     text_attention_mask: bool = True
     """Honour the padding mask in cross-attention (ml-mdm's released 64² model does not)."""
     gradient_checkpointing: bool = False
+    self_condition: bool = False
+    """Every level also takes an x0 estimate of its own level as ``in_channels`` more input channels
+    (self-conditioning, Chen et al. 2023, "Analog Bits", §3): the sampler's previous estimate, zeros
+    when there is none; training feeds it (``MatryoshkaDiffusion.loss``) for half of the samples."""
     frames: list[int] = field(default_factory=list)
     """Video: frames of each level, innermost first like ``levels`` (each a multiple of the one
     inside it; the innermost may be 1, an image model inside the video model); empty: images."""

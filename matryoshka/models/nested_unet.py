@@ -79,7 +79,8 @@ class NestedUNet(nn.Module):
             temporal=level.temporal,
         )
         width = level.channels[0]
-        self.conv_in = nn.Conv2d(config.in_channels, width, 3, padding=1)
+        inputs = config.in_channels * (2 if config.self_condition else 1)
+        self.conv_in = nn.Conv2d(inputs, width, 3, padding=1)
         skip_widths = [width]
         self.down_blocks = nn.ModuleList()
         last_stage = len(level.channels) - 1
@@ -167,18 +168,24 @@ class NestedUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, z: list[torch.Tensor] | torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None
+        self,
+        z: list[torch.Tensor] | torch.Tensor,
+        t: torch.Tensor,
+        cond: Conditioning | None = None,
+        self_cond: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Denoise a pyramid.
 
         z: noisy levels, highest resolution first (a single tensor for a one-level model).
         The top level may hold only the first k samples of the batch (mixed-resolution
         training); every other level holds the full batch B. t: (B,) model times.
+        self_cond: a self-conditioning model's x0 estimates, shaped like z (None: zeros).
         Returns predictions for all levels, highest first, with z's batch sizes.
         """
         levels = [z] if torch.is_tensor(z) else list(z)
         if len(levels) != self.config.num_levels:
             raise ValueError(f"model has {self.config.num_levels} levels but got {len(levels)} inputs")
+        levels = self._with_self_condition(levels, self_cond)
         batch = levels[-1].shape[0]
         self._check_frames(levels)
         if t.dim() == 0:
@@ -186,6 +193,23 @@ class NestedUNet(nn.Module):
         context = self.innermost._context(cond, batch, levels[-1].device)
         outputs, _ = self._denoise(levels, t, context, None)
         return outputs
+
+    def _with_self_condition(
+        self, levels: list[torch.Tensor], self_cond: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        """Each level with its x0 estimate appended along the channels (zeros when there is none)."""
+        if not self.config.self_condition:
+            if self_cond is not None:
+                raise ValueError("this model is not self-conditioning (model.self_condition=false): got self_cond")
+            return levels
+        if self_cond is None:
+            return [torch.cat([z, torch.zeros_like(z)], dim=1) for z in levels]
+        if len(self_cond) != len(levels) or any(e.shape != z.shape for e, z in zip(self_cond, levels)):
+            raise ValueError(
+                f"self_cond must match the noisy levels' shapes {[tuple(z.shape) for z in levels]}, "
+                f"got {[tuple(e.shape) for e in self_cond]}"
+            )
+        return [torch.cat([z, e.to(z.dtype)], dim=1) for z, e in zip(levels, self_cond)]
 
     def _check_frames(self, levels: list[torch.Tensor]) -> None:
         """Clips at every level of a video model (any frame counts nested like ``config.frames``)."""
@@ -218,8 +242,9 @@ class NestedUNet(nn.Module):
         tokens = None if level_context.tokens is None else level_context.tokens[:rows]
         mask = None if level_context.mask is None else level_context.mask[:rows]
 
-        if self.level.normalize_input:  # per image, so per frame for clips
-            top = top / top.flatten(1).std(dim=1).reshape(-1, *([1] * (top.dim() - 1)))
+        if self.level.normalize_input:  # per image, so per frame for clips, by the noisy channels' std
+            std = top[:, : self.config.in_channels].flatten(1).std(dim=1)
+            top = top / std.reshape(-1, *([1] * (top.dim() - 1)))
         x = self.conv_in(top)
         if features is not None:
             x = x + features
