@@ -33,6 +33,7 @@ FIXED_IN_A_RUN = (
     "data.resolution",
     "data.label",
     "data.captions",
+    "data.colour_captions",
     "text.encoder",
     "text.max_length",
     "text.mlmdm_compat",

@@ -30,7 +30,7 @@ LABELS_BY_SOURCE = {
 # possible decompression bomb and skipped.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
-_BOOLS = ("hflip", "captions", "shuffle", "verify", "emoji_keep_unnamed")
+_BOOLS = ("hflip", "captions", "colour_captions", "shuffle", "verify", "emoji_keep_unnamed")
 # Integer fields and their smallest allowed value.
 _INTS = {
     "resolution": 8,
@@ -79,6 +79,8 @@ class DataConfig:
     label: "none", "group"/"subgroup" (emoji), "folder" (imagefolder: first-level
         directory), "cls" (webdataset: the ``.cls`` member).
     captions: read captions (otherwise every caption is "").
+    colour_captions: "emoji" with captions: each caption also names the emoji's main colours
+        ("red heart, red"; ``colour_words.py``), so colour words are learnt from every image.
     num_workers: DataLoader worker processes.
     shuffle: shuffle with a per-epoch permutation derived from ``seed``.
     seed: base seed of the shuffling permutation and of the augmentations.
@@ -113,6 +115,7 @@ class DataConfig:
     hflip: bool = False
     label: str = "none"
     captions: bool = False
+    colour_captions: bool = False
     num_workers: int = 0
     shuffle: bool = True
     seed: int = 0
@@ -183,6 +186,11 @@ class DataConfig:
             raise DataConfigError(
                 "sprites",
                 f"only applies to the sources 'emoji' and 'emoji-motion': set data.sprites=0 for {self.source!r}",
+            )
+        if self.colour_captions and (self.source != "emoji" or not self.captions):
+            raise DataConfigError(
+                "colour_captions",
+                f"needs data.source=emoji and data.captions=true (source {self.source!r}, captions {self.captions})",
             )
         if self.source not in PATHLESS_SOURCES and self.path is None:
             raise DataConfigError("path", f"is required for source {self.source!r}")

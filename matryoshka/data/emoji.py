@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .base import ImageDataset
+from .colour_words import colour_caption
 from .config import DataConfig
 from .emoji_font import (
     EMOJI_TEST_PATH,
@@ -48,7 +49,8 @@ class EmojiDataset(ImageDataset):
     """Noto Color Emoji bitmaps as a dataset.
 
     ``label``: "none" (-1), "group" (10 classes) or "subgroup" (one class per
-    emoji-test.txt subgroup). ``captions``: the emoji name ("grinning face").
+    emoji-test.txt subgroup). ``captions``: the emoji name ("grinning face"), with its main colours if
+    ``colour_captions`` ("grinning face, yellow").
     ``crop`` has no effect (the images are already square at the resolution);
     ``hflip`` flips with probability 0.5.
     """
@@ -94,8 +96,15 @@ class EmojiDataset(ImageDataset):
         arr = self.table.images[row]
         if self.cfg.hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        caption = self.table.names[row] if self.cfg.captions else ""
-        return uint8_to_tensor(arr), int(self._labels[row]), caption
+        return uint8_to_tensor(arr), int(self._labels[row]), self.caption(i)
+
+    def caption(self, i: int) -> str:
+        """Item i's caption: its name, with its main colours if ``colour_captions`` ("" without captions)."""
+        if not self.cfg.captions:
+            return ""
+        row = int(self.items[i])
+        name = self.table.names[row]
+        return colour_caption(name, self.table.images[row]) if self.cfg.colour_captions else name
 
 
 # ------------------------------------------------------------------- the export
