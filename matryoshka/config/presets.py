@@ -92,13 +92,17 @@ EMOJI_PROMPTS = [
 
 
 def emoji64_text() -> RunConfig:
-    """``emoji64`` conditioned on emoji names through MiniLM (offline), 10% caption dropout."""
+    """``emoji64`` conditioned on emoji names and colours ("red heart, red") via MiniLM (offline).
+
+    10% caption dropout for guidance; with colour words in every caption (``data.colour_captions``)
+    prompts' colours are followed after 30 minutes (docs/text.md).
+    """
     base = emoji64()
     return replace(
         base,
         run_dir="runs/emoji64-text",
         model=replace(base.model, text_dim=384),
-        data=replace(base.data, captions=True),
+        data=replace(base.data, captions=True, colour_captions=True),
         text=TextConfig(encoder="minilm", max_length=32, cache_dir="~/.cache/matryoshka/text"),
         sample=replace(base.sample, guidance=3.0, num=16, prompts=list(EMOJI_PROMPTS)),
     )
