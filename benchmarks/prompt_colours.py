@@ -6,7 +6,8 @@ For each prompt ("red heart", "green apple", ...) it samples ``--num`` images an
 whose most common chromatic colour (``matryoshka.data.colour_words`` names every pixel; white
 background, grey and black are not counted, so a greyish background cannot win) is the
 prompt's colour word. Guidance 1 (no guidance) shows what the model draws whatever the prompt.
-Prints a table and writes JSON next to ``--out`` (and the grid of each guidance scale).
+Prints the accuracies, writes them as JSON to ``--out`` and the first eight samples of every
+prompt as one grid per guidance scale next to it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ PROMPTS = [
 CHROMATIC = [COLOUR_WORDS.index(word) for word in COLOUR_WORDS if word not in ("grey", "black")]
 
 
-def drawn_colour(image: np.ndarray) -> str:
-    """The most common chromatic colour word of an image's pixels."""
+def drawn_colour(image: np.ndarray) -> str | None:
+    """The most common chromatic colour word of an image's pixels (None if it has none)."""
     counts = np.bincount(pixel_colours(image).ravel() + 1, minlength=len(COLOUR_WORDS) + 1)[1:]
+    if not counts[CHROMATIC].any():
+        return None
     return COLOUR_WORDS[max(CHROMATIC, key=lambda i: counts[i])]
 
 

@@ -18,6 +18,8 @@ PURE = {
     (140, 40, 200): "purple",
     (240, 90, 180): "pink",
     (140, 80, 40): "brown",
+    (150, 0, 30): "red",  # dark crimson: hue 348, past the pink band, is red, not brown
+    (150, 10, 0): "red",
     (128, 128, 128): "grey",
     (20, 20, 20): "black",
 }

@@ -34,11 +34,13 @@ def pixel_colours(rgb: np.ndarray) -> np.ndarray:
         * 60.0
     )
     bounds = np.array([bound for bound, _ in HUE_BANDS], dtype=np.float32)
-    band = np.minimum(np.searchsorted(bounds, hue, side="right"), len(HUE_BANDS))
+    band = np.searchsorted(bounds, hue, side="right")
     words = np.array([COLOUR_WORDS.index(word) for _, word in HUE_BANDS] + [COLOUR_WORDS.index("red")])
     index = words[band]
     warm = (index == COLOUR_WORDS.index("orange")) | (index == COLOUR_WORDS.index("red"))
-    index = np.where(warm & (value < 0.75) & (hue >= 10), COLOUR_WORDS.index("brown"), index)
+    # Dark orange and orange-red are brown; dark crimson (hue wrapping round from 340) stays red.
+    brownish = (hue >= 10) & (hue < HUE_BANDS[-1][0])
+    index = np.where(warm & brownish & (value < 0.75), COLOUR_WORDS.index("brown"), index)
     index = np.where(saturation < 0.2, COLOUR_WORDS.index("grey"), index)
     index = np.where(value < 0.3, COLOUR_WORDS.index("black"), index)
     return np.where((value > 0.9) & (saturation < 0.12), BACKGROUND, index)

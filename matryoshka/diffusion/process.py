@@ -302,15 +302,17 @@ class MatryoshkaDiffusion:
 
     def self_condition_inputs(self, model: PyramidModel, z: Sequence[Tensor], t: Tensor, cond: Any) -> list[Tensor]:
         """What a self-conditioning model is fed in training (Chen et al. 2023, §3): the first
-        half of the batch (which is in random order) gets the clipped x0 estimates of a pass
-        without gradients at the same z, the rest zeros, so it learns the sampler's first step
-        and every later one. A fixed half rather than Chen et al.'s coin per batch keeps the
-        number of forward passes equal on every rank (DDP and FSDP communicate in each)."""
+        half of each level's samples (the batch is in random order) gets the clipped x0 estimates
+        of a pass without gradients at the same z, the rest zeros, so every level learns the
+        sampler's first step and the later ones. With a mixed-resolution batch that is half of
+        the top level's k samples, not the first B/2 (which would cover all k when k <= B/2).
+        A fixed half rather than Chen et al.'s coin per batch keeps the number of forward
+        passes equal on every rank (DDP and FSDP communicate in each)."""
         inputs = [torch.zeros_like(zi) for zi in z]
         half = z[-1].shape[0] // 2
         if half == 0:
             return inputs
-        head = [zi[:half] for zi in z]
+        head = [z[0][: z[0].shape[0] // 2], *(zi[:half] for zi in z[1:])]
         with torch.no_grad():
             preds = self.network_output(model, head, t[:half], first_samples(cond, half))
             estimates = self.x0_estimates(preds, head, t)

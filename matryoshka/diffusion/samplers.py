@@ -127,7 +127,7 @@ class _Denoiser:
         self.dynamic_threshold = dynamic_threshold
         self.dynamic_max = dynamic_max
         self.pair = None
-        self.previous: list[Tensor] | None = None  # x0 of the last step, a self-conditioning model's input
+        self.previous: list[Tensor] | None = None  # the last step's x0, a self-conditioning model's input
         if any(g != 1.0 for g in scales):
             if uncond is None:
                 if cond is None:
@@ -160,9 +160,10 @@ class _Denoiser:
         else:
             preds = self.process.network_output(self.model, z, t_vec, self.cond, previous)
         estimates = self.process.x0_estimates(preds, z, t_vec)
-        x0 = [threshold_x0(x, self.clip_x0, self.dynamic_threshold, self.dynamic_max) for x in estimates]
-        self.previous = x0
-        return x0
+        # Clipped as in training, whatever thresholding the update uses. Both guidance branches get
+        # the guided estimate: like z, it is the state of the one sample they both describe.
+        self.previous = [x.clamp(-1, 1) for x in estimates]
+        return [threshold_x0(x, self.clip_x0, self.dynamic_threshold, self.dynamic_max) for x in estimates]
 
 
 _Update = Callable[[int, int, int, list[Tensor], list[Tensor]], list[Tensor]]
