@@ -78,6 +78,7 @@ def main() -> None:
         factor=max(2, config.nest_ratio),
         mixed_ratio=args.mixed_ratio,
         frames=config.frames[::-1] or None,
+        self_condition=config.self_condition,  # its extra pass is part of the step
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # a video model trains on clips (B, C, F, H, W) of its top level's frame count

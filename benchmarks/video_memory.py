@@ -112,7 +112,11 @@ def step_peak(model: NestedUNet, frames: int, side: int, batch: int, text_tokens
     and the bytes of one fp32 attention matrix of every spatial attention call (their sum and largest)."""
     config = model.config  # the model takes clips of any frame count; its config's are the default
     process = MatryoshkaDiffusion(
-        make_schedule("squaredcos"), config.num_levels, max(config.nest_ratio, 2), frames=[frames] * config.num_levels
+        make_schedule("squaredcos"),
+        config.num_levels,
+        max(config.nest_ratio, 2),
+        frames=[frames] * config.num_levels,
+        self_condition=config.self_condition,
     )
     generator = torch.Generator().manual_seed(0)
     clips = torch.rand(batch, config.in_channels, frames, side, side, generator=generator) * 2 - 1

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from matryoshka.data.build import build_dataset
-from matryoshka.diffusion.parameterisation import convert_prediction
 from matryoshka.pipeline import load_pipeline
 
 
@@ -49,9 +48,9 @@ def main() -> None:
         for t in (int(v) for v in args.times.split(",")):
             steps = torch.full((len(picks),), t)
             z = process.add_noise(pyramid, steps, noise)
-            pred = process.network_output(model, z, steps, None)[-1]
-            alpha, sigma = process.coefficients(process.num_levels - 1, steps, inner)
-            x0 = convert_prediction(pred, process.prediction, "x0", z[-1], alpha, sigma).clamp(-1, 1)
+            # A self-conditioning model gets zeros: its estimate at the sampler's first step.
+            preds = process.network_output(model, z, steps, None)
+            x0 = process.x0_estimates(preds, z, steps)[-1].clamp(-1, 1)
             errors[t] = round(float((x0 - inner).pow(2).mean()), 4)
             rows += [z[-1].clamp(-1, 1), x0]
     print("x0 MSE per t:", errors)

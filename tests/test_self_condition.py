@@ -1,5 +1,7 @@
 """Self-conditioning (model.self_condition): the model's input, the training loss's two passes, the samplers."""
 
+import copy
+
 import pytest
 import torch
 
@@ -129,3 +131,19 @@ def test_training_progressive_growth_and_sampling_with_self_conditioning(tmp_pat
     assert pipe.process.self_condition and pipe.model.conv_in.in_channels == 6
     images = pipe.generate(num=2, steps=3, seed=0)
     assert images[0].shape == (2, 3, 16, 16) and torch.isfinite(images[0]).all()
+
+
+def test_normalised_input_is_divided_by_the_noisy_channels_std_only():
+    config = tiny(1)
+    config.self_condition = True
+    config.levels[0].normalize_input = True
+    normalised = randomised(NestedUNet(config))
+    plain_config = copy.deepcopy(config)  # the model keeps its config: change a copy
+    plain_config.levels[0].normalize_input = False
+    plain = NestedUNet(plain_config).eval()
+    plain.load_state_dict(normalised.state_dict())
+    z, estimate, t = torch.randn(2, 3, 8, 8) * 3, torch.rand(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    std = z.flatten(1).std(dim=1).view(-1, 1, 1, 1)  # of the noisy input, not of it and the estimate
+    with torch.no_grad():
+        expected = plain(z / std, t, self_cond=[estimate / std])
+        torch.testing.assert_close(normalised(z, t, self_cond=[estimate]), expected)

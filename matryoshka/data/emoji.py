@@ -70,6 +70,7 @@ class EmojiDataset(ImageDataset):
         t = self.table
         keep = np.arange(len(t.glyphs)) if cfg.emoji_keep_unnamed else np.nonzero(t.group >= 0)[0]
         self.items = spread_evenly(keep.astype(np.int64), cfg.sprites)
+        self._colour_captions: dict[int, str] = {}  # per row: naming the colours reads every pixel
         if cfg.label == "group":
             self.class_names = list(t.group_names)
             self._labels = t.group
@@ -104,7 +105,11 @@ class EmojiDataset(ImageDataset):
             return ""
         row = int(self.items[i])
         name = self.table.names[row]
-        return colour_caption(name, self.table.images[row]) if self.cfg.colour_captions else name
+        if not self.cfg.colour_captions:
+            return name
+        if row not in self._colour_captions:
+            self._colour_captions[row] = colour_caption(name, self.table.images[row])
+        return self._colour_captions[row]
 
 
 # ------------------------------------------------------------------- the export
