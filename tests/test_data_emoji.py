@@ -129,3 +129,35 @@ def test_export_round_trip(group_ds, cache_dir, tmp_path):
         np.bincount([folder.items[i][1] for i in range(len(folder))]).tolist()
         == np.bincount(group_ds.table.group[group_ds.items]).tolist()
     )
+
+
+def test_export_with_colour_captions_matches_the_datasets_captions(cache_dir, tmp_path):
+    out = tmp_path / "emoji"
+    export_emoji(str(out), 64, label="none", cache_dir=cache_dir, colour_captions=True)
+    records = {
+        json.loads(line)["file_name"]: json.loads(line)["text"]
+        for line in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    }
+    heart = next(name for name in records if name.endswith("-red-heart.png"))
+    assert records[heart] == "red heart, red"
+    assert (out / heart).with_suffix(".txt").read_text(encoding="utf-8") == "red heart, red\n"
+    coloured = EmojiDataset(DataConfig(captions=True, colour_captions=True, cache_dir=cache_dir))
+    assert sorted(records.values()) == sorted(coloured.caption(i) for i in range(len(coloured)))
+
+
+def test_colour_captions_in_shards_and_refused_for_data_without_emoji_colours(tmp_path, capsys):
+    import tarfile
+
+    from matryoshka.cli.main import main
+
+    out = tmp_path / "shards"
+    assert main(["data", "shards", "--from", "emoji", "--out", str(out), "--count", "3", "--colour-captions"]) == 0
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        captions = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert captions == [
+        "grinning face, yellow",
+        "grinning face with big eyes, yellow",
+        "grinning face with smiling eyes, yellow",
+    ]
+    assert main(["data", "emoji-motion", "--out", str(tmp_path / "clips"), "--colour-captions"]) == 2
+    assert "--colour-captions" in capsys.readouterr().err and not (tmp_path / "clips").exists()

@@ -119,7 +119,7 @@ def test_first_samples_of_each_kind_of_conditioning():
         first_samples(object(), 1)
 
 
-def test_training_progressive_growth_and_sampling_with_self_conditioning(tmp_path):
+def test_training_progressive_growth_and_sampling_with_self_conditioning(tmp_path, capsys):
     run = tmp_path / "run"
     folder = make_image_folder(tmp_path / "images")
     data = ["data.source=imagefolder", f"data.path={folder}"]
@@ -131,6 +131,13 @@ def test_training_progressive_growth_and_sampling_with_self_conditioning(tmp_pat
     assert pipe.process.self_condition and pipe.model.conv_in.in_channels == 6
     images = pipe.generate(num=2, steps=3, seed=0)
     assert images[0].shape == (2, 3, 16, 16) and torch.isfinite(images[0]).all()
+
+    capsys.readouterr()
+    plain = ["tiny", f"run_dir={tmp_path / 'plain'}", f"init_from={run}", "train.steps=1", *data]
+    assert main(["train", *plain]) != 0
+    error = capsys.readouterr().err
+    assert "trained with model.self_condition=true" in error and "Set model.self_condition=true" in error
+    assert main(["train", *plain, "model.self_condition=true", "train.sample_every=100"]) == 0
 
 
 def test_normalised_input_is_divided_by_the_noisy_channels_std_only():

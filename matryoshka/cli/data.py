@@ -24,13 +24,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files: export into a new or empty folder")
+    if args.colour_captions and not (args.name == "emoji" or args.source == "emoji"):
+        raise UserError("--colour-captions names the colours of the emoji set: use it with emoji or --from emoji")
     if args.name == "shards":
         return cmd_shards(args, out)
     if args.name == "emoji-motion":
         return _export_motion(args, out)
     if args.label == "folder":
         raise UserError("--label for emoji is none, group or subgroup")
-    summary = export_emoji(out, size=args.size, label=args.label)
+    summary = export_emoji(out, size=args.size, label=args.label, colour_captions=args.colour_captions)
     print(
         f"exported {summary['count']} emoji images in {len(summary['class_names'])} classes to {args.out} "
         f"(class folders, caption .txt sidecars and metadata.jsonl; use data.source=imagefolder data.path={args.out})"
@@ -53,7 +55,9 @@ def shards_source(args: argparse.Namespace):
     source = Path(args.source).expanduser()
     folder_label = "folder" if args.label == "folder" else "none"
     if args.source == "emoji":
-        return DataConfig(source="emoji", resolution=args.size, label=args.label, captions=True)
+        return DataConfig(
+            source="emoji", resolution=args.size, label=args.label, captions=True, colour_captions=args.colour_captions
+        )
     if args.source == "emoji-motion":
         return DataConfig(source="emoji-motion", resolution=args.size, frames=args.frames, captions=True)
     if args.source.endswith((".parquet", ".arrow")) or (source / "state.json").is_file():
@@ -129,6 +133,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         dest="source",
         help="shards: an image or video folder (a folder with mp4/webm/avi/mkv/mov/m4v files), emoji, emoji-motion, "
         "tar shards, an ml-mdm TSV or a local Hugging Face data set",
+    )
+    data.add_argument(
+        "--colour-captions",
+        action="store_true",
+        help="emoji (also as shards): captions name the main colours too, as data.colour_captions ('red heart, red')",
     )
     data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per shard")
     data.add_argument(

@@ -126,6 +126,7 @@ def export_emoji(
     cache_dir: str | None = None,
     font_path: str | None = None,
     emoji_test_path: str | None = None,
+    colour_captions: bool = False,
 ) -> dict[str, object]:
     """Write the emoji set as an image folder readable by the ``imagefolder`` source.
 
@@ -134,8 +135,9 @@ def export_emoji(
     (``file_name``, ``text``, ``label``, ``group``, ``subgroup``,
     ``codepoints``). Class folders are numbered so that their sorted order
     equals the emoji dataset's label order. ``label="none"`` writes all files
-    directly into ``out_dir``. Returns ``{"out_dir", "count", "class_names",
-    "seconds"}``.
+    directly into ``out_dir``. ``colour_captions``: captions name the main colours too, as
+    ``data.colour_captions`` does ("red heart, red"). Returns ``{"out_dir", "count",
+    "class_names", "seconds"}``.
     """
     if label not in ("group", "subgroup", "none"):
         raise ValueError(f"export_emoji: label must be 'group', 'subgroup' or 'none', got {label!r}")
@@ -168,10 +170,11 @@ def export_emoji(
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.asarray(table.images[r])).save(target, format="PNG", compress_level=3)
-            target.with_suffix(".txt").write_text(name + "\n", encoding="utf-8")
+            text = colour_caption(name, table.images[r]) if colour_captions else name
+            target.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
             rec = {
                 "file_name": rel,
-                "text": name,
+                "text": text,
                 "label": lab,
                 "group": table.group_names[table.group[r]] if table.group[r] >= 0 else "",
                 "subgroup": table.subgroup_names[table.subgroup[r]] if table.subgroup[r] >= 0 else "",

@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..checkpoints import load_into, load_tensors, load_train_state, resolve_checkpoint
+from ..checkpoints import CheckpointError, load_into, load_tensors, load_train_state, resolve_checkpoint
+from ..config.presets import load_run_config
 from ..models import NestedUNet
 from ..models.temporal import is_temporal_parameter
 from .growth import load_inner
@@ -71,6 +72,7 @@ def init_inner_from(module: NestedUNet, source: str | Path, sharded: bool) -> No
     so at step 0 the video model is the image model applied to every frame.
     """
     checkpoint = resolve_checkpoint(source)
+    _check_self_condition(module, checkpoint)
     levels = int(load_train_state(checkpoint / "state.pt").get("num_levels", 1))
     tensors = load_tensors(checkpoint / "ema.safetensors")
     optional = is_temporal_parameter if module.config.is_video else None
@@ -82,3 +84,14 @@ def init_inner_from(module: NestedUNet, source: str | Path, sharded: bool) -> No
     merged.load_state_dict(get_model_state_dict(module, options=_FULL))
     load_inner(merged, module.config.num_levels, tensors, levels, str(checkpoint), optional)
     set_model_state_dict(module, merged.state_dict(), options=_FULL)
+
+
+def _check_self_condition(module: NestedUNet, checkpoint: Path) -> None:
+    """Name the setting behind the first convolutions' shape mismatch between such runs."""
+    saved = load_run_config(checkpoint / "config.yaml").model.self_condition
+    if saved != module.config.self_condition:
+        raise CheckpointError(
+            f"{checkpoint} was trained with model.self_condition={str(saved).lower()} and this run has "
+            f"model.self_condition={str(module.config.self_condition).lower()}: each level's first convolution "
+            f"takes a different number of channels. Set model.self_condition={str(saved).lower()} to start from it."
+        )
