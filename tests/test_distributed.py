@@ -41,8 +41,11 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 240, preset: str = "ti
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder):
-    data = ["data.source=imagefolder", f"data.path={folder}"]
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder, self_condition):
+    # Rank r reads positions r, r + 2, ... of the batch, so the first halves of the two ranks' batches
+    # (the samples that self-conditioning feeds estimates to) are the first half of the double batch.
+    data = ["data.source=imagefolder", f"data.path={folder}", f"model.self_condition={str(self_condition).lower()}"]
     two = torchrun(f"run_dir={tmp_path / 'two'}", "train.batch_size=4", "train.steps=4", *data, *COMMON)
     assert two.returncode == 0, two.stderr[-3000:]
     torch.set_num_threads(1)
