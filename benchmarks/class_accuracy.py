@@ -28,12 +28,15 @@ from matryoshka.evaluation.features import build_feature_extractor, images_to_ui
 from matryoshka.pipeline import load_pipeline
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def knn_vote(queries: np.ndarray, reference: np.ndarray, labels: np.ndarray, k: int, skip: np.ndarray | None = None):
     """Majority label of each query's k most cosine-similar reference rows (ties: the nearer wins).
 
     ``skip``: per query, a reference row left out of its vote (the query itself), or -1."""
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    similarity = unit(queries) @ unit(reference).T
+    similarity = unit_rows(queries) @ unit_rows(reference).T
     if skip is not None:
         rows = np.nonzero(skip >= 0)[0]
         similarity[rows, skip[rows]] = -np.inf

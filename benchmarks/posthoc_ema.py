@@ -16,28 +16,30 @@ as its EMA, ready for ``mdm sample`` and ``mdm eval``.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from matryoshka.checkpoints import list_checkpoints, load_train_state
+from matryoshka.checkpoints import list_checkpoints
+from matryoshka.training.ema import warmup_decay
 
 
 def replay(checkpoints: list[Path], span: float, cap: float) -> dict[str, torch.Tensor]:
-    """The EMA with decay min(cap, (1 + n) / (span + n)) over raw weights held between checkpoints."""
+    """The trainer's EMA with warm-up ``span`` over raw weights held between checkpoints."""
     average: dict[str, torch.Tensor] | None = None
     step = 0
     for checkpoint in checkpoints:
         weights = {name: value.double() for name, value in load_file(checkpoint / "model.safetensors").items()}
-        until = int(load_train_state(checkpoint / "state.pt")["step"])
+        until = int(checkpoint.name.removeprefix("step_"))
         if average is None:
             average = {name: value.clone() for name, value in weights.items()}
-        for n in range(step, until):
-            decay = min(cap, (1 + n) / (span + n))
-            for name, value in weights.items():
-                average[name].lerp_(value, 1 - decay)
+        # Updates towards the same weights compose: what remains of the average is the product of the decays.
+        kept = math.prod(warmup_decay(n, cap, span) for n in range(step, until))
+        for name, value in weights.items():
+            average[name].lerp_(value, 1 - kept)
         step = until
     return {name: value.float() for name, value in average.items()}
 

@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 
+def warmup_decay(updates: int, decay: float, span: float = 10.0) -> float:
+    """min(decay, (1 + n) / (span + n)) after n updates: roughly the last n / (span - 1) steps."""
+    return min(decay, (1 + updates) / (span + updates))
+
+
 class EMA:
     """Keeps a copy of ``model`` whose parameters trail the trained ones.
 
@@ -30,8 +35,7 @@ class EMA:
     def current_decay(self, started: int = 0) -> float:
         if not self.warmup:
             return self.decay
-        n = self.updates - started
-        return min(self.decay, (1 + n) / (10 + n))
+        return warmup_decay(self.updates - started, self.decay)
 
     def restart(self, names: Iterable[str]) -> None:
         """Average these tensors from now on as if training had just begun."""

@@ -90,8 +90,9 @@ def _check_self_condition(module: NestedUNet, checkpoint: Path) -> None:
     """Name the setting behind the first convolutions' shape mismatch between such runs."""
     saved = load_run_config(checkpoint / "config.yaml").model.self_condition
     if saved != module.config.self_condition:
+        saved_text, this_text = str(saved).lower(), str(module.config.self_condition).lower()
         raise CheckpointError(
-            f"{checkpoint} was trained with model.self_condition={str(saved).lower()} and this run has "
-            f"model.self_condition={str(module.config.self_condition).lower()}: each level's first convolution "
-            f"takes a different number of channels. Set model.self_condition={str(saved).lower()} to start from it."
+            f"{checkpoint} was trained with model.self_condition={saved_text} and this run has "
+            f"model.self_condition={this_text}: each level's first convolution takes a different number of "
+            f"channels. Set model.self_condition={saved_text} to start from it."
         )
