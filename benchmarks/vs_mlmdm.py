@@ -3,6 +3,7 @@
     git --git-dir=<fetched ml-mdm mirror> archive HEAD | tar -x -C /tmp/ml-mdm   # checkout of github.com/apple/ml-mdm
     pip install -c constraints.txt einops                                      # ml-mdm's loss needs it
     python benchmarks/vs_mlmdm.py --mlmdm-src /tmp/ml-mdm                      # emoji64, batch 16
+    python benchmarks/vs_mlmdm.py --mlmdm-src /tmp/ml-mdm --precision fp32     # both fp32: the code alone
     OMP_NUM_THREADS=1 python benchmarks/vs_mlmdm.py --mlmdm-src /tmp/ml-mdm --batch-size 2 --steps 1 --warmup 1
 
 ``--mlmdm-src`` is the directory holding the ``ml_mdm`` package (or the repository's root:
@@ -13,7 +14,9 @@ AdamW) on the same random images after warm-up steps. ml-mdm's side is its own t
 path: ``ml_mdm.diffusion.NestedDiffusion.get_loss`` (``Diffusion`` for one level) and the
 reduction of ``ml_mdm.trainer.train_batch`` (``losses.mean()``), configured as its released
 models (DEEPFLOYD schedule shifted per level, v-prediction, eps loss target, loss on every
-level, no VDM weights, no residual). Ours is ``MatryoshkaDiffusion.loss`` as in
+level, no VDM weights, no residual), in fp32: ml-mdm's ``--fp16`` is ``torch.cuda.amp`` autocast,
+which does nothing on a CPU. Ours runs at ``--precision`` as ``mdm train`` resolves ``train.precision``
+(auto: bf16 autocast where the CPU has native bf16 and it pays). Ours is ``MatryoshkaDiffusion.loss`` as in
 benchmarks/train_throughput.py. The ml-mdm network is built from our preset by mapping each
 level to ml-mdm's UNetConfig/NestedUNetConfig; the mapping is checked name-by-name and
 shape-by-shape with our converter (``map_mlmdm_keys``) and our model starts from ml-mdm's
@@ -44,6 +47,7 @@ from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.schedules import make_schedule
 from matryoshka.interop.mlmdm import convert_state_dict
 from matryoshka.models import MODEL_PRESETS, Conditioning, ModelConfig, NestedUNet, model_preset
+from matryoshka.training.precision import use_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DEFAULT_RESOLUTION
@@ -183,7 +187,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (ours only)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both)")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="ours: train.precision, resolved as mdm train does (auto: bf16 where this CPU runs it natively)",
+    )
+    parser.add_argument(
+        "--mlmdm-precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="ml-mdm: fp32 is how it trains on a CPU (its --fp16 is torch.cuda.amp autocast, a no-op there); "
+        "bf16 wraps its step in CPU autocast, which ml-mdm itself cannot do",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -220,14 +236,14 @@ def main() -> None:
     ours_images = images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
     if args.channels_last:
         ours = ours.to(memory_format=torch.channels_last)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else nullcontext
+    bf16 = {"ml-mdm": args.mlmdm_precision == "bf16", "ours": use_bf16(args.precision, torch.device("cpu"))}
 
-    def trainer(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    def trainer(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], bf16: bool) -> Callable[[], float]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
 
         def step() -> float:
-            with autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
                 loss = loss_fn()
             loss.backward()
             optimizer.step()
@@ -241,8 +257,8 @@ def main() -> None:
         return losses.mean()  # ml_mdm.trainer.train_batch with use_vdm_loss_weights=False
 
     runs = {
-        "ml-mdm": trainer(vision, mlmdm_loss),
-        "ours": trainer(ours, lambda: process.loss(ours, ours_images, cond)[0]),
+        "ml-mdm": trainer(vision, mlmdm_loss, bf16["ml-mdm"]),
+        "ours": trainer(ours, lambda: process.loss(ours, ours_images, cond)[0], bf16["ours"]),
     }
     throughput = {}
     for name, step in runs.items():
@@ -258,7 +274,7 @@ def main() -> None:
                     "parameters": count[name],
                     "batch_size": args.batch_size,
                     "device": f"cpu ({torch.get_num_threads()} threads)",
-                    "bf16": args.bf16,
+                    "bf16": bf16[name],
                     "channels_last": args.channels_last and name == "ours",
                     "images_per_s": round(throughput[name], 3),
                     "step_s": round(step_s, 4),

@@ -229,7 +229,7 @@ def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.de
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
     load_into(model, load_tensors(weights), weights)
     model = model.to(pick_device(device) if isinstance(device, str) else device).eval()
-    if config.train.channels_last:
+    if config.train.channels_last is not False:  # sampling runs in fp32, where channels-last never costs
         model.to(memory_format=torch.channels_last)
     process = build_process(config, num_levels)
     return Pipeline(model, process, config, checkpoint, info["step"], class_names=info["class_names"])

@@ -89,11 +89,22 @@ def test_sample_every_level_with_each_sampler(tmp_path, folder, sampler, capsys)
 def test_training_writes_outputs_and_reports_skipped_files(tmp_path, folder, capsys):
     run = tmp_path / "run"
     assert (
-        train(run, folder, "train.steps=4", "train.sample_every=2", "eval.every=4", "eval.num=4", "eval.steps=2") == 0
+        train(
+            run,
+            folder,
+            "train.steps=4",
+            "train.sample_every=2",
+            "eval.every=4",
+            "eval.num=4",
+            "eval.steps=2",
+            "train.precision=fp32",
+        )
+        == 0
     )
     printed = capsys.readouterr().out
     assert "11 items" in printed or "12 items" in printed
     assert "1 skipped" in printed
+    assert "device cpu, fp32" in printed  # the header names the precision train.precision resolved to
     records = metrics(run)
     training = [r for r in records if "loss" in r]
     assert training[-1]["step"] == 4 and {"loss", "lr", "images_per_s", "loss/16x16", "loss/8x8"} <= set(training[-1])

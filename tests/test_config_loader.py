@@ -17,6 +17,7 @@ from matryoshka.config import (
     load_yaml,
     to_dict,
 )
+from matryoshka.config.run import RunConfig
 
 
 class Mode(enum.Enum):
@@ -365,3 +366,10 @@ def test_deep_merge() -> None:
     assert merged == {"a": {"b": 1, "c": [3]}, "d": 1, "e": {"f": 1}}
     merged["a"]["b"] = 99
     assert base["a"]["b"] == 1
+
+
+def test_optional_bool_takes_none_but_no_numbers() -> None:
+    assert from_dict(RunConfig, {"train": {"channels_last": None}}).train.channels_last is None
+    assert from_dict(RunConfig, {"train": {"channels_last": "false"}}).train.channels_last is False
+    msg = _error(from_dict, RunConfig, {"train": {"channels_last": 1}})
+    assert "'train.channels_last'" in msg and "expected bool" in msg

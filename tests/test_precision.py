@@ -1,11 +1,19 @@
-"""train.precision=auto: bf16 autocast only where the CPU runs bf16 natively and faster."""
+"""train.precision=auto: bf16 autocast only where the CPU runs bf16 natively and faster; and
+train.channels_last, which follows it."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from matryoshka.config.presets import tiny
+from matryoshka.data import DataConfig
 from matryoshka.training import precision
+from matryoshka.training.distributed import DistContext
+from matryoshka.training.trainer import Trainer
+
+from .test_cli import make_image_folder
 
 
 def test_cpu_flags_parsed_from_cpuinfo(tmp_path: Path):
@@ -53,3 +61,47 @@ def test_probe_needs_a_real_speed_up(monkeypatch, bf16_seconds, expected):
         assert precision.cpu_bf16_pays() is expected
     finally:
         precision.cpu_bf16_pays.cache_clear()
+
+
+def test_channels_last_auto_skips_bf16_on_cpus_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.use_channels_last(None, cpu, bf16=True) is False
+    assert precision.use_channels_last(None, cpu, bf16=False) is True
+    assert precision.use_channels_last(None, cuda, bf16=True) is True
+    assert precision.use_channels_last(True, cpu, bf16=True) is True
+    assert precision.use_channels_last(False, cuda, bf16=False) is False
+
+
+class RankZeroSays(DistContext):
+    """A rank whose rank 0 resolved the precision to ``bf16`` (whatever this rank would say)."""
+
+    def __init__(self, bf16: bool) -> None:
+        super().__init__()
+        self.bf16 = bf16
+
+    def from_main(self, value):
+        return self.bf16 if isinstance(value, bool) else value
+
+
+@pytest.mark.parametrize("train_precision,channels_last", [("fp32", True), ("bf16", False)])
+def test_trainer_lays_out_weights_as_resolved(tmp_path: Path, train_precision, channels_last):
+    trainer = Trainer(tiny_config(tmp_path, train_precision), quiet=True)
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert trainer.channels_last is channels_last
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert conv.weight.is_contiguous() is not channels_last
+
+
+def test_every_rank_takes_rank_zeros_precision(tmp_path: Path):
+    trainer = Trainer(tiny_config(tmp_path, "fp32"), dist=RankZeroSays(bf16=True), quiet=True)
+    assert trainer.bf16 is True and trainer.channels_last is False
+
+
+def tiny_config(tmp_path: Path, train_precision: str):
+    config = tiny()
+    return replace(
+        config,
+        run_dir=str(tmp_path / "run"),
+        data=DataConfig(source="imagefolder", path=str(make_image_folder(tmp_path / "images")), resolution=16),
+        train=replace(config.train, precision=train_precision),
+    )

@@ -245,7 +245,7 @@ def _train(config: RunConfig, resuming: bool, checkpoint: Path | None, dist) -> 
         f"training {trainer.num_levels}-level model ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
         f"parameters) on {describe_size(trainer.dataset, config.data.frames)}{images} at "
         f"{config.data.resolution}px, {trainer.total_steps} steps"
-        f"{stages}, device {trainer.device}"
+        f"{stages}, device {trainer.device}, {'bf16 autocast' if trainer.bf16 else 'fp32'}"
     )
     if trainer.step >= trainer.total_steps:
         say(f"nothing to train: the run is at step {trainer.step} of {trainer.total_steps} (raise train.steps)")

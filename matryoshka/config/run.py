@@ -95,9 +95,10 @@ class TrainConfig:
     """Probability of replacing a sample's condition by the null condition (trains guidance)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, and on CPUs with native bf16 where it is measured faster; else fp32."""
-    channels_last: bool = True
-    """Keep convolution weights (and so activations) in channels-last layout: ~20% faster on CPUs.
-    Ignored under train.strategy=fsdp, which shards contiguous parameters only."""
+    channels_last: bool | None = None
+    """Keep convolution weights (and so activations) in channels-last layout. None (auto): on, except
+    under bf16 autocast on a CPU, where its convolutions measured 15-18% slower (fp32: +7% to none;
+    docs/benchmarks.md). Ignored under train.strategy=fsdp, which shards contiguous parameters only."""
     max_nonfinite_steps: int = 20
     """Stop (keeping the last good checkpoint) after this many non-finite steps in a row."""
     seed: int = 0

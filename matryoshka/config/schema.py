@@ -125,7 +125,9 @@ def mismatch(value: object, tp: Any, path: str, detail: str = "") -> ConfigError
 
 def _check(value: Any, tp: Any, path: str) -> None:
     """Unknown keys and bool/number confusions, which pydantic's lax mode lets through."""
-    tp, _ = strip_optional(tp)
+    tp, optional = strip_optional(tp)
+    if value is None and optional:
+        return
     structure = kind(tp)
     if structure == "dataclass" and isinstance(value, Mapping):
         specs = fields(tp)

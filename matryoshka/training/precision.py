@@ -72,3 +72,11 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_bf16_pays()
+
+
+def use_channels_last(setting: bool | None, device: torch.device, bf16: bool) -> bool:
+    """Resolve ``train.channels_last``: an explicit value wins; auto skips it for bf16 on a CPU,
+    where oneDNN's channels-last bf16 convolutions ran 15-18% slower than contiguous ones."""
+    if setting is not None:
+        return setting
+    return not (device.type == "cpu" and bf16)

@@ -41,7 +41,7 @@ from .lr import lr_factor
 from .memory import check_model_fits
 from .metrics import MetricsLog, progress_bar
 from .parallel import shard, wrap
-from .precision import use_bf16
+from .precision import use_bf16, use_channels_last
 from .previews import evaluate_run, save_sample_grids
 from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
 from .saving import TrainingStopped, weights_not_finite, write_checkpoint
@@ -77,8 +77,11 @@ class Trainer:
 
                 cache_dir = Path(config.text.cache_dir).expanduser()
                 self.embed_captions = TextEmbeddingCache(cache_dir, self.text_encoder).get
-        self.bf16 = use_bf16(config.train.precision, self.device)
+        # Rank 0 decides for all: the CPU probe times a convolution, so ranks could disagree, and
+        # DDP needs one weight layout (channels_last follows bf16) on every rank.
+        self.bf16 = self.dist.from_main(use_bf16(config.train.precision, self.device))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        self.channels_last = use_channels_last(config.train.channels_last, self.device, self.bf16)
 
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -146,7 +149,7 @@ class Trainer:
         # Seeded by (seed, levels) so a grown level's initial weights do not depend on history.
         torch.manual_seed(mix_seed(train.seed, levels))
         self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
-        if train.channels_last and not self.sharded:  # FSDP2 shards contiguous parameters only
+        if self.channels_last and not self.sharded:  # FSDP2 shards contiguous parameters only
             self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, train.ema_decay, train.ema_warmup)
         if self.sharded:
