@@ -71,8 +71,7 @@ def main() -> None:
     if f"features_{size}" not in stats.files or str(stats["source"]) != "emoji":
         raise SystemExit(f"{args.reference} holds no emoji features at {size}² (mdm eval-stats emoji --levels {size})")
     reference = stats[f"features_{size}"].astype(np.float64)
-    real = EmojiDataset(DataConfig(label=pipe.config.data.label, resolution=pipe.config.data.resolution))
-    labels = real.table.group[real.items] if pipe.config.data.label == "group" else real.table.subgroup[real.items]
+    labels = EmojiDataset(DataConfig(label=pipe.config.data.label, resolution=pipe.config.data.resolution)).labels
     if len(labels) != len(reference) or not num_classes or labels.max() + 1 != num_classes:
         raise SystemExit("the run's classes or the reference's images are not the emoji set's")
     extractor = build_feature_extractor(str(stats["feature_name"]))

@@ -34,8 +34,7 @@ def data_labels(pipe) -> np.ndarray:
     data = pipe.config.data
     if data.source != "emoji":
         raise SystemExit(f"this probe reads emoji labels; the run was trained on {data.source!r}")
-    dataset = EmojiDataset(DataConfig(label=data.label, resolution=data.resolution))
-    return {"group": dataset.table.group, "subgroup": dataset.table.subgroup}[data.label][dataset.items]
+    return EmojiDataset(DataConfig(label=data.label, resolution=data.resolution)).labels
 
 
 def main() -> None:

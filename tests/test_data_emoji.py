@@ -36,7 +36,9 @@ def test_emoji_dataset_counts_labels_captions(group_ds):
     assert isinstance(ds, EmojiDataset)
     assert 3000 < len(ds) < 4000
     assert ds.num_classes == 10 and ds.class_names[0] == "Smileys & Emotion" and ds.class_names[-1] == "Flags"
-    labels = ds.table.group[ds.items]
+    labels = ds.labels
+    assert labels.tolist() == ds.table.group[ds.items].tolist()
+    assert [ds[i]["label"] for i in (0, len(ds) // 2, len(ds) - 1)] == labels[[0, len(ds) // 2, -1]].tolist()
     assert set(labels.tolist()) == set(range(10))
     assert ds.skipped["total"] == 0
     first = ds[0]

@@ -82,6 +82,11 @@ class EmojiDataset(ImageDataset):
             self._labels = np.full(len(t.glyphs), -1, dtype=np.int64)
         self._finish_index()
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Every item's class label, in item order (-1 where the dataset has none)."""
+        return self._labels[self.items]
+
     def _found_summary(self) -> str:
         return f"{len(self.table.glyphs)} bitmaps, {self.table.num_named} named"
 
