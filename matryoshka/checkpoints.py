@@ -90,6 +90,8 @@ def save_checkpoint(
             "num_levels": str(train_state["num_levels"]),
             "class_names": json.dumps(list(train_state.get("class_names", []))),
         }
+        if "train_seconds" in train_state:  # converted checkpoints have no training time of ours
+            metadata["train_seconds"] = f"{float(train_state['train_seconds']):.3f}"
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors", metadata
         )
@@ -224,7 +226,8 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
-    """Step, number of levels and class names of a checkpoint, from its weights' metadata.
+    """Step, number of levels, class names and training seconds (None if unknown) of a checkpoint,
+    from its weights' metadata.
 
     Checkpoints written before the metadata held them fall back to ``state.pt``; their class
     names are unknown (an empty list).
@@ -239,11 +242,18 @@ def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
             "step": int(metadata.get("step", 0)),
             "num_levels": int(metadata["num_levels"]),
             "class_names": [str(name) for name in json.loads(metadata.get("class_names", "[]"))],
+            "train_seconds": float(metadata["train_seconds"]) if "train_seconds" in metadata else None,
         }
     if not (checkpoint / "state.pt").is_file():
         raise CheckpointError(f"{checkpoint} has neither level metadata in its weights nor a state.pt")
     state = load_train_state(checkpoint / "state.pt")
-    return {"step": int(state.get("step", 0)), "num_levels": state.get("num_levels"), "class_names": []}
+    seconds = state.get("train_seconds")
+    return {
+        "step": int(state.get("step", 0)),
+        "num_levels": state.get("num_levels"),
+        "class_names": [],
+        "train_seconds": None if seconds is None else float(seconds),
+    }
 
 
 def _load_failure(error: Exception) -> str:

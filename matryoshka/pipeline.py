@@ -100,6 +100,8 @@ class Pipeline:
     text_encoder: object | None = None
     class_names: list[str] = field(default_factory=list)
     """Names of the class labels, as saved with the run when it was trained (empty if unknown)."""
+    train_seconds: float | None = None
+    """Training time behind the checkpoint (the trainer's count: steps only), None if unknown."""
 
     @property
     def device(self) -> torch.device:
@@ -232,4 +234,12 @@ def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.de
     if config.train.channels_last is not False:  # sampling runs in fp32, where channels-last never costs
         model.to(memory_format=torch.channels_last)
     process = build_process(config, num_levels)
-    return Pipeline(model, process, config, checkpoint, info["step"], class_names=info["class_names"])
+    return Pipeline(
+        model,
+        process,
+        config,
+        checkpoint,
+        info["step"],
+        class_names=info["class_names"],
+        train_seconds=info["train_seconds"],
+    )

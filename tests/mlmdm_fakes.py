@@ -230,6 +230,7 @@ class TrapModule(types.ModuleType):
 def assert_converted(out: Path, tensors: dict[str, torch.Tensor], levels: int, step: int = 12345):
     pipe = load_pipeline(out, device="cpu")
     assert pipe.model.config.num_levels == levels and pipe.step == step
+    assert pipe.train_seconds is None  # no training time of ours behind converted weights
     ours = pipe.model.state_dict()
     assert len(ours) == len(tensors)
     for key, value in tensors.items():

@@ -163,6 +163,9 @@ def test_class_conditional_training_and_sampling(tmp_path, folder):
     # The label reaches the model: the same seed gives other images for another class,
     # and the CLI's images are the pipeline's for that class index (folders sort: cats=0, dogs=1).
     pipe = load_pipeline(run)
+    # The training time behind the checkpoint travels with its weights (eval reports it).
+    state = torch.load(run / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
+    assert pipe.train_seconds == pytest.approx(state["train_seconds"], abs=1e-3) and pipe.train_seconds > 0
     for name, index in (("cats", 0), ("dogs", 1)):
         expected = pipe.generate(num=2, sampler="ddim", steps=2, guidance=3.0, seed=5, cond=pipe.condition(2, [index]))
         assert np.abs(to_uint8(expected[0]).astype(int) - written[name].astype(int)).max() <= 1

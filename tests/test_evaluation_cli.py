@@ -47,7 +47,7 @@ def save_untrained(run: Path, config, step: int) -> Path:
     """``run`` with one checkpoint of ``config``'s model at its seed-0 initial weights (no training needed)."""
     torch.manual_seed(0)
     model = NestedUNet(config.model)
-    state = {"step": step, "num_levels": config.model.num_levels}
+    state = {"step": step, "num_levels": config.model.num_levels, "train_seconds": 90.0}
     save_checkpoint(run, step, model.state_dict(), model.state_dict(), state, config, keep=1)
     return run
 
@@ -91,6 +91,7 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
     assert mdm(*argv) == 0
     printed = capsys.readouterr().out
     assert "fd_effnet-lite0" in printed and "16x16" in printed and "NOT comparable with published FIDs" in printed
+    assert "checkpoint step 7 (1.5 training minutes)" in printed
     report = json.loads(report_path.read_text())
     keys = {
         "fd_effnet-lite0",
@@ -102,6 +103,7 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
     assert set(report["metrics"]) == {f"{key}/{level}" for key in keys for level in ("16x16", "8x8")}
     assert all(np.isfinite(value) for value in report["metrics"].values())
     assert report["levels"] == ["16x16", "8x8"] and report["num"] == 6 and report["step"] == 7
+    assert report["train_minutes"] == 1.5  # the trainer's count, carried in the weights' metadata
     assert report["sampling"] == {
         "sampler": "dpm++2m",
         "steps": 2,

@@ -339,6 +339,7 @@ def run_evaluation(
         "levels": [names_of[size] for size in sizes],
         "checkpoint": str(pipeline.checkpoint) if pipeline.checkpoint else None,
         "step": pipeline.step,
+        "train_minutes": None if pipeline.train_seconds is None else round(pipeline.train_seconds / 60, 2),
         "ema": ema,
         "sampling": asdict(settings),
         "reference": None
@@ -431,6 +432,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"N={report['num']} samples, {sampling['sampler']} {sampling['steps']} steps, guidance "
         f"{sampling['guidance']:g}, "
         f"seed {sampling['seed']}, checkpoint step {report['step']}"
+        + (f" ({report['train_minutes']:g} training minutes)" if report.get("train_minutes") is not None else "")
     )
     video = report.get("video")
     if video:

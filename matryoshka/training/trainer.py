@@ -334,7 +334,14 @@ class Trainer:
             model.load_state_dict(weights)
         if not self.dist.is_main:
             return None
-        return Pipeline(model, self.process, self.config, step=self.step, text_encoder=self.text_encoder)
+        return Pipeline(
+            model,
+            self.process,
+            self.config,
+            step=self.step,
+            text_encoder=self.text_encoder,
+            train_seconds=self.train_seconds,
+        )
 
     def _samples_and_evaluation(self, sample: bool, evaluate: bool) -> None:
         """Rank 0 samples/evaluates while the other ranks wait without a collective timeout."""
