@@ -5,7 +5,6 @@ structure, random tensors under ml-mdm's names, and checkpoints pickled as ml-md
 from __future__ import annotations
 
 import argparse
-import copy
 import enum
 import types
 from pathlib import Path
@@ -240,12 +239,6 @@ def assert_converted(out: Path, tensors: dict[str, torch.Tensor], levels: int, s
     return pipe
 
 
-def edit(config: dict, path: str, value) -> dict:
-    """A copy of ``config`` with the dotted ``path`` set to ``value``."""
-    config = copy.deepcopy(config)
-    *parents, last = path.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    return config
+def convert_with_cli(checkpoint: Path, config_file: Path, out: Path) -> int:
+    """``mdm convert mlmdm --checkpoint ... --config ... --out ...``."""
+    return cli(["convert", "mlmdm", "--checkpoint", str(checkpoint), "--config", str(config_file), "--out", str(out)])

@@ -8,7 +8,6 @@ layout, whose tensors come from one of our models renamed by rules written here.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -30,6 +29,8 @@ from matryoshka.interop.diffusers_mdm import (
 from matryoshka.interop.mlmdm import MlmdmMismatchError, UnsafeCheckpointError, expected_shapes
 from matryoshka.models import Conditioning, NestedUNet
 from matryoshka.pipeline import load_pipeline
+
+from .config_edits import edit
 
 DATA = Path(__file__).resolve().parent / "data" / "diffusers_mdm"
 TEXT, CROSS = 24, 32
@@ -259,16 +260,6 @@ def test_the_port_layouts_by_hand(tmp_path):
 # ---------------------------------------------------------------------------- refusals: precise, nothing written
 
 
-def _edit(config: dict, path: str, value) -> dict:
-    config = copy.deepcopy(config)
-    *parents, last = path.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    return config
-
-
 @pytest.mark.parametrize(
     "path, value, message",
     [
@@ -285,7 +276,7 @@ def _edit(config: dict, path: str, value) -> dict:
 )
 def test_options_the_port_computes_otherwise_are_refused(path, value, message, tmp_path):
     with pytest.raises(DiffusersMdmError, match=message):
-        model_from_diffusers(_edit(port_config(2), path, value), [])
+        model_from_diffusers(edit(port_config(2), path, value), [])
 
 
 def test_mismatched_tensors_are_listed_by_name_and_nothing_is_written(tmp_path):

@@ -19,10 +19,10 @@ from matryoshka.models import Conditioning, NestedUNet
 from matryoshka.pipeline import build_process, load_pipeline
 from matryoshka.text.base import TextEmbedding
 
+from .config_edits import edit
 from .mlmdm_fakes import (
     TEXT_DIM,
-    cli,
-    edit,
+    convert_with_cli,
     synthetic_state_dict,
     tiny_mlmdm_config,
     write_yaml,
@@ -120,18 +120,7 @@ def test_converted_model_samples_like_the_original_weights(tmp_path):
     tensors = synthetic_state_dict(config)
     torch.save(tensors, tmp_path / "w.pth")
     out = tmp_path / "out"
-    cli(
-        [
-            "convert",
-            "mlmdm",
-            "--checkpoint",
-            str(tmp_path / "w.pth"),
-            "--config",
-            str(write_yaml(tmp_path / "c.yaml", config)),
-            "--out",
-            str(out),
-        ]
-    )
+    convert_with_cli(tmp_path / "w.pth", write_yaml(tmp_path / "c.yaml", config), out)
     pipe = load_pipeline(out, device="cpu")
     sampling = torch.load(out / "state.pt", weights_only=True)["source"]["sampling"]
     assert (sampling["sampler"], sampling["eta"], sampling["guidance"]) == ("ddim", 0.0, 7.5)
@@ -187,18 +176,7 @@ def test_converted_dynamic_threshold_model_samples_as_mlmdm_without_flags(tmp_pa
     config = edit(tiny_mlmdm_config(1), "diffusion_config.sampler_config.threshold_function", "DYNAMIC")
     torch.save(synthetic_state_dict(config, seed=5), tmp_path / "w.pth")
     out = tmp_path / "out"
-    cli(
-        [
-            "convert",
-            "mlmdm",
-            "--checkpoint",
-            str(tmp_path / "w.pth"),
-            "--config",
-            str(write_yaml(tmp_path / "c.yaml", config)),
-            "--out",
-            str(out),
-        ]
-    )
+    convert_with_cli(tmp_path / "w.pth", write_yaml(tmp_path / "c.yaml", config), out)
     pipe = load_pipeline(out, device="cpu")
     sample = pipe.config.sample
     assert (

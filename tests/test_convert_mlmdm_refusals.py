@@ -24,11 +24,11 @@ from matryoshka.interop.mlmdm import (
 )
 from matryoshka.models import NestedUNet
 
+from .config_edits import edit
 from .mlmdm_fakes import (
     TEXT_DIM,
     assert_converted,
     cli,
-    edit,
     save_mlmdm_checkpoint,
     synthetic_state_dict,
     tiny_mlmdm_config,
