@@ -105,6 +105,7 @@ def test_training_writes_outputs_and_reports_skipped_files(tmp_path, folder, cap
     assert "11 items" in printed or "12 items" in printed
     assert "1 skipped" in printed
     assert "device cpu, fp32" in printed  # the header names the precision train.precision resolved to
+    assert "reached the last step" not in printed  # no time limit, so none cut short
     records = metrics(run)
     training = [r for r in records if "loss" in r]
     assert training[-1]["step"] == 4 and {"loss", "lr", "images_per_s", "loss/16x16", "loss/8x8"} <= set(training[-1])
@@ -112,6 +113,13 @@ def test_training_writes_outputs_and_reports_skipped_files(tmp_path, folder, cap
     assert [r["step"] for r in evaluation] == [4] and evaluation[0]["fd_effnet-lite0/8x8"] >= 0
     assert (run / "config.yaml").is_file() and (run / "tensorboard").is_dir()
     assert {p.name for p in (run / "samples").iterdir()} >= {"step_00000002_16px.png", "step_00000004_8px.png"}
+
+
+def test_a_time_limited_run_that_runs_out_of_steps_says_so(tmp_path, folder, capsys):
+    assert train(tmp_path / "run", folder, "train.steps=2", "train.max_minutes=30") == 0
+    printed = capsys.readouterr().out
+    assert "reached the last step (2) with" in printed and "train.max_minutes=30 left" in printed
+    assert metrics(tmp_path / "run")[-1]["step"] == 2
 
 
 def _pngs(folder: Path) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -263,6 +264,13 @@ def _train(config: RunConfig, resuming: bool, checkpoint: Path | None, dist) -> 
             "lower train.batch_size (train.grad_accum keeps the global batch) or the model size; "
             "run the same command to resume from the last checkpoint"
         ) from None
+    left = trainer.run_end_seconds - trainer.train_seconds
+    if trainer.step >= trainer.total_steps and math.isfinite(left) and left > 0:
+        # A time-limited run that ran out of steps first: say so, or "MINUTES=60" silently trains less.
+        say(
+            f"reached the last step ({trainer.total_steps}) with {left / 60:.1f} of train.max_minutes="
+            f"{config.train.max_minutes:g} left: raise train.steps to train for the minutes"
+        )
     samples = sorted((run_dir / "samples").glob(f"step_{trainer.step:08d}_*.png"))
     say(
         f"done: {trainer.step} steps. run: {run_dir}  checkpoint: {checkpoint}  samples: "
