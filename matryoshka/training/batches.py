@@ -9,6 +9,8 @@ so they do not depend on how the global batch is split over processes or micro-b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..data.loader import mix_seed
@@ -73,3 +75,15 @@ def batch_conditioning(
     if labels is None and text is None:
         return None
     return Conditioning(labels=labels, text=text, text_mask=mask)
+
+
+def caption_embedder(encoder, cache_dir: str | None):
+    """How training embeds captions: the text encoder, through the on-disk embedding cache when
+    ``text.cache_dir`` is set; None for models without text."""
+    if encoder is None:
+        return None
+    if not cache_dir:
+        return encoder.encode
+    from ..text import TextEmbeddingCache
+
+    return TextEmbeddingCache(Path(cache_dir).expanduser(), encoder).get

@@ -42,6 +42,19 @@ def full_weights(module: NestedUNet, sharded: bool) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=_FULL_ON_MAIN)
 
 
+def full_model_on_main(module: NestedUNet, sharded: bool, is_main: bool, device: torch.device) -> NestedUNet | None:
+    """The whole model on rank 0 (under FSDP an unsharded copy, gathered by a collective every rank
+    calls; otherwise ``module`` itself), None on the other ranks."""
+    if not sharded:
+        return module if is_main else None
+    weights = full_weights(module, sharded=True)
+    if not is_main:
+        return None
+    model = NestedUNet(module.config).to(device)
+    model.load_state_dict(weights)
+    return model
+
+
 def set_full_weights(module: NestedUNet, tensors: dict[str, torch.Tensor], sharded: bool, source: str | Path) -> None:
     """Load full weights, checked against the model's names and shapes with clear messages."""
     if not sharded:

@@ -31,7 +31,7 @@ from ..data.loader import mix_seed
 from ..diffusion.process import MatryoshkaDiffusion
 from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
-from .batches import batch_conditioning, sample_randomness, top_images
+from .batches import batch_conditioning, caption_embedder, sample_randomness, top_images
 from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
@@ -46,7 +46,15 @@ from .previews import evaluate_run, save_sample_grids
 from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
 from .saving import TrainingStopped, weights_not_finite, write_checkpoint
 from .stages import StagePlan
-from .state import all_finite, full_weights, init_inner_from, load_optimizer_state, optimizer_state, set_full_weights
+from .state import (
+    all_finite,
+    full_model_on_main,
+    full_weights,
+    init_inner_from,
+    load_optimizer_state,
+    optimizer_state,
+    set_full_weights,
+)
 
 
 class Trainer:
@@ -69,14 +77,7 @@ class Trainer:
         """Images that a video run mixes into every batch as one-frame clips (data.image_source)."""
         self._check_labels()
         self.text_encoder = load_encoder(config, self.device)
-        self.embed_captions = None
-        if self.text_encoder is not None:
-            self.embed_captions = self.text_encoder.encode
-            if config.text.cache_dir:
-                from ..text import TextEmbeddingCache
-
-                cache_dir = Path(config.text.cache_dir).expanduser()
-                self.embed_captions = TextEmbeddingCache(cache_dir, self.text_encoder).get
+        self.embed_captions = caption_embedder(self.text_encoder, config.text.cache_dir)
         # Rank 0 decides for all: the CPU probe times a convolution, so ranks could disagree, and
         # DDP needs one weight layout (channels_last follows bf16) on every rank.
         self.bf16 = self.dist.from_main(use_bf16(config.train.precision, self.device))
@@ -325,14 +326,8 @@ class Trainer:
 
     def _ema_pipeline(self) -> Pipeline | None:
         """The EMA model as a pipeline on rank 0 (unsharded there under FSDP); None elsewhere."""
-        model = self.ema.model
-        if self.sharded:
-            weights = full_weights(model, sharded=True)  # a collective: every rank calls it
-            if not self.dist.is_main:
-                return None
-            model = NestedUNet(model.config).to(self.device)
-            model.load_state_dict(weights)
-        if not self.dist.is_main:
+        model = full_model_on_main(self.ema.model, self.sharded, self.dist.is_main, self.device)
+        if model is None:
             return None
         return Pipeline(
             model,
