@@ -65,6 +65,7 @@ def build_process(config: RunConfig, num_levels: int | None = None, one_frame: b
         loss_weighting=diffusion.loss_weighting,
         min_snr_gamma=diffusion.min_snr_gamma,
         min_snr_floor=diffusion.min_snr_floor,
+        time_logit_normal=tuple(diffusion.time_logit_normal) if diffusion.time_logit_normal else None,
         residual_upsampling=diffusion.residual_upsampling,
         upsampled_residual=diffusion.upsampled_residual,
         frames=frames or None,

@@ -39,3 +39,12 @@ def test_configs_saved_by_earlier_versions_still_load(tmp_path):
     saved.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"model.spatial_dims"):
         load_run_config(saved)
+
+
+def test_logit_normal_training_times_reach_the_process_and_bad_ones_are_refused():
+    assert build_process(load_run_config("tiny")).time_logit_normal is None
+    config = load_run_config("tiny", ["diffusion.time_logit_normal=[1.0, 0.5]"])
+    assert build_process(config).time_logit_normal == (1.0, 0.5)
+    for bad in ("[1.0]", "[0.0, -1.0]"):
+        with pytest.raises(ConfigError, match="time_logit_normal"):
+            load_run_config("tiny", [f"diffusion.time_logit_normal={bad}"])

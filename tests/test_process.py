@@ -252,6 +252,18 @@ def test_sampled_timesteps_and_generator_determinism():
     assert runs[0][1].min() >= 0 and runs[0][1].max() <= 999
 
 
+def test_logit_normal_timesteps_match_their_distribution():
+    mean, std = 0.5, 0.8
+    t = make(1, time_logit_normal=(mean, std)).sample_timesteps(200_000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min().item() >= 1 and t.max().item() <= 1000
+    # P(t <= k) = P(sigmoid(N) <= k/T) = Phi((logit(k/T) - mean) / std), exactly, for the rounded-up draw.
+    for k in (100, 500, 622, 900):
+        expected = 0.5 * (1 + math.erf((math.log(k / (1000 - k)) - mean) / (std * math.sqrt(2))))
+        assert abs((t <= k).double().mean().item() - expected) < 0.004
+    with pytest.raises(ValueError, match="time_logit_normal"):
+        make(1, time_logit_normal=(0.0, 0.0))
+
+
 def test_initial_noise_shapes():
     p = make(3, factor=2)
     noise = p.initial_noise(2, 3, 16, 8, generator=torch.Generator().manual_seed(0))

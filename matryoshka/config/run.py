@@ -43,6 +43,8 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0
     min_snr_floor: float = 0.0
     """With min_snr: the x0 error's weight is clamp(SNR, floor, gamma); 1 keeps the noisy end trained."""
+    time_logit_normal: list[float] = field(default_factory=list)
+    """Training times: empty draws t uniformly; [m, s] draws t/T = sigmoid(N(m, s²)) (SD3's logit-normal)."""
     upsampled_residual: bool = False
     """Outer levels predict a correction to the upsampled x0 estimate of the level below."""
     residual_upsampling: Literal["bicubic", "bilinear"] = "bicubic"
@@ -67,6 +69,8 @@ class DiffusionConfig:
             raise ValueError("min_snr_gamma must be positive")
         if not 0 <= self.min_snr_floor <= self.min_snr_gamma:
             raise ValueError("min_snr_floor must be in [0, min_snr_gamma]")
+        if self.time_logit_normal and (len(self.time_logit_normal) != 2 or self.time_logit_normal[1] <= 0):
+            raise ValueError("time_logit_normal must be empty or [mean, std] with std > 0")
 
 
 @dataclass

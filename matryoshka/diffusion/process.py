@@ -80,6 +80,8 @@ class MatryoshkaDiffusion:
         loss_weighting: "none" (ml-mdm) or "min_snr" (each level by its own shifted SNR).
         min_snr_gamma: gamma of the min-SNR weighting.
         min_snr_floor: lower bound of min-SNR's x0 weight (see ``loss_weight``).
+        time_logit_normal: None draws training times uniformly; (m, s) draws t/T as
+            sigmoid(N(m, s²)) (Esser et al. 2024, §3.1), so positive m trains noisier times more.
         upsampled_residual: each outer level's output is read as a correction to the next
             lower level's x0 estimate upsampled (see ``network_output``).
         residual_upsampling: how that estimate is upsampled, "bicubic" or "bilinear".
@@ -104,6 +106,7 @@ class MatryoshkaDiffusion:
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
         min_snr_floor: float = 0.0,
+        time_logit_normal: tuple[float, float] | None = None,
         upsampled_residual: bool = False,
         residual_upsampling: str = "bicubic",
         frames: Sequence[int] | None = None,
@@ -144,6 +147,9 @@ class MatryoshkaDiffusion:
         if not 0 <= min_snr_floor <= min_snr_gamma:
             raise ValueError(f"min_snr_floor must be in [0, min_snr_gamma={min_snr_gamma}], got {min_snr_floor}")
         self.min_snr_floor = float(min_snr_floor)
+        if time_logit_normal is not None and (len(time_logit_normal) != 2 or time_logit_normal[1] <= 0):
+            raise ValueError(f"time_logit_normal must be (mean, std > 0), got {time_logit_normal}")
+        self.time_logit_normal = None if time_logit_normal is None else tuple(map(float, time_logit_normal))
         self.upsampled_residual = upsampled_residual
         if residual_upsampling not in ("bicubic", "bilinear"):
             raise ValueError(f"unknown residual_upsampling {residual_upsampling!r}; valid: bicubic, bilinear")
@@ -239,8 +245,12 @@ class MatryoshkaDiffusion:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """Integer t ~ U{1, ..., T}, one per sample."""
-        return torch.randint(1, self.num_steps + 1, (batch_size,), generator=generator, device=device)
+        """Integer t in {1, ..., T}, one per sample: uniform, or t/T logit-normal (rounded up)."""
+        if self.time_logit_normal is None:
+            return torch.randint(1, self.num_steps + 1, (batch_size,), generator=generator, device=device)
+        mean, std = self.time_logit_normal
+        u = torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator, device=device))
+        return (u * self.num_steps).ceil().long().clamp(1, self.num_steps)
 
     @staticmethod
     def model_time(t: Tensor) -> Tensor:
