@@ -32,6 +32,7 @@ from ..diffusion.process import MatryoshkaDiffusion
 from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
 from .batches import batch_conditioning, caption_embedder, sample_randomness, top_images
+from .cores import watch_cores
 from .distributed import DistContext
 from .ema import EMA
 from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
@@ -68,6 +69,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir).expanduser()
         self.device = self.dist.device(config.train.device)
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
+        self.cores = watch_cores(self.device, self.metrics.warn, self.dist.enabled) if self.dist.is_main else None
         self.notes: list[str] = []
         """What the trainer decided about the run directory, for the command to print."""
         check_run_paths(config, self.run_dir)
@@ -230,13 +232,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
-        lr = stage.lr * lr_factor(
-            self.step - self.plan.start(self.step),
-            train.warmup_steps,
-            self._stage_progress(),
-            train.lr_schedule,
-            train.min_lr_ratio,
-        )
+        steps_in_stage, progress = self.step - self.plan.start(self.step), self._stage_progress()
+        lr = stage.lr * lr_factor(steps_in_stage, train.warmup_steps, progress, train.lr_schedule, train.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.network.train()
@@ -376,6 +373,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
             "stage": self.plan.history[-1]["stage"],
             "levels": self.num_levels,
+            **({"other_cpu_cores": round(self.cores.check(), 2)} if self.cores else {}),  # explains slow segments
         }
         self.metrics.write(record)
         return averaged
