@@ -11,6 +11,15 @@ raw weights (``model.safetensors`` of every checkpoint), holding each saved tens
 until the next one, so every span is judged on the same training run (as in EDM2's post-hoc EMA,
 Karras et al. 2024). Each span becomes a copy of the last checkpoint with those averaged weights
 as its EMA, ready for ``mdm sample`` and ``mdm eval``.
+
+``--grown`` replays only the level(s) that a progressive run grew last, whose average the trainer
+restarted at growth (``ema_started`` in ``state.pt``): from their initial weights, rebuilt as the
+trainer built them, over the checkpoints since; the inner levels keep the run's own EMA. Span
+``none`` is the capped decay from the first step, with no warm-up (an average that holds the
+initial weights for ~1/(1 - cap) steps):
+
+    mdm train --resume runs/demo train.checkpoint_every=20 train.keep_checkpoints=100000   # past a growth
+    python benchmarks/posthoc_ema.py runs/demo --grown --spans 2 4 10 none --out runs/demo-spans
 """
 
 from __future__ import annotations
@@ -24,43 +33,81 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from matryoshka.checkpoints import list_checkpoints
+from matryoshka.config.presets import load_run_config
+from matryoshka.data.loader import mix_seed
+from matryoshka.models import NestedUNet
 from matryoshka.training.ema import warmup_decay
 
 
-def replay(checkpoints: list[Path], span: float, cap: float) -> dict[str, torch.Tensor]:
-    """The trainer's EMA with warm-up ``span`` over raw weights held between checkpoints."""
-    average: dict[str, torch.Tensor] | None = None
-    step = 0
-    for checkpoint in checkpoints:
-        weights = {name: value.double() for name, value in load_file(checkpoint / "model.safetensors").items()}
-        until = int(checkpoint.name.removeprefix("step_"))
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step_"))
+
+
+def replay(
+    checkpoints: list[Path],
+    span: float | None,
+    cap: float,
+    start: dict[str, torch.Tensor] | None = None,
+    since: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The trainer's EMA with warm-up ``span`` (None: none) over raw weights held between checkpoints,
+    of the tensors in ``start`` (their weights at step ``since``) or, without it, of all from the first."""
+    average = None if start is None else {name: value.double() for name, value in start.items()}
+    step = since
+    for checkpoint in (c for c in checkpoints if step_of(c) > since or start is None):
+        weights = {
+            name: value.double()
+            for name, value in load_file(checkpoint / "model.safetensors").items()
+            if start is None or name in start
+        }
+        until = step_of(checkpoint)
         if average is None:
             average = {name: value.clone() for name, value in weights.items()}
         # Updates towards the same weights compose: what remains of the average is the product of the decays.
-        kept = math.prod(warmup_decay(n, cap, span) for n in range(step, until))
+        kept = math.prod(cap if span is None else warmup_decay(n - since, cap, span) for n in range(step, until))
         for name, value in weights.items():
             average[name].lerp_(value, 1 - kept)
         step = until
     return {name: value.float() for name, value in average.items()}
 
 
+def grown_start(run: Path, last: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """Initial weights of the tensors whose average restarted at the last growth, and that step."""
+    started = torch.load(last / "state.pt", weights_only=True).get("ema_started", {})
+    since = max(started.values(), default=0)
+    names = {name for name, count in started.items() if count == since}
+    if not since:
+        raise SystemExit(f"{run} has not grown: nothing for --grown to replay")
+    config = load_run_config(run / "config.yaml")
+    levels = int(torch.load(last / "state.pt", weights_only=True)["num_levels"])
+    torch.manual_seed(mix_seed(config.train.seed, levels))  # as the trainer builds a grown model
+    initial = NestedUNet(config.model.truncated(levels)).state_dict()
+    return {name: initial[name] for name in names}, since
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a run saved every few steps (train.checkpoint_every)")
-    parser.add_argument("--spans", nargs="+", type=float, default=[2.0, 4.0, 10.0])
+    parser.add_argument("--spans", nargs="+", default=["2", "4", "10"], help="warm-up spans, or none")
     parser.add_argument("--cap", type=float, default=0.999, help="the decay's cap (train.ema_decay)")
+    parser.add_argument("--grown", action="store_true", help="replay only the level(s) grown last")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     checkpoints = list_checkpoints(args.run)
     if len(checkpoints) < 2:
         raise SystemExit(f"{args.run} has {len(checkpoints)} checkpoints: train it with a small train.checkpoint_every")
-    for span in args.spans:
-        if span <= 1:
-            raise SystemExit(f"span must be > 1, got {span}")
-        target = args.out / f"span_{span:g}"
+    start, since = grown_start(args.run, checkpoints[-1]) if args.grown else (None, 0)
+    for name in args.spans:
+        span = None if name == "none" else float(name)
+        if span is not None and span <= 1:
+            raise SystemExit(f"span must be > 1 or none, got {name}")
+        target = args.out / f"span_{name}"
         shutil.copytree(checkpoints[-1], target)
-        save_file(replay(checkpoints, span, args.cap), target / "ema.safetensors")
-        print(f"span {span:g}: {target} ({len(checkpoints)} checkpoints)")
+        averaged = replay(checkpoints, span, args.cap, start, since)
+        if start is not None:  # the inner levels keep the run's own average
+            averaged = {**load_file(checkpoints[-1] / "ema.safetensors"), **averaged}
+        save_file(averaged, target / "ema.safetensors")
+        print(f"span {name}: {target} ({sum(step_of(c) > since for c in checkpoints)} checkpoints)")
 
 
 if __name__ == "__main__":
