@@ -95,6 +95,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     """Ramp the EMA decay as min(decay, (1 + n) / (10 + n)) so early averages are not stale."""
+    ema_grown_warmup: bool = True
+    """The same ramp, restarted, for a level grown by a later stage; False averages it at ema_decay from its first
+    step, so samples stay near the upsampled inner image while the new level's output is still speckle."""
     cond_drop_prob: float = 0.1
     """Probability of replacing a sample's condition by the null condition (trains guidance)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

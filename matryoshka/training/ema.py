@@ -19,21 +19,24 @@ class EMA:
 
     With ``warmup`` the decay of a tensor averaged for n updates is min(decay, (1 + n) / (10 + n)),
     so the average is not dominated by the random initialisation early in training. A level grown
-    in a later stage (``restart``) starts its own count: with the count of the whole run its
-    average would hold its initial weights for hundreds of steps (a fresh outer level of
-    ``emoji64`` kept ~55% of them after the 80 steps of a 10-minute demo).
+    in a later stage (``restart``) starts its own count, or with ``grown_warmup=False`` is averaged
+    at ``decay`` from its first update: its average then holds its initial weights, a level that
+    returns the upsampled inner image, for ~1/(1 - decay) steps, in which a fresh level's own
+    output is mostly speckle (docs/benchmarks.md, ninth round).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, grown_warmup: bool = True) -> None:
         self.decay = decay
         self.warmup = warmup
+        self.grown_warmup = grown_warmup
         self.updates = 0
         self.started: dict[str, int] = {}
         """Update count at which a tensor joined the average (absent: 0)."""
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def current_decay(self, started: int = 0) -> float:
-        if not self.warmup:
+        """The decay of a tensor that joined the average at update ``started`` (0: from the start)."""
+        if not self.warmup or (started and not self.grown_warmup):
             return self.decay
         return warmup_decay(self.updates - started, self.decay)
 
