@@ -14,12 +14,12 @@ as its EMA, ready for ``mdm sample`` and ``mdm eval``.
 
 ``--grown`` replays only the level(s) that a progressive run grew last, whose average the trainer
 restarted at growth (``ema_started`` in ``state.pt``): from their initial weights, rebuilt as the
-trainer built them, over the checkpoints since; the inner levels keep the run's own EMA. Span
-``none`` is the capped decay from the first step, with no warm-up (an average that holds the
-initial weights for ~1/(1 - cap) steps):
+trainer built them, over the checkpoints since; the inner levels keep the run's own EMA.
+``--hold-steps`` replays ``train.ema_grown_hold_steps``; span ``none`` is the capped decay from the
+first step, with no warm-up (an average that holds the initial weights for ~1/(1 - cap) steps):
 
     mdm train --resume runs/demo train.checkpoint_every=20 train.keep_checkpoints=100000   # past a growth
-    python benchmarks/posthoc_ema.py runs/demo --grown --spans 2 4 10 none --out runs/demo-spans
+    python benchmarks/posthoc_ema.py runs/demo --grown --spans 10 none --out runs/demo-spans  # --hold-steps 300
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def replay(
     cap: float,
     start: dict[str, torch.Tensor] | None = None,
     since: int = 0,
+    floor: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The trainer's EMA with warm-up ``span`` (None: none) over raw weights held between checkpoints,
-    of the tensors in ``start`` (their weights at step ``since``) or, without it, of all from the first."""
+    """The trainer's EMA with warm-up ``span`` (None: none) and decay ``floor`` over raw weights held
+    between checkpoints, of the tensors in ``start`` (their weights at step ``since``) or, without it,
+    of all from the first."""
     average = None if start is None else {name: value.double() for name, value in start.items()}
     step = since
     for checkpoint in (c for c in checkpoints if step_of(c) > since or start is None):
@@ -64,7 +66,7 @@ def replay(
         if average is None:
             average = {name: value.clone() for name, value in weights.items()}
         # Updates towards the same weights compose: what remains of the average is the product of the decays.
-        kept = math.prod(cap if span is None else warmup_decay(n - since, cap, span) for n in range(step, until))
+        kept = math.prod(cap if span is None else warmup_decay(n - since, cap, span, floor) for n in range(step, until))
         for name, value in weights.items():
             average[name].lerp_(value, 1 - kept)
         step = until
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--spans", nargs="+", default=["2", "4", "10"], help="warm-up spans, or none")
     parser.add_argument("--cap", type=float, default=0.999, help="the decay's cap (train.ema_decay)")
     parser.add_argument("--grown", action="store_true", help="replay only the level(s) grown last")
+    parser.add_argument("--hold-steps", type=int, default=0, help="with --grown: train.ema_grown_hold_steps")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     checkpoints = list_checkpoints(args.run)
@@ -101,9 +104,10 @@ def main() -> None:
         span = None if name == "none" else float(name)
         if span is not None and span <= 1:
             raise SystemExit(f"span must be > 1 or none, got {name}")
-        target = args.out / f"span_{name}"
+        target = args.out / (f"span_{name}" + (f"_hold{args.hold_steps}" if args.hold_steps else ""))
         shutil.copytree(checkpoints[-1], target)
-        averaged = replay(checkpoints, span, args.cap, start, since)
+        floor = 1 - 1 / args.hold_steps if args.hold_steps else 0.0
+        averaged = replay(checkpoints, span, args.cap, start, since, floor)
         if start is not None:  # the inner levels keep the run's own average
             averaged = {**load_file(checkpoints[-1] / "ema.safetensors"), **averaged}
         save_file(averaged, target / "ema.safetensors")

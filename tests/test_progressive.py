@@ -71,20 +71,23 @@ def test_growth_preserves_inner_predictions_weights_and_optimizer_state(tmp_path
     for key, decay in ((name, 1 / 10), (inner_name, 4 / 13)):  # (1 + n) / (10 + n) after n = 0 and 3 updates
         expected = decay * ema_before[key] + (1 - decay) * trained[key].detach()
         torch.testing.assert_close(trainer.ema.model.state_dict()[key], expected)
-    # Without the grown level's warm-up its average moves at the full decay from its first step.
-    trainer.ema.grown_warmup = False
+    # Held for ~100 steps, the grown level's average moves at decay >= 0.99 while its ramp is lower (n = 1),
+    # and the inner level keeps its own ramp (n = 4).
+    trainer.ema.grown_floor = 1 - 1 / 100
     ema_before = {n: trainer.ema.model.state_dict()[n].clone() for n in (name, inner_name)}
     trainer._train_step()
     trained = dict(trainer.model.named_parameters())
-    for key, decay in ((name, trainer.ema.decay), (inner_name, 5 / 14)):  # the inner level keeps its ramp: n = 4
+    for key, decay in ((name, 0.99), (inner_name, 5 / 14)):
         expected = decay * ema_before[key] + (1 - decay) * trained[key].detach()
         torch.testing.assert_close(trainer.ema.model.state_dict()[key], expected)
 
 
-def test_the_grown_levels_ema_setting_reaches_the_average(tmp_path, folder):
+def test_the_grown_levels_ema_hold_reaches_the_average(tmp_path, folder):
     config = progressive_config(tmp_path / "run", folder)
-    config = replace(config, train=replace(config.train, ema_grown_warmup=False))
-    assert Trainer(config, quiet=True).ema.grown_warmup is False
+    config = replace(config, train=replace(config.train, ema_grown_hold_steps=300))
+    assert Trainer(config, quiet=True).ema.grown_floor == pytest.approx(1 - 1 / 300)
+    with pytest.raises(ValueError, match="ema_grown_hold_steps"):
+        replace(config.train, ema_grown_hold_steps=-1)
 
 
 def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):

@@ -38,6 +38,7 @@ def emoji64() -> RunConfig:
     # (the 16² UNet alone first, for at most STAGE1_MINUTES, in batches of 8 for more updates per
     # minute), min-SNR weighting, an outer level that refines the (bilinearly) upsampled inner
     # image, and simple diffusion's schedule shift: +2 ln 4 at the 16² level, none at the 64² one.
+    # The grown 64² level's EMA holds its initial weights (the upsampled 16² image) for ~333 steps.
     return RunConfig(
         run_dir="runs/emoji64",
         model=emoji64_model(2),
@@ -50,7 +51,14 @@ def emoji64() -> RunConfig:
         ),
         data=DataConfig(resolution=64),
         train=TrainConfig(
-            steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=500, sample_every=1000
+            steps=12000,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=50,
+            log_every=25,
+            checkpoint_every=500,
+            sample_every=1000,
+            ema_grown_hold_steps=333,
         ),
         stages=[
             StageConfig(levels=1, steps=4000, minutes=STAGE1_MINUTES),
@@ -165,7 +173,14 @@ def emoji_video() -> RunConfig:
         ),
         data=DataConfig(source="emoji-motion", resolution=32, frames=8, sprites=64),
         train=TrainConfig(
-            steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=500, sample_every=1000
+            steps=12000,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=50,
+            log_every=25,
+            checkpoint_every=500,
+            sample_every=1000,
+            ema_grown_hold_steps=333,
         ),
         stages=[
             StageConfig(levels=1, steps=9000, minutes=VIDEO_STAGE1_MINUTES),

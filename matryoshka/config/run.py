@@ -95,9 +95,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     """Ramp the EMA decay as min(decay, (1 + n) / (10 + n)) so early averages are not stale."""
-    ema_grown_warmup: bool = True
-    """The same ramp, restarted, for a level grown by a later stage; False averages it at ema_decay from its first
-    step, so samples stay near the upsampled inner image while the new level's output is still speckle."""
+    ema_grown_hold_steps: int = 0
+    """A level grown by a later stage restarts that ramp, with its decay kept at least 1 - 1/h: its average holds
+    its initial weights (the upsampled inner image) for about h steps, while its own output is still speckle."""
     cond_drop_prob: float = 0.1
     """Probability of replacing a sample's condition by the null condition (trains guidance)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -144,8 +144,8 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_minutes < 0:
             raise ValueError("max_minutes must be >= 0")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        if min(self.warmup_steps, self.weight_decay, self.grad_clip, self.ema_grown_hold_steps) < 0:
+            raise ValueError("warmup_steps, weight_decay, grad_clip and ema_grown_hold_steps must be >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
         if not 0 <= self.cond_drop_prob <= 1:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 
-def warmup_decay(updates: int, decay: float, span: float = 10.0) -> float:
-    """min(decay, (1 + n) / (span + n)) after n updates: roughly the last n / (span - 1) steps."""
-    return min(decay, (1 + updates) / (span + updates))
+def warmup_decay(updates: int, decay: float, span: float = 10.0, floor: float = 0.0) -> float:
+    """min(decay, max(floor, (1 + n) / (span + n))) after n updates: roughly the last n / (span - 1)
+    steps; a floor 1 - 1/h holds the initial weights for about h steps first."""
+    return min(decay, max(floor, (1 + updates) / (span + updates)))
 
 
 class EMA:
@@ -19,16 +20,16 @@ class EMA:
 
     With ``warmup`` the decay of a tensor averaged for n updates is min(decay, (1 + n) / (10 + n)),
     so the average is not dominated by the random initialisation early in training. A level grown
-    in a later stage (``restart``) starts its own count, or with ``grown_warmup=False`` is averaged
-    at ``decay`` from its first update: its average then holds its initial weights, a level that
-    returns the upsampled inner image, for ~1/(1 - decay) steps, in which a fresh level's own
-    output is mostly speckle (docs/benchmarks.md, ninth round).
+    in a later stage (``restart``) starts its own count, with its decay kept at least
+    1 - 1/``grown_hold_steps``: its average then holds its initial weights, a level that returns
+    the upsampled inner image, for about that many steps, in which a fresh level's own output is
+    mostly speckle (docs/benchmarks.md, ninth round), and follows the warm-up after.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, grown_warmup: bool = True) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, grown_hold_steps: int = 0) -> None:
         self.decay = decay
         self.warmup = warmup
-        self.grown_warmup = grown_warmup
+        self.grown_floor = 1 - 1 / grown_hold_steps if grown_hold_steps else 0.0
         self.updates = 0
         self.started: dict[str, int] = {}
         """Update count at which a tensor joined the average (absent: 0)."""
@@ -36,9 +37,9 @@ class EMA:
 
     def current_decay(self, started: int = 0) -> float:
         """The decay of a tensor that joined the average at update ``started`` (0: from the start)."""
-        if not self.warmup or (started and not self.grown_warmup):
+        if not self.warmup:
             return self.decay
-        return warmup_decay(self.updates - started, self.decay)
+        return warmup_decay(self.updates - started, self.decay, floor=self.grown_floor if started else 0.0)
 
     def restart(self, names: Iterable[str]) -> None:
         """Average these tensors from now on as if training had just begun."""

@@ -154,7 +154,7 @@ class Trainer:
         self.model = NestedUNet(self.config.model.truncated(levels)).to(self.device)
         if self.channels_last and not self.sharded:  # FSDP2 shards contiguous parameters only
             self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, train.ema_decay, train.ema_warmup, train.ema_grown_warmup)
+        self.ema = EMA(self.model, train.ema_decay, train.ema_warmup, train.ema_grown_hold_steps)
         if self.sharded:
             bf16_params = self.device.type == "cuda" and self.bf16
             shard(self.model, bf16_params)
