@@ -173,14 +173,7 @@ def emoji_video() -> RunConfig:
         ),
         data=DataConfig(source="emoji-motion", resolution=32, frames=8, sprites=64),
         train=TrainConfig(
-            steps=12000,
-            batch_size=8,
-            lr=1e-3,
-            warmup_steps=50,
-            log_every=25,
-            checkpoint_every=500,
-            sample_every=1000,
-            ema_grown_hold_steps=333,
+            steps=12000, batch_size=8, lr=1e-3, warmup_steps=50, log_every=25, checkpoint_every=500, sample_every=1000
         ),
         stages=[
             StageConfig(levels=1, steps=9000, minutes=VIDEO_STAGE1_MINUTES),
