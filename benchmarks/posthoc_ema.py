@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from matryoshka.checkpoints import list_checkpoints
+from matryoshka.checkpoints import list_checkpoints, load_train_state
 from matryoshka.config.presets import load_run_config
 from matryoshka.data.loader import mix_seed
 from matryoshka.models import NestedUNet
@@ -74,14 +74,16 @@ def replay(
 
 
 def grown_start(run: Path, last: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """Initial weights of the tensors whose average restarted at the last growth, and that step."""
-    started = torch.load(last / "state.pt", weights_only=True).get("ema_started", {})
+    """Initial weights of the tensors whose average restarted at the last growth, and that step (an
+    update count, which equals the step unless non-finite steps were skipped)."""
+    state = load_train_state(last / "state.pt")
+    started = state.get("ema_started", {})
     since = max(started.values(), default=0)
     names = {name for name, count in started.items() if count == since}
     if not since:
         raise SystemExit(f"{run} has not grown: nothing for --grown to replay")
     config = load_run_config(run / "config.yaml")
-    levels = int(torch.load(last / "state.pt", weights_only=True)["num_levels"])
+    levels = int(state["num_levels"])
     torch.manual_seed(mix_seed(config.train.seed, levels))  # as the trainer builds a grown model
     initial = NestedUNet(config.model.truncated(levels)).state_dict()
     return {name: initial[name] for name in names}, since
