@@ -90,8 +90,6 @@ class TrainConfig:
     """Floor of the cosine and linear decays as a fraction of lr."""
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    """muon: Muon for the hidden weight matrices (AdamW for the rest, at the same lr; not under FSDP)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     ema_decay: float = 0.999
@@ -154,8 +152,6 @@ class TrainConfig:
             raise ValueError("cond_drop_prob must be in [0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be two values in [0, 1)")
-        if self.optimizer == "muon" and self.strategy == "fsdp":
-            raise ValueError("train.optimizer=muon needs whole weight matrices: use train.strategy=ddp")
 
 
 @dataclass

@@ -27,7 +27,6 @@ from .parameterisation import (
     prediction_target,
 )
 from .schedules import NoiseSchedule
-from .posterior import posterior_mean
 from .spacetime import check_frames, downsample, level_name, shift_ratio, upsample
 
 
@@ -391,14 +390,6 @@ class MatryoshkaDiffusion:
                 f"got {[tuple(p.shape) for p in preds]} for inputs {[tuple(zi.shape) for zi in z]}"
             )
 
-        targets_x0 = [lv.float() for lv in levels]
-        targets_eps = [e.float() for e in noise]
-        if getattr(self, "posterior_reference", None) is not None:
-            coeffs = [self.coefficients(level, t[: zi.shape[0]], zi.float()) for level, zi in enumerate(z)]
-            with torch.no_grad():
-                means = posterior_mean(z, [c[0] for c in coeffs], [c[1] for c in coeffs], self.posterior_reference)
-            targets_x0 = means
-            targets_eps = [(zi.float() - a * m) / s for zi, (a, s), m in zip(z, coeffs, means)]
         total = torch.zeros((), device=device)
         logs: dict[str, Tensor] = {}
         for level, pred in enumerate(preds):
@@ -408,7 +399,7 @@ class MatryoshkaDiffusion:
             alpha, sigma = self.coefficients(level, t[:n], zi)
             pred_t = convert_prediction(pred.float(), self.prediction, self.loss_target, zi, alpha, sigma)
             target = prediction_target(
-                self.loss_target, targets_x0[level][:n], targets_eps[level][:n], alpha, sigma
+                self.loss_target, levels[level][:n].float(), noise[level][:n].float(), alpha, sigma
             )
             weight = loss_weight(
                 self.loss_target,

@@ -41,7 +41,6 @@ from .loaders import StageLoaders
 from .lr import lr_factor
 from .memory import check_model_fits
 from .metrics import MetricsLog, progress_bar
-from .optimizers import build_optimizer
 from .parallel import shard, wrap
 from .precision import use_bf16, use_channels_last
 from .previews import evaluate_run, save_sample_grids
@@ -160,7 +159,9 @@ class Trainer:
             bf16_params = self.device.type == "cuda" and self.bf16
             shard(self.model, bf16_params)
             shard(self.ema.model, bf16_params)
-        self.optimizer = build_optimizer(self.model, train.optimizer, train.lr, tuple(train.betas), train.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        )
         self._configure_stage()
 
     def _configure_stage(self) -> None:
@@ -168,15 +169,6 @@ class Trainer:
         levels = self.num_levels
         self.process = build_process(self.config, levels)
         self.process.mixed_ratio = stage.mixed_ratio if levels > 1 else None
-        import os
-        if os.environ.get("MDM_POSTERIOR"):
-            from ..diffusion.spacetime import downsample
-            ref = torch.stack([self.dataset[i]["image"] for i in range(len(self.dataset))]).to(self.device)
-            missing = self.config.model.num_levels - levels
-            if missing:
-                ref = downsample(ref, self.config.model.nest_ratio**missing, 1)
-            self.process.posterior_reference = self.process.pyramid(ref)
-            print("posterior reference", [tuple(r.shape) for r in self.process.posterior_reference])
         if self.images is not None:
             self.images.configure(levels, self.process.mixed_ratio)
         if levels > stage.levels:
