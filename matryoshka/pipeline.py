@@ -208,6 +208,14 @@ class Pipeline:
         )
         return [level.clamp(-1, 1) for level in levels]
 
+    def sample_settings(self, sampler: str | None = None, **options) -> SampleConfig:
+        """The run's sample settings with these overrides (``SampleConfig`` fields); a bad value or
+        combination raises ValueError naming it, before anything is sampled."""
+        settings, unknown = self._settings(sampler, dict(options))
+        if unknown:
+            raise ValueError(f"unknown sampling options {sorted(unknown)}; valid: the fields of SampleConfig")
+        return settings
+
     def _settings(self, sampler: str | None, options: dict) -> tuple[SampleConfig, dict]:
         """The run's sample settings with the overrides among ``options``, and the other options."""
         names = {f.name for f in fields(SampleConfig)}

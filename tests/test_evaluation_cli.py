@@ -15,6 +15,8 @@ from matryoshka.config.presets import tiny
 from matryoshka.data import DataConfig
 from matryoshka.evaluation import ReferenceStats, evaluate_pipeline, run_evaluation
 from matryoshka.evaluation.errors import EvaluationError
+from matryoshka.evaluation.features import images_to_uint8
+from matryoshka.evaluation.sampling import batch_seed
 from matryoshka.models import NestedUNet
 from matryoshka.pipeline import Pipeline, build_process, load_pipeline
 
@@ -112,6 +114,7 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
         "batch_size": 4,
         "labels": "none",
         "prompts": "",
+        "options": {},
     }
     assert report["feature"]["name"] == "effnet-lite0" and report["feature"]["fid_comparable"] is False
     cache = Path(report["cache"])
@@ -198,6 +201,36 @@ def test_eval_explains_bad_inputs(setup, capsys, tmp_path):
         == 2
     )
     assert "feature vectors" in capsys.readouterr().err
+
+
+def test_eval_measures_what_mdm_sample_makes_with_the_same_sampler_flags(setup, capsys):
+    _root, folder, run = setup
+    flags = ["--spacing", "mlmdm", "--threshold", "none"]
+    common = ["--reference", folder, "--num", 4, "--steps", 2, "--batch-size", 4, "--metrics", "fd"]
+    assert mdm("eval", run, *common, "--feature", "effnet-lite0", *flags, "--quiet") == 0
+    assert "spacing mlmdm, threshold none, checkpoint step 7" in capsys.readouterr().out
+    [report_path] = (run / "eval").glob("step_00000007_dpm++2m2_g1_seed0_spacing-mlmdm_threshold-none_n4_*_fd.json")
+    report = json.loads(report_path.read_text())
+    assert report["sampling"]["options"] == {"spacing": "mlmdm", "threshold": "none"}
+    cache = Path(report["cache"])
+    assert cache.name == "step_00000007_ema_dpm++2m2_g1_seed0_b4_spacing-mlmdm_threshold-none"
+    assert json.loads((cache / "meta.json").read_text())["options"] == {"spacing": "mlmdm", "threshold": "none"}
+
+    # the cached samples are what the pipeline makes with those options, not with the run's defaults
+    with np.load(cache / "batch_000000.npz") as saved:
+        cached = saved["level_16"]
+    pipeline = load_pipeline(run, device="cpu")
+
+    def made(**options):
+        images = pipeline.generate(num=4, sampler="dpm++2m", steps=2, seed=batch_seed(0, 0), **options)[0]
+        return images_to_uint8(images)
+
+    np.testing.assert_array_equal(cached, made(spacing="mlmdm", threshold="none"))
+    assert np.abs(cached.astype(int) - made().astype(int)).max() > 10
+
+    # a combination the sampler refuses is refused before anything is sampled
+    assert mdm("eval", run, *common, "--eta", 0.5, "--no-cache", "--quiet") == 2
+    assert "eta applies to the ddim sampler only" in capsys.readouterr().err
 
 
 def test_evaluate_pipeline_for_periodic_evaluation_in_training(setup):

@@ -60,3 +60,45 @@ def folder_or_new(path: str | Path, flag: str) -> Path:
         if part.exists():
             break
     return folder
+
+
+SAMPLING_OPTIONS = ("spacing", "eta", "threshold", "threshold_percentile", "threshold_max", "guidance_interval")
+"""Flags of `mdm sample` and `mdm eval` that override fields of the run's ``sample`` settings."""
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The sampler flags beyond --sampler/--steps/--guidance (``SAMPLING_OPTIONS``), each defaulting to the run's."""
+    parser.add_argument(
+        "--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)"
+    )
+    parser.add_argument(
+        "--guidance-interval",
+        dest="guidance_interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guide only the steps with LO <= t/T <= HI (default: the run's sample.guidance_interval)",
+    )
+    parser.add_argument("--eta", type=float, help="DDIM stochasticity, 0 (deterministic) to 1 (default: sample.eta)")
+    parser.add_argument(
+        "--threshold",
+        choices=["none", "clip", "dynamic", "dynamic_if"],
+        help="x0 thresholding: none, clip to [-1, 1], dynamic as Imagen or as DeepFloyd IF (default: sample.threshold)",
+    )
+    parser.add_argument(
+        "--threshold-percentile",
+        dest="threshold_percentile",
+        type=float,
+        help="percentile of |x0| for dynamic thresholding (default: 0.995 dynamic, 0.95 dynamic_if)",
+    )
+    parser.add_argument(
+        "--threshold-max",
+        dest="threshold_max",
+        type=float,
+        help="cap on the dynamic threshold s (default: none for dynamic, 1.5 for dynamic_if)",
+    )
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The ``SAMPLING_OPTIONS`` given on the command line, as overrides of the run's ``sample`` settings."""
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}

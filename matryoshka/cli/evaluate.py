@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..evaluation.errors import EvaluationError
+from ..evaluation.sampling import options_tag
 from ..evaluation.video import ClipLayout, level_name
 from . import arguments
 
@@ -89,6 +90,7 @@ def add_parsers(subparsers) -> None:
     evaluate.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: the run's sample.sampler")
     evaluate.add_argument("--steps", type=arguments.positive_int, help="default: the run's sample.steps")
     evaluate.add_argument("--guidance", type=arguments.guidance, help="default: the run's sample.guidance")
+    arguments.add_sampling_options(evaluate)
     evaluate.add_argument("--seed", type=arguments.seed, default=0)
     evaluate.add_argument("--batch-size", type=arguments.positive_int, default=16, help="samples generated at once")
     evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
@@ -191,6 +193,7 @@ def _default_report_path(report: dict, pipeline, metrics: tuple[str, ...]) -> Pa
     digest = hashlib.sha256(str(source).encode()).hexdigest()[:6]
     name = (
         f"{checkpoint.name}_{sampling['sampler']}{sampling['steps']}_g{sampling['guidance']:g}_seed{sampling['seed']}"
+        f"{options_tag(sampling.get('options', {}))}"
         f"_n{report['num']}_{feature}_{reference}-{digest}_{'-'.join(metrics)}.json"
     )
     return run_dir / "eval" / name
@@ -218,7 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.run, use_ema=args.ema, device=args.device)
     if args.metrics is None and pipeline.process.frames is not None:
         metrics = parse_metrics((*metrics, "temporal"))
-    settings = resolve_settings(pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size, prompts)
+    options = arguments.sampling_overrides(args)
+    settings = resolve_settings(
+        pipeline, args.sampler, args.steps, args.guidance, args.seed, args.batch_size, prompts, options
+    )
     cache = None if args.no_cache else (args.cache or default_cache_dir(pipeline, settings, args.ema))
     if cache is not None:
         cache = arguments.folder_or_new(cache, "--cache")
@@ -231,6 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sampler=settings.sampler,
         steps=settings.steps,
         guidance=settings.guidance,
+        sampling_options=settings.options,
         seed=settings.seed,
         batch_size=settings.batch_size,
         cache_dir=cache,

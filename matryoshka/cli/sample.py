@@ -77,7 +77,7 @@ def _command_line(args: argparse.Namespace, steps: int, sampler: str, guidance: 
         parts.append(f"--negative-prompt={args.negative_prompt}")
     if args.class_label is not None:
         parts += ["--class", args.class_label]
-    for name, value in _sampling_overrides(args).items():
+    for name, value in arguments.sampling_overrides(args).items():
         flag = "--" + name.replace("_", "-")
         parts += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
     if not args.ema:
@@ -137,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.negative_prompt is not None and not pipe.model.config.text_dim:
         raise UserError("--negative-prompt needs a text-to-image model")
     out = _output_folder(args.out, pipe)
-    options = _sampling_overrides(args)
+    options = arguments.sampling_overrides(args)
     batches = range(0, total, args.batch_size)
     kept: list[list] = []
     with tqdm(total=steps * len(batches), desc="sampling", unit="step", dynamic_ncols=True) as bar:
@@ -197,12 +197,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_overrides(args: argparse.Namespace) -> dict:
-    """The sampling flags given on the command line, as overrides of the run's ``sample`` settings."""
-    names = ("spacing", "eta", "threshold", "threshold_percentile", "threshold_max", "guidance_interval")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def _class_index(pipe, label: str) -> int:
     """A class index, or a class name as saved with the run at training time."""
     num_classes = pipe.model.config.num_classes
@@ -229,36 +223,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--num", type=arguments.positive_int, default=16, help="images (per prompt, with prompts)")
     sample.add_argument("--steps", type=arguments.positive_int, help="default: the run's sample.steps")
     sample.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
-    sample.add_argument(
-        "--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)"
-    )
     sample.add_argument("--guidance", type=arguments.guidance, help="classifier-free guidance scale (1: none)")
-    sample.add_argument(
-        "--guidance-interval",
-        dest="guidance_interval",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="guide only the steps with LO <= t/T <= HI (default: the run's sample.guidance_interval)",
-    )
-    sample.add_argument("--eta", type=float, help="DDIM stochasticity, 0 (deterministic) to 1 (default: sample.eta)")
-    sample.add_argument(
-        "--threshold",
-        choices=["none", "clip", "dynamic", "dynamic_if"],
-        help="x0 thresholding: none, clip to [-1, 1], dynamic as Imagen or as DeepFloyd IF (default: sample.threshold)",
-    )
-    sample.add_argument(
-        "--threshold-percentile",
-        dest="threshold_percentile",
-        type=float,
-        help="percentile of |x0| for dynamic thresholding (default: 0.995 dynamic, 0.95 dynamic_if)",
-    )
-    sample.add_argument(
-        "--threshold-max",
-        dest="threshold_max",
-        type=float,
-        help="cap on the dynamic threshold s (default: none for dynamic, 1.5 for dynamic_if)",
-    )
+    arguments.add_sampling_options(sample)
     sample.add_argument("--class", dest="class_label", help="class index or name")
     sample.add_argument("--prompt", action="append", help="text prompt (repeat for several; one grid row each)")
     sample.add_argument("--prompt-file", dest="prompt_file", help="file with one prompt per line")

@@ -153,6 +153,7 @@ def run_evaluation(
     sampler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    sampling_options: dict[str, Any] | None = None,
     seed: int = 0,
     batch_size: int = 16,
     cache_dir: str | Path | None = None,
@@ -177,6 +178,8 @@ def run_evaluation(
     ``reference``: a :class:`ReferenceStats`, a ``.npz`` from ``mdm eval-stats``, an image
     folder, ``"emoji"`` or ``"train"`` (the run's training data). ``feature``: a network name
     (``effnet-lite0``, ``inception``, ``auto``) or a ready :class:`FeatureExtractor`.
+    ``sampling_options``: overrides of the run's other sample settings (``spacing``, ``eta``,
+    ``threshold``, ``threshold_percentile``, ``threshold_max``, ``guidance_interval``).
     ``prompts``: what a text-to-image model generates from (sample i: prompt i mod count),
     e.g. the reference set's captions as in COCO FID-30K; also the CLIP score's texts.
     ``max_features`` caps the feature vectors used by KID and precision/recall (a seeded
@@ -185,7 +188,7 @@ def run_evaluation(
     """
     started = time.perf_counter()
     chosen = parse_metrics(metrics)
-    settings = resolve_settings(pipeline, sampler, steps, guidance, seed, batch_size, prompts)
+    settings = resolve_settings(pipeline, sampler, steps, guidance, seed, batch_size, prompts, sampling_options)
     if num < 2:
         raise EvaluationError("need at least 2 samples")
     if set(chosen) & set(NEEDS_FEATURES) and max_features == 0:
@@ -261,7 +264,8 @@ def run_evaluation(
                 "ema": ema,
                 "levels": sizes,
                 **({"frames": frames} if layout else {}),
-                **asdict(settings),
+                # Caches made before sampling options existed stay valid: no options, no key.
+                **{key: value for key, value in asdict(settings).items() if key != "options" or value},
             },
         )
 
@@ -431,7 +435,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(
         f"N={report['num']} samples, {sampling['sampler']} {sampling['steps']} steps, guidance "
         f"{sampling['guidance']:g}, "
-        f"seed {sampling['seed']}, checkpoint step {report['step']}"
+        f"seed {sampling['seed']}, "
+        + "".join(f"{name} {value}, " for name, value in sorted(sampling.get("options", {}).items()))
+        + f"checkpoint step {report['step']}"
         + (f" ({report['train_minutes']:g} training minutes)" if report.get("train_minutes") is not None else "")
     )
     video = report.get("video")

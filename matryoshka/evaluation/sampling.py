@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,19 @@ class SampleSettings:
     """How class labels are chosen: "none" (unconditional model) or "cycle" (sample i gets class i mod C)."""
     prompts: str = ""
     """Text-to-image models: "<count> prompts sha256:<digest>"; sample i gets prompt i mod count."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the run's other ``sample`` settings (spacing, eta, threshold, ..., as `mdm sample` takes them)."""
+
+
+def options_tag(options: dict[str, Any]) -> str:
+    """A file-name part naming sampling overrides, e.g. ``_threshold-dynamic_spacing-mlmdm`` ("" for none)."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return "-".join(text(item) for item in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return "".join(f"_{name.replace('_', '-')}-{text(value)}" for name, value in sorted(options.items()))
 
 
 def prompts_digest(prompts: Sequence[str] | None) -> str:
@@ -50,11 +63,21 @@ def resolve_settings(
     seed: int = 0,
     batch_size: int = 16,
     prompts: Sequence[str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> SampleSettings:
-    """The effective settings: the run's ``sample`` config fills what is not given."""
+    """The effective settings: the run's ``sample`` config fills what is not given. ``options``:
+    overrides of its other fields (``Pipeline.generate``'s options), checked here, before sampling."""
     defaults = pipeline.config.sample
     if batch_size < 1:
         raise EvaluationError("batch size must be >= 1")
+    options = {name: value for name, value in (options or {}).items() if value is not None}
+    own = sorted(set(options) & {"sampler", "steps", "guidance", "seed", "num", "prompts"})
+    if own:
+        raise EvaluationError(f"sampling options {own}: give them as the evaluation's own arguments")
+    try:
+        pipeline.sample_settings(sampler, **options)
+    except ValueError as error:
+        raise EvaluationError(f"sampling settings: {error}") from None
     text_model = bool(getattr(pipeline.model.config, "text_dim", 0))
     if text_model and not prompts:
         raise EvaluationError(
@@ -74,6 +97,7 @@ def resolve_settings(
         batch_size=int(batch_size),
         labels="cycle" if pipeline.model.config.num_classes else "none",
         prompts=prompts_digest(prompts),
+        options=options,
     )
 
 
@@ -134,7 +158,7 @@ class SampleCache:
 
 
 def default_cache_dir(pipeline, settings: SampleSettings, ema: bool = True) -> Path | None:
-    """``RUN/eval/samples/<checkpoint>_<ema|raw>_<sampler><steps>_g<guidance>_seed<seed>_b<batch>``."""
+    """``RUN/eval/samples/<checkpoint>_<ema|raw>_<sampler><steps>_g<guidance>_seed<seed>_b<batch>[<options>]``."""
     if pipeline.checkpoint is None:
         return None
     checkpoint = Path(pipeline.checkpoint)
@@ -145,6 +169,7 @@ def default_cache_dir(pipeline, settings: SampleSettings, ema: bool = True) -> P
     )
     if settings.prompts:
         tag += "_p" + settings.prompts.rsplit(":", 1)[1][:8]
+    tag += options_tag(settings.options)
     return run_dir / "eval" / "samples" / tag
 
 
@@ -189,6 +214,7 @@ def generate_batches(
                     guidance=settings.guidance,
                     cond=cond,
                     seed=batch_seed(settings.seed, index),
+                    **settings.options,
                 )
                 levels = [images_to_uint8(level) for level in images]
                 if [level.shape[-1] for level in levels] != sizes:
