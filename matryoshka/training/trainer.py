@@ -277,16 +277,6 @@ class Trainer:
         images = top_images(batch, self.device, missing, self.config.model.nest_ratio, self._frame_stride())
         indices = batch["index"].tolist()
         t, noise, drop = sample_randomness(process, indices, images, seed, self.step, train.cond_drop_prob)
-        import os
-
-        k = int(os.environ.get("IMMISCIBLE_K", "0"))
-        if k > 1:
-            levels = process.pyramid(images)
-            g = torch.Generator().manual_seed(mix_seed(seed, self.step, 777))
-            for li, (x, eps) in enumerate(zip(levels, noise)):
-                cand = torch.cat([eps[None], torch.randn((k - 1, *eps.shape), generator=g)])
-                score = (cand * x[None].float()).flatten(2).sum(2)
-                noise[li] = cand[score.argmax(0), torch.arange(len(eps))]
         cond = batch_conditioning(batch, drop, bool(self.config.model.num_classes), self.embed_captions, self.device)
         skip_sync = self.dist.enabled and not self.sharded and not sync
         with self.network.no_sync() if skip_sync else nullcontext():
