@@ -159,8 +159,10 @@ class Trainer:
             bf16_params = self.device.type == "cuda" and self.bf16
             shard(self.model, bf16_params)
             shard(self.ema.model, bf16_params)
+        # One fused pass over all tensors (CPU: 6 ms a step against 21 for 7.6M weights); not for FSDP2's shards.
+        fused = not self.sharded and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, fused=fused
         )
         self._configure_stage()
 
