@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument(
+        "--unfused-adamw", action="store_true", help="AdamW's per-tensor loop (the trainer fuses it, except under FSDP)"
+    )
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--mixed-ratio", type=float, help="mixed-resolution batch fraction for the top level")
@@ -80,7 +83,7 @@ def main() -> None:
         frames=config.frames[::-1] or None,
         self_condition=config.self_condition,  # its extra pass is part of the step
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not args.unfused_adamw)  # as the trainer
     # a video model trains on clips (B, C, F, H, W) of its top level's frame count
     clip = config.frames[-1:] if config.is_video else []
     shape = (args.batch_size, config.in_channels, *clip, resolution, resolution)
@@ -134,6 +137,7 @@ def main() -> None:
                 "overrides": args.set,
                 "checkpointing": args.checkpointing,
                 "compile": args.compile,
+                "fused_adamw": not args.unfused_adamw,
                 "images_per_s": round(args.batch_size * args.steps / elapsed, 2),
                 **({"frames_per_s": round(args.batch_size * clip[0] * args.steps / elapsed, 2)} if clip else {}),
                 "step_s": round(elapsed / args.steps, 4),
