@@ -69,6 +69,27 @@ def test_update_making_weights_non_finite_stops_and_keeps_the_good_checkpoint(tm
     assert steps_of(run) == [4]
 
 
+def test_resume_takes_the_optimizer_settings_of_the_config_not_of_the_checkpoint(tmp_path, folder):
+    base = tiny()
+    config = replace(
+        base,
+        run_dir=str(tmp_path / "run"),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+        train=replace(base.train, steps=2, keep_checkpoints=1, sample_every=1000),
+    )
+    Trainer(config, quiet=True).train()
+    # A checkpoint as one saved before AdamW was fused, and before weight decay was changed.
+    state_path = latest_checkpoint(config.run_dir) / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=None, weight_decay=0.5, betas=[0.5, 0.5])
+    torch.save(state, state_path)
+    resumed = Trainer(replace(config, train=replace(config.train, steps=3, weight_decay=0.01)), quiet=True)
+    assert resumed.resumed_from == latest_checkpoint(config.run_dir)
+    for group in resumed.optimizer.param_groups:
+        assert group["fused"] is True and group["weight_decay"] == 0.01 and group["betas"] == tuple(base.train.betas)
+
+
 def test_save_never_writes_non_finite_weights(tmp_path, folder):
     base = tiny()
     config = replace(

@@ -187,10 +187,11 @@ class Trainer:
         set_full_weights(self.model, weights["model"], self.sharded, checkpoint / "model.safetensors")
         set_full_weights(self.ema.model, weights["ema"], self.sharded, checkpoint / "ema.safetensors")
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        # The saved param groups carry the old hyper-parameters: the config's are the ones to use
-        # (e.g. weight_decay changed for an existing run); lr is set at every step.
+        # The saved param groups carry the old hyper-parameters: the config's are the ones to use (e.g.
+        # weight_decay changed, or a run saved before AdamW was fused); lr is set at every step.
+        train, fused = self.config.train, self.optimizer.defaults["fused"]
         for group in self.optimizer.param_groups:
-            group.update(betas=tuple(self.config.train.betas), weight_decay=self.config.train.weight_decay)
+            group.update(betas=tuple(train.betas), weight_decay=train.weight_decay, fused=fused)
         self.ema.updates = int(state["ema_updates"])
         self.ema.started = {name: int(count) for name, count in state.get("ema_started", {}).items()}
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
