@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from ..config.run import SAMPLER_OPTIONS
 from .errors import UserError
 
 
@@ -62,12 +63,8 @@ def folder_or_new(path: str | Path, flag: str) -> Path:
     return folder
 
 
-SAMPLING_OPTIONS = ("spacing", "eta", "threshold", "threshold_percentile", "threshold_max", "guidance_interval")
-"""Flags of `mdm sample` and `mdm eval` that override fields of the run's ``sample`` settings."""
-
-
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """The sampler flags beyond --sampler/--steps/--guidance (``SAMPLING_OPTIONS``), each defaulting to the run's."""
+    """The flags of ``SAMPLER_OPTIONS`` (beyond --sampler/--steps/--guidance), each defaulting to the run's."""
     parser.add_argument(
         "--spacing", choices=["trailing", "mlmdm"], help="time steps (default: the run's sample.spacing)"
     )
@@ -100,5 +97,5 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
-    """The ``SAMPLING_OPTIONS`` given on the command line, as overrides of the run's ``sample`` settings."""
-    return {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    """The ``SAMPLER_OPTIONS`` given on the command line, as overrides of the run's ``sample`` settings."""
+    return {name: getattr(args, name) for name in SAMPLER_OPTIONS if getattr(args, name) is not None}

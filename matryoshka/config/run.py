@@ -173,6 +173,10 @@ class TextConfig:
             raise ValueError("max_length must be >= 1")
 
 
+SAMPLER_OPTIONS = ("spacing", "eta", "threshold", "threshold_percentile", "threshold_max", "guidance_interval")
+"""The ``SampleConfig`` fields that `mdm sample` and `mdm eval` take as flags, beyond sampler, steps and guidance."""
+
+
 @dataclass
 class SampleConfig:
     """Defaults for sample grids during training and for ``mdm sample``."""

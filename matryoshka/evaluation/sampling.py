@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config.run import SAMPLER_OPTIONS
 from .errors import EvaluationError
 from .features import images_to_uint8
 
@@ -71,9 +72,12 @@ def resolve_settings(
     if batch_size < 1:
         raise EvaluationError("batch size must be >= 1")
     options = {name: value for name, value in (options or {}).items() if value is not None}
-    own = sorted(set(options) & {"sampler", "steps", "guidance", "seed", "num", "prompts"})
-    if own:
-        raise EvaluationError(f"sampling options {own}: give them as the evaluation's own arguments")
+    unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
+    if unknown:
+        raise EvaluationError(
+            f"sampling options {unknown}: valid are {', '.join(SAMPLER_OPTIONS)} "
+            "(sampler, steps, guidance and seed are arguments of their own)"
+        )
     try:
         pipeline.sample_settings(sampler, **options)
     except ValueError as error:
