@@ -15,6 +15,7 @@ import torch
 from matryoshka.checkpoints import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors, load_train_state
 from matryoshka.cli.main import main
 from matryoshka.config.presets import tiny
+from matryoshka.config.run import RunConfig
 from matryoshka.data.config import DataConfig
 from matryoshka.data.imagefolder import ImageFolderDataset
 from matryoshka.training.trainer import Trainer, TrainingStopped
@@ -31,6 +32,17 @@ def folder(tmp_path_factory) -> Path:
 
 def train(run: Path | str, folder: Path, *extra: str, config: str = "tiny") -> int:
     return main(["train", config, f"run_dir={run}", "data.source=imagefolder", f"data.path={folder}", *FAST, *extra])
+
+
+def tiny_on(run: Path, folder: Path, **train) -> RunConfig:
+    """The ``tiny`` preset on the test images, in ``run``, with these ``train`` settings."""
+    base = tiny()
+    return replace(
+        base,
+        run_dir=str(run),
+        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
+        train=replace(base.train, **train),
+    )
 
 
 def one_line_error(capsys) -> str:
@@ -70,13 +82,7 @@ def test_update_making_weights_non_finite_stops_and_keeps_the_good_checkpoint(tm
 
 
 def test_resume_takes_the_optimizer_settings_of_the_config_not_of_the_checkpoint(tmp_path, folder):
-    base = tiny()
-    config = replace(
-        base,
-        run_dir=str(tmp_path / "run"),
-        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
-        train=replace(base.train, steps=2, keep_checkpoints=1, sample_every=1000),
-    )
+    config = tiny_on(tmp_path / "run", folder, steps=2, keep_checkpoints=1, sample_every=1000)
     Trainer(config, quiet=True).train()
     # A checkpoint as one saved before AdamW was fused, and before weight decay was changed.
     state_path = latest_checkpoint(config.run_dir) / "state.pt"
@@ -87,17 +93,11 @@ def test_resume_takes_the_optimizer_settings_of_the_config_not_of_the_checkpoint
     resumed = Trainer(replace(config, train=replace(config.train, steps=3, weight_decay=0.01)), quiet=True)
     assert resumed.resumed_from == latest_checkpoint(config.run_dir)
     for group in resumed.optimizer.param_groups:
-        assert group["fused"] is True and group["weight_decay"] == 0.01 and group["betas"] == tuple(base.train.betas)
+        assert group["fused"] is True and group["weight_decay"] == 0.01 and group["betas"] == tuple(tiny().train.betas)
 
 
 def test_save_never_writes_non_finite_weights(tmp_path, folder):
-    base = tiny()
-    config = replace(
-        base,
-        run_dir=str(tmp_path / "run"),
-        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
-        train=replace(base.train, steps=2, keep_checkpoints=1, sample_every=1000),
-    )
+    config = tiny_on(tmp_path / "run", folder, steps=2, keep_checkpoints=1, sample_every=1000)
     trainer = Trainer(config, quiet=True)
     first = trainer.train()
     with torch.no_grad():
@@ -110,13 +110,7 @@ def test_save_never_writes_non_finite_weights(tmp_path, folder):
 
 
 def test_metrics_are_valid_json_when_the_loss_is_nan(tmp_path, folder, monkeypatch):
-    base = tiny()
-    config = replace(
-        base,
-        run_dir=str(tmp_path / "run"),
-        data=DataConfig(source="imagefolder", path=str(folder), resolution=16),
-        train=replace(base.train, steps=2, log_every=1, sample_every=1000),
-    )
+    config = tiny_on(tmp_path / "run", folder, steps=2, log_every=1, sample_every=1000)
     trainer = Trainer(config, quiet=True)
     real_loss = trainer.process.loss
     monkeypatch.setattr(trainer.process, "loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
