@@ -6,8 +6,6 @@ the bitmaps in :mod:`.emoji_table`; their public names are re-exported here.
 
 from __future__ import annotations
 
-import os
-
 import json
 import re
 import time
@@ -82,10 +80,6 @@ class EmojiDataset(ImageDataset):
         else:
             self.class_names = []
             self._labels = np.full(len(t.glyphs), -1, dtype=np.int64)
-        clusters = int(os.environ.get("MDM_CLUSTERS", "0"))
-        if clusters:
-            self._labels = pixel_clusters(t.images, clusters)
-            self.class_names = [str(i) for i in range(min(clusters, len(t.images)))]
         self._finish_index()
 
     @property
@@ -199,23 +193,3 @@ def export_emoji(
         "class_names": list(class_names),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def pixel_clusters(images: np.ndarray, k: int) -> np.ndarray:
-    """Probe: k-means labels of the 16² images (k >= count: one label per image)."""
-    import torch
-    import torch.nn.functional as F
-
-    if k >= len(images):
-        return np.arange(len(images), dtype=np.int64)
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x = F.adaptive_avg_pool2d(x, 16).flatten(1)
-    g = torch.Generator().manual_seed(0)
-    centres = x[torch.randperm(len(x), generator=g)[:k]].clone()
-    for _ in range(30):
-        assign = torch.cdist(x, centres).argmin(1)
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                centres[j] = members.mean(0)
-    return torch.cdist(x, centres).argmin(1).numpy().astype(np.int64)
