@@ -11,8 +11,6 @@ same, so the network only ever sees times in [0, T-1].
 
 from __future__ import annotations
 
-import os
-
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -301,7 +299,7 @@ class MatryoshkaDiffusion:
             top_z = z[level].float()
             alpha, sigma = self.coefficients(level, t[:k], top_z)
             shift = convert_prediction(base.clamp(-1, 1), "x0", self.prediction, top_z, alpha, sigma)
-            preds[level] = float(os.environ.get("MDM_RESIDUAL_SCALE", "1")) * preds[level].float() + shift
+            preds[level] = preds[level].float() + shift
         return preds
 
     def x0_estimates(self, preds: Sequence[Tensor], z: Sequence[Tensor], t: Tensor) -> list[Tensor]:
