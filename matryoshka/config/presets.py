@@ -35,7 +35,7 @@ def tiny() -> RunConfig:
 def emoji64() -> RunConfig:
     """Default: unconditional 64² nested around 16² on the built-in emoji, the fast CPU recipe."""
     # Each choice is measured in docs/benchmarks.md#learning-fast-on-a-cpu: progressive training
-    # (the 16² UNet alone first, for at most STAGE1_MINUTES, in batches of 32 at lr 2e-3: on two
+    # (the 16² UNet alone first, for at most STAGE1_MINUTES, in batches of 32 at lr 1e-3: on two
     # threads twice the images per second of batch 8), min-SNR weighting, an outer level that refines
     # the (bilinearly) upsampled inner image, and simple diffusion's schedule shift: +2 ln 4 at the 16²
     # level, none at the 64² one.
@@ -54,7 +54,7 @@ def emoji64() -> RunConfig:
         train=TrainConfig(
             steps=12000,
             batch_size=32,
-            lr=2e-3,
+            lr=1e-3,
             warmup_steps=50,
             log_every=25,
             checkpoint_every=500,
