@@ -229,9 +229,8 @@ class MatryoshkaDiffusion:
         if height % total or width % total:
             raise ValueError(f"size {(height, width)} is not divisible by {total}")
         frames = [()] * self.num_levels if self.frames is None else [(f,) for f in self.frames]
-        scale = float(__import__('os').environ.get('MDM_NOISE_SCALE', '1'))
         return [
-            scale * torch.randn(
+            torch.randn(
                 (batch_size, channels, *frames[i], height // f, width // f),
                 generator=generator,
                 device=device,
