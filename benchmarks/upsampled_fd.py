@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from matryoshka.diffusion.spacetime import upsample
 from matryoshka.evaluation.features import build_feature_extractor, images_to_uint8, uint8_to_images
 from matryoshka.evaluation.stats import frechet_distance_to_samples
 from matryoshka.utils.images import save_grid
@@ -50,8 +50,7 @@ def main() -> None:
     if has_top:
         result[f"{args.top}px level"] = fd(np.concatenate([b[f"level_{args.top}"] for b in batches]))
     for mode in ("bicubic", "bilinear", "nearest"):
-        options = {} if mode == "nearest" else {"align_corners": False}
-        upsampled = F.interpolate(inner, scale_factor=scale, mode=mode, **options).clamp(-1, 1)
+        upsampled = upsample(inner, scale, mode=mode).clamp(-1, 1)
         result[f"{args.inner}px level, {mode}"] = fd(images_to_uint8(upsampled))
         if args.grid and mode == "bilinear":
             save_grid(upsampled[:16], args.grid, columns=8)
