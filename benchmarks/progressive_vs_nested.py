@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from matryoshka.config.presets import emoji64
+from matryoshka.config.presets import emoji64, with_groupnorm_blocks
 from matryoshka.config.run import StageConfig
 from matryoshka.evaluation.evaluate import evaluate_pipeline
 from matryoshka.models.presets import unet64
@@ -47,14 +47,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DPM++(2M) sampling steps")
     parser.add_argument("--root", default="runs/progressive-benchmark")
     parser.add_argument("--out", default="benchmarks/results/progressive.json")
+    parser.add_argument(
+        "--groupnorm", action="store_true", help="GroupNorm blocks at their rates (the recipe before session 16)"
+    )
     args = parser.parse_args()
     root = Path(args.root)
-    base = emoji64()
+    base = with_groupnorm_blocks(emoji64()) if args.groupnorm else emoji64()
+    single_level = replace(unet64(), magnitude_preserving=base.model.magnitude_preserving)
     growth = [StageConfig(levels=1, steps=1_000_000, minutes=args.minutes / 2), StageConfig(levels=2)]
     runs = {
         "progressive": replace(base, run_dir=str(root / "progressive"), stages=growth),
         "nested": replace(base, run_dir=str(root / "nested"), stages=[]),
-        "single": replace(base, run_dir=str(root / "single"), model=unet64(), stages=[]),
+        "single": replace(base, run_dir=str(root / "single"), model=single_level, stages=[]),
     }
     results = {}
     for name, config in runs.items():

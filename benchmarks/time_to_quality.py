@@ -27,6 +27,7 @@ from pathlib import Path
 
 # The emoji64 recipe before issue 12, spelled out so it stays reproducible after the preset moves on.
 OLD_RECIPE = [
+    "model.magnitude_preserving=false",
     "model.levels.0.res_blocks=[2,2,2]",
     "model.levels.0.attention_stages=[1,2]",
     "model.levels.1.channels=[32,64,64]",
@@ -40,16 +41,25 @@ OLD_RECIPE = [
     "diffusion.upsampled_residual=false",
     "sample.spacing=mlmdm",
 ]
+# Sessions 14-15 (the twelfth round of issue 12): GroupNorm blocks at their rates.
+GROUPNORM_RECIPE = ["model.magnitude_preserving=false", "train.lr=1e-3", "stages.1.lr=3e-4"]
 # The first round of issue 12 (docs/benchmarks.md): no schedule shift, the nested stage at the run's lr.
 ROUND1_RECIPE = [
+    *GROUPNORM_RECIPE,
     "diffusion.logsnr_shift=0",
     "diffusion.shift_power=1",
     "stages=[{levels: 1, steps: 4000, minutes: 8}, {levels: 2, batch_size: 16}]",
     "diffusion.residual_upsampling=bicubic",
 ]
 # The second round (sessions 4-6): the outer level refined the bicubically upsampled inner image.
-ROUND2_RECIPE = ["diffusion.residual_upsampling=bicubic"]
-ARMS: dict[str, list[str]] = {"old": OLD_RECIPE, "round1": ROUND1_RECIPE, "round2": ROUND2_RECIPE, "new": []}
+ROUND2_RECIPE = [*GROUPNORM_RECIPE, "diffusion.residual_upsampling=bicubic"]
+ARMS: dict[str, list[str]] = {
+    "old": OLD_RECIPE,
+    "round1": ROUND1_RECIPE,
+    "round2": ROUND2_RECIPE,
+    "groupnorm": GROUPNORM_RECIPE,
+    "new": [],
+}
 
 
 def run(command: list[str], env: dict[str, str], log: Path) -> None:

@@ -10,7 +10,12 @@ EVAL=${EVAL:-1}
 # Each demo writes a folder of its own, so running it again (which resumes the run) keeps the last one.
 OUT="$RUN/demo/$(date +%Y%m%d-%H%M%S)"
 # The minutes end the demo, not the preset's 12,000 steps (reached after ~68 minutes on a 2-core CPU).
-mdm train emoji64 run_dir="$RUN" train.max_minutes="$MINUTES" train.steps=1000000
+if [[ -f "$RUN/config.yaml" ]]; then
+  # Running it again continues the run with the settings it began with (a newer preset may differ).
+  mdm train --resume "$RUN" train.max_minutes="$MINUTES" train.steps=1000000
+else
+  mdm train emoji64 run_dir="$RUN" train.max_minutes="$MINUTES" train.steps=1000000
+fi
 mdm sample "$RUN" --num 16 --out "$OUT"
 if [[ "$EVAL" == 1 ]]; then
   # FD_effnet-lite0 of 128 samples at every level against 1,000 emoji (statistics made once, ~2 min).

@@ -119,6 +119,8 @@ class ModelConfig:
     frames: list[int] = field(default_factory=list)
     """Video: frames of each level, innermost first like ``levels`` (each a multiple of the one
     inside it; the innermost may be 1, an image model inside the video model); empty: images."""
+    magnitude_preserving: bool = False
+    """EDM2's magnitude-preserving layers (``mp_layers.py``) instead of GroupNorm UNet blocks."""
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -136,6 +138,10 @@ class ModelConfig:
             raise ValueError(
                 "a temporal level or frame_embedding needs model.frames (one frame count per level, innermost first)"
             )
+        if self.magnitude_preserving and (
+            self.text_dim or self.frames or any(level.micro_conditioning for level in self.levels)
+        ):
+            raise ValueError("magnitude_preserving supports unconditional and class-conditional image models only")
         ratios = {level.downsampling for level in self.levels[1:]}
         if len(ratios) > 1:
             raise ValueError(

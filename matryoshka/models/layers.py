@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .mp_layers import MPAttention, MPResNet, mp_cat
+
 
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer that ends a residual branch, so the branch starts as the identity."""
@@ -153,16 +155,24 @@ class Stage(nn.Module):
         ffn: bool,
         checkpointing: bool = False,
         temporal: bool = False,
+        magnitude_preserving: bool = False,
+        encoder: bool = False,
     ) -> None:
         from .temporal import TemporalBlock
 
         super().__init__()
         self.checkpointing = checkpointing
-        self.resnets = nn.ModuleList(ResNet(c, out_ch, embed_dim, groups, dropout) for c in in_channels)
+        self.magnitude_preserving = magnitude_preserving
+        if magnitude_preserving:
+            self.resnets = nn.ModuleList(MPResNet(c, out_ch, embed_dim, encoder, dropout) for c in in_channels)
+        else:
+            self.resnets = nn.ModuleList(ResNet(c, out_ch, embed_dim, groups, dropout) for c in in_channels)
         self.attention_layers = attention_layers
         self.attn = (
             nn.ModuleList(
-                Attention(out_ch, heads, attention_groups, cond_dim, ffn)
+                MPAttention(out_ch, heads)
+                if magnitude_preserving
+                else Attention(out_ch, heads, attention_groups, cond_dim, ffn)
                 for _ in range(len(in_channels) * attention_layers)
             )
             if attention_layers
@@ -171,7 +181,9 @@ class Stage(nn.Module):
         self.temporal = nn.ModuleList(TemporalBlock(out_ch, heads, groups) for _ in in_channels) if temporal else None
         self.resample_mode = resample
         stride = 2 if resample == "down" else 1
-        self.resample = nn.Conv2d(out_ch, out_ch, 3, stride=stride, padding=1) if resample else None
+        # EDM2 resamples without a convolution (average pooling, nearest upsampling).
+        with_conv = resample is not None and not magnitude_preserving
+        self.resample = nn.Conv2d(out_ch, out_ch, 3, stride=stride, padding=1) if with_conv else None
 
     def _run(self, module: nn.Module, *args):
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -191,7 +203,8 @@ class Stage(nn.Module):
         activations = []
         for index, resnet in enumerate(self.resnets):
             if skips is not None:
-                x = torch.cat([x, skips.pop()], dim=1)
+                skip = skips.pop()
+                x = mp_cat(x, skip) if self.magnitude_preserving else torch.cat([x, skip], dim=1)
             x = self._run(resnet, x, emb)
             for layer in range(self.attention_layers):
                 x = self._run(self.attn[index * self.attention_layers + layer], x, tokens, mask)
@@ -203,5 +216,8 @@ class Stage(nn.Module):
             x = F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype)
         if self.resample is not None:
             x = self.resample(x)
+            activations.append(x)
+        elif self.resample_mode == "down":
+            x = F.avg_pool2d(x, 2)
             activations.append(x)
         return x, activations

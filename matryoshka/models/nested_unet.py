@@ -23,6 +23,7 @@ from torch import nn
 from .conditioning import Conditioning
 from .config import LevelConfig, ModelConfig
 from .layers import SinusoidalEmbedding, Stage, zero_init
+from .mp_layers import MPConv, MPTimeEmbedding, mp_silu, mp_sum
 from .temporal import fold_frames, frame_places, unfold_frames
 
 
@@ -54,8 +55,9 @@ class NestedUNet(nn.Module):
         self.is_innermost = config.num_levels == 1
         embed_dim = config.embed_dim
         cond_dim = config.cross_attention_dim
+        mp = config.magnitude_preserving
 
-        self.temb = SinusoidalEmbedding(embed_dim)
+        self.temb = MPTimeEmbedding(embed_dim) if mp else SinusoidalEmbedding(embed_dim)
         self.cond_layers = nn.ModuleDict(
             {key: SinusoidalEmbedding(embed_dim, zero_output=True) for key in level.micro_conditioning}
         )
@@ -66,7 +68,12 @@ class NestedUNet(nn.Module):
             )
             self.cond_emb = nn.Linear(cond_dim, embed_dim, bias=False) if config.text_dim else None
             # Index num_classes is the learned null class used for guidance.
-            self.class_emb = nn.Embedding(config.num_classes + 1, embed_dim) if config.num_classes else None
+            if not config.num_classes:
+                self.class_emb = None
+            elif mp:  # on one-hot labels scaled to unit norm: each class a unit-variance embedding
+                self.class_emb = MPConv(config.num_classes + 1, embed_dim, 0)
+            else:
+                self.class_emb = nn.Embedding(config.num_classes + 1, embed_dim)
 
         stage_options = dict(
             heads=level.attention_heads,
@@ -77,10 +84,12 @@ class NestedUNet(nn.Module):
             ffn=level.attention_ffn,
             checkpointing=config.gradient_checkpointing,
             temporal=level.temporal,
+            magnitude_preserving=mp,
         )
         width = level.channels[0]
         inputs = config.in_channels * (2 if config.self_condition else 1)
-        self.conv_in = nn.Conv2d(inputs, width, 3, padding=1)
+        # EDM2 appends a constant channel: the bias-free first convolution then still sees the border.
+        self.conv_in = MPConv(inputs + 1, width, 3) if mp else nn.Conv2d(inputs, width, 3, padding=1)
         skip_widths = [width]
         self.down_blocks = nn.ModuleList()
         last_stage = len(level.channels) - 1
@@ -88,7 +97,15 @@ class NestedUNet(nn.Module):
             inputs = [width] + [out_ch] * (level.res_blocks[stage] - 1)
             resample = "down" if stage != last_stage else None
             self.down_blocks.append(
-                Stage(inputs, out_ch, embed_dim, level.stage_attention_layers(stage), resample, **stage_options)
+                Stage(
+                    inputs,
+                    out_ch,
+                    embed_dim,
+                    level.stage_attention_layers(stage),
+                    resample,
+                    encoder=True,
+                    **stage_options,
+                )
             )
             skip_widths += [out_ch] * (level.res_blocks[stage] + (resample is not None))
             width = out_ch
@@ -104,8 +121,12 @@ class NestedUNet(nn.Module):
         else:
             self.inner_unet = NestedUNet(config.truncated(config.num_levels - 1))
             inner_width = config.levels[-2].channels[0]
-            self.in_adapter = zero_init(nn.Conv2d(width, inner_width, 3, padding=1))
-            self.out_adapter = zero_init(nn.Conv2d(inner_width, width, 3, padding=1))
+            if mp:
+                self.in_adapter = MPConv(width, inner_width, 3, zero_gain=True)
+                self.out_adapter = MPConv(inner_width, width, 3, zero_gain=True)
+            else:
+                self.in_adapter = zero_init(nn.Conv2d(width, inner_width, 3, padding=1))
+                self.out_adapter = zero_init(nn.Conv2d(inner_width, width, 3, padding=1))
 
         self.up_blocks = nn.ModuleList()
         for stage in reversed(range(len(level.channels))):
@@ -118,8 +139,12 @@ class NestedUNet(nn.Module):
             self.up_blocks.append(
                 Stage(inputs, out_ch, embed_dim, level.stage_attention_layers(stage), resample, **stage_options)
             )
-        self.norm_out = nn.GroupNorm(level.norm_groups, width)
-        self.conv_out = zero_init(nn.Conv2d(width, config.out_channels, 3, padding=1))
+        if mp:
+            self.norm_out = None
+            self.conv_out = MPConv(width, config.out_channels, 3, zero_gain=True)
+        else:
+            self.norm_out = nn.GroupNorm(level.norm_groups, width)
+            self.conv_out = zero_init(nn.Conv2d(width, config.out_channels, 3, padding=1))
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -149,12 +174,21 @@ class NestedUNet(nn.Module):
             if labels.max() >= config.num_classes:
                 raise ValueError(f"class label {int(labels.max())} out of range for {config.num_classes} classes")
             labels = torch.where(labels < 0, torch.full_like(labels, config.num_classes), labels)
-            class_embedding = self.class_emb(labels)
+            if config.magnitude_preserving:
+                one_hot = F.one_hot(labels, config.num_classes + 1).float()
+                class_embedding = self.class_emb(one_hot * (config.num_classes + 1) ** 0.5)
+            else:
+                class_embedding = self.class_emb(labels)
             embedding = class_embedding if embedding is None else embedding + class_embedding
         return _Context(embedding, tokens, mask, cond.micro)
 
     def _time_embedding(self, t: torch.Tensor, context: _Context) -> torch.Tensor:
         emb = self.temb(t)
+        if self.config.magnitude_preserving:
+            if context.embedding is not None:
+                emb = mp_sum(emb, context.embedding.to(emb.dtype), 0.5)
+            # The blocks' embedding layers take it activated (a standard block applies SiLU itself).
+            return mp_silu(emb)
         if context.embedding is not None:
             emb = emb + context.embedding
         for key, layer in self.cond_layers.items():
@@ -245,6 +279,8 @@ class NestedUNet(nn.Module):
         if self.level.normalize_input:  # per image, so per frame for clips, by the noisy channels' std
             std = top[:, : self.config.in_channels].flatten(1).std(dim=1)
             top = top / std.reshape(-1, *([1] * (top.dim() - 1)))
+        if self.config.magnitude_preserving:
+            top = torch.cat([top, torch.ones_like(top[:, :1])], dim=1)
         x = self.conv_in(top)
         if features is not None:
             x = x + features
@@ -281,5 +317,5 @@ class NestedUNet(nn.Module):
             x, _ = block(x, emb, tokens, mask, skips=skips[-count:], frames=frames)
             del skips[-count:]
 
-        out = self.conv_out(F.silu(self.norm_out(x)))
+        out = self.conv_out(x if self.norm_out is None else F.silu(self.norm_out(x)))
         return [unfold_frames(out, frames) if video else out, *lower], x
