@@ -13,8 +13,6 @@ level's frames (every k-th frame, as the data), the inner features come back rep
 
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -112,11 +110,6 @@ class NestedUNet(nn.Module):
             skip_widths += [out_ch] * (level.res_blocks[stage] + (resample is not None))
             width = out_ch
 
-        if self.is_innermost and os.environ.get("MDM_REPA"):
-            dim = int(os.environ.get("MDM_REPA_DIM", "320"))
-            self.repa_proj = nn.Sequential(
-                nn.Conv2d(width, 512, 1), nn.SiLU(), nn.Conv2d(512, 512, 1), nn.SiLU(), nn.Conv2d(512, dim, 1)
-            )
         if self.is_innermost:
             self.mid_blocks = nn.ModuleList(
                 [
@@ -298,7 +291,6 @@ class NestedUNet(nn.Module):
             skips += activations
 
         if self.inner_unet is None:
-            self.repa_hidden = x
             lower: list[torch.Tensor] = []
             x, _ = self.mid_blocks[0](x, emb, tokens, mask, frames=frames)
             x, _ = self.mid_blocks[1](x, emb, frames=frames)

@@ -15,7 +15,6 @@ moments for the kept parameters.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -286,15 +285,6 @@ class Trainer:
         with self.network.no_sync() if skip_sync else nullcontext():
             with self.autocast:
                 loss, logs = process.loss(self.network, images, cond, t=t, noise=noise)
-                if os.environ.get("MDM_REPA"):
-                    if not hasattr(self, "_repa_targets"):
-                        self._repa_targets = torch.load(os.environ["MDM_REPA"]).float()
-                    inner = self.model.innermost
-                    h = inner.repa_proj(inner.repa_hidden)
-                    target = self._repa_targets[batch["index"]].to(h.device)
-                    cos = torch.nn.functional.cosine_similarity(h.float(), target, dim=1).mean()
-                    loss = loss + float(os.environ.get("MDM_REPA_WEIGHT", "0.5")) * (1 - cos)
-                    logs["repa_cos"] = cos.detach()
             # Normalise before backward so accumulated gradients average the micro-batches.
             (loss * share / train.grad_accum).backward()
         return loss.item(), {key: float(value) for key, value in logs.items()}
