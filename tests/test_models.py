@@ -184,11 +184,13 @@ def test_micro_conditioning_scale_saturates_at_default():
     assert not torch.allclose(default, small)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("magnitude_preserving", [False, True])
+def test_gradient_checkpointing_gives_same_gradients(magnitude_preserving):
     grads = []
     for checkpointing in (False, True):
         config = tiny(2)
         config.gradient_checkpointing = checkpointing
+        config.magnitude_preserving = magnitude_preserving
         model = randomize(NestedUNet(config)).train()
         loss = sum(o.square().mean() for o in model(pyramid(config, 2, 16), torch.tensor([1.0, 2.0])))
         loss.backward()

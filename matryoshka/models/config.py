@@ -120,7 +120,9 @@ class ModelConfig:
     """Video: frames of each level, innermost first like ``levels`` (each a multiple of the one
     inside it; the innermost may be 1, an image model inside the video model); empty: images."""
     magnitude_preserving: bool = False
-    """EDM2's magnitude-preserving layers (``mp_layers.py``) instead of GroupNorm UNet blocks."""
+    """EDM2's magnitude-preserving layers (``mp_layers.py``) instead of GroupNorm UNet blocks: they want a
+    learning rate ~40x higher (``emoji64``: 4e-2). Not convertible to ml-mdm's layout; under FSDP the in-place
+    re-normalisation of the weights may not reach the shards (the forward normalises them anyway)."""
 
     def __post_init__(self) -> None:
         if not self.levels:
