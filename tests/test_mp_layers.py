@@ -89,9 +89,13 @@ def test_fresh_nesting_reproduces_the_inner_model():
     assert got[0].abs().max() == 0
 
 
-def test_unsupported_conditioning_is_rejected():
+def test_unsupported_options_are_rejected():
     with pytest.raises(ValueError, match="magnitude_preserving"):
         replace(tiny(2), magnitude_preserving=True, text_dim=8)
+    config = tiny(2)
+    config.levels[0].attention_ffn = True
+    with pytest.raises(ValueError, match="feed-forward"):
+        replace(config, magnitude_preserving=True)
 
 
 def test_a_progressive_run_grows_resumes_and_samples(tmp_path):

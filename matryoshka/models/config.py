@@ -144,6 +144,8 @@ class ModelConfig:
             self.text_dim or self.frames or any(level.micro_conditioning for level in self.levels)
         ):
             raise ValueError("magnitude_preserving supports unconditional and class-conditional image models only")
+        if self.magnitude_preserving and any(level.attention_ffn for level in self.levels):
+            raise ValueError("magnitude_preserving blocks have no attention feed-forward: set attention_ffn=false")
         ratios = {level.downsampling for level in self.levels[1:]}
         if len(ratios) > 1:
             raise ValueError(

@@ -86,8 +86,8 @@ class MPFourier(nn.Module):
 class MPTimeEmbedding(nn.Module):
     """Fourier features of the model time, then one normalised linear layer.
 
-    Our model time runs over [0, 1000]; dividing by 1000 keeps the features' periods comparable to
-    EDM2's ln(sigma)/4 input.
+    The model time [0, 1000] is scaled to [0, 1], a range of the order of EDM2's input, ln(sigma)/4
+    (about -1.5 to 1.1).
     """
 
     def __init__(self, embed_dim: int) -> None:

@@ -70,7 +70,7 @@ class NestedUNet(nn.Module):
             # Index num_classes is the learned null class used for guidance.
             if not config.num_classes:
                 self.class_emb = None
-            elif mp:  # on one-hot labels scaled to unit norm: each class a unit-variance embedding
+            elif mp:  # one-hot labels scaled to unit root-mean-square: each class a unit-variance embedding
                 self.class_emb = MPConv(config.num_classes + 1, embed_dim, 0)
             else:
                 self.class_emb = nn.Embedding(config.num_classes + 1, embed_dim)
