@@ -23,18 +23,7 @@ import torch
 import matryoshka.diffusion.samplers as samplers
 import matryoshka.pipeline as pipeline_module
 from matryoshka.cli.main import main as mdm
-
-
-class Autoguided(torch.nn.Module):
-    """weak + w (strong - weak) per level: exact in x0 too, since x0 is affine in the prediction."""
-
-    def __init__(self, strong: torch.nn.Module, weak: torch.nn.Module, weight: float) -> None:
-        super().__init__()
-        self.strong, self.weak, self.weight, self.config = strong, weak, weight, strong.config
-
-    def forward(self, z, t, cond=None, **self_cond):
-        pairs = zip(self.strong(z, t, cond, **self_cond), self.weak(z, t, cond, **self_cond))
-        return [weak + self.weight * (strong - weak) for strong, weak in pairs]
+from matryoshka.diffusion.autoguidance import Autoguided
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ A video run gives clips, one (B, C, F, H, W) tensor per level (docs/video.md).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -19,9 +20,11 @@ import torch
 from .checkpoints import checkpoint_info, load_into, load_tensors, resolve_checkpoint
 from .config.presets import load_run_config
 from .config.run import RunConfig, SampleConfig
+from .diffusion.autoguidance import Autoguided
 from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import make_schedule
+from .guides import GUIDES_DIR, choose_guide, guide_snapshots, snapshot_levels
 from .models import Conditioning, NestedUNet
 
 
@@ -103,6 +106,9 @@ class Pipeline:
     """Names of the class labels, as saved with the run when it was trained (empty if unknown)."""
     train_seconds: float | None = None
     """Training time behind the checkpoint (the trainer's count: steps only), None if unknown."""
+    guides: Path | None = None
+    """The run's guide snapshots (``RUN/guides``), autoguidance's weak models; None if unknown."""
+    _loaded_guides: dict[Path, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -194,8 +200,10 @@ class Pipeline:
             num, self.model.config.in_channels, self.resolution, generator=generator, device=self.device
         )
         self.model.eval()
+        weak = self.guide_model(settings)
+        model = self.model if weak is None else Autoguided(self.model, weak, settings.autoguidance)
         levels = get_sampler(settings.sampler)(
-            self.model,
+            model,
             noise,
             self.process,
             steps or settings.steps,
@@ -207,6 +215,74 @@ class Pipeline:
             **{**settings.sampler_options(), **options},
         )
         return [level.clamp(-1, 1) for level in levels]
+
+    def guide_path(self, settings: SampleConfig) -> Path | None:
+        """Which weak model autoguidance uses with these settings: None when it is off, or when the
+        choice is automatic and the run kept no snapshot before this step (sampling is then unguided)."""
+        if settings.autoguidance == 1.0:
+            return None
+        guide = settings.guide
+        if guide is None:
+            return None if self.guides is None else choose_guide(self.guides, self.step, settings.guide_ratio)
+        if str(guide).isdigit():
+            snapshots = guide_snapshots(self.guides) if self.guides is not None else {}
+            if int(guide) not in snapshots:
+                kept = ", ".join(map(str, snapshots)) or "none"
+                raise ValueError(f"guide {guide}: the run kept no guide snapshot of that step (it has: {kept})")
+            return snapshots[int(guide)]
+        path = Path(guide).expanduser()
+        if not path.exists():
+            raise ValueError(f"guide {guide}: no such guide snapshot, checkpoint or run directory")
+        return path
+
+    def guide_model(self, settings: SampleConfig) -> torch.nn.Module | None:
+        """Autoguidance's weak model for these settings, loaded once; None without autoguidance."""
+        path = self.guide_path(settings)
+        if path is None:
+            if settings.autoguidance != 1.0:
+                where = self.guides if self.guides is not None else "this checkpoint's run"
+                warnings.warn(
+                    f"autoguidance {settings.autoguidance:g}: no guide snapshot before step {self.step} in "
+                    f"{where}, so these samples are not autoguided (pass a guide, or train with "
+                    "train.guide_snapshots)",
+                    stacklevel=3,
+                )
+            return None
+        key = path.resolve()
+        if key not in self._loaded_guides:
+            self._loaded_guides[key] = self._load_guide(path)
+        return self._loaded_guides[key]
+
+    def _load_guide(self, path: Path) -> torch.nn.Module:
+        if path.is_file():
+            levels = snapshot_levels(path)
+            if levels > self.model.config.num_levels:
+                raise ValueError(f"guide {path} has {levels} levels, more than the model it guides")
+            weak = NestedUNet(self.config.model.truncated(levels))
+            load_into(weak, load_tensors(path), path)
+            return weak.to(self.device).eval()
+        other = load_pipeline(path, device=self.device)
+        mine, theirs = self.model.config, other.model.config
+        outer = mine.num_levels - theirs.num_levels
+        problems = [
+            text
+            for text, bad in (
+                ("it has more levels", outer < 0),
+                ("its diffusion settings differ", other.config.diffusion != self.config.diffusion),
+                (
+                    "its resolution is not one of this model's levels",
+                    other.resolution * mine.nest_ratio ** max(outer, 0) != self.resolution,
+                ),
+                (
+                    "its conditioning differs",
+                    (theirs.num_classes, theirs.text_dim) != (mine.num_classes, mine.text_dim),
+                ),
+            )
+            if bad
+        ]
+        if problems:
+            raise ValueError(f"guide {path} cannot guide this model: {'; '.join(problems)}")
+        return other.model
 
     def sample_settings(self, sampler: str | None = None, **options) -> SampleConfig:
         """The run's sample settings with these overrides (``SampleConfig`` fields); a bad value or
@@ -243,6 +319,7 @@ def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.de
     if config.train.channels_last is not False:  # sampling runs in fp32, where channels-last never costs
         model.to(memory_format=torch.channels_last)
     process = build_process(config, num_levels)
+    in_run = checkpoint.parent.name == "checkpoints"
     return Pipeline(
         model,
         process,
@@ -251,4 +328,5 @@ def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.de
         info["step"],
         class_names=info["class_names"],
         train_seconds=info["train_seconds"],
+        guides=checkpoint.parent.parent / GUIDES_DIR if in_run else None,
     )

@@ -115,6 +115,7 @@ def test_eval_stats_then_eval_end_to_end_with_a_resumable_cache(setup, capsys, m
         "labels": "none",
         "prompts": "",
         "options": {},
+        "autoguidance": "",
     }
     assert report["feature"]["name"] == "effnet-lite0" and report["feature"]["fid_comparable"] is False
     cache = Path(report["cache"])

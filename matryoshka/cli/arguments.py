@@ -94,6 +94,25 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="cap on the dynamic threshold s (default: none for dynamic, 1.5 for dynamic_if)",
     )
+    parser.add_argument(
+        "--autoguidance",
+        type=guidance,
+        metavar="W",
+        help="autoguidance weight (Karras et al. 2024): predictions pushed away from an earlier, weaker "
+        "snapshot of the run; 1 = off (default: the run's sample.autoguidance)",
+    )
+    parser.add_argument(
+        "--guide",
+        help="autoguidance's weak model: a step of the run's guide snapshots, a snapshot file, or a "
+        "checkpoint or run directory (default: the snapshot nearest to --guide-ratio times the step)",
+    )
+    parser.add_argument(
+        "--guide-ratio",
+        dest="guide_ratio",
+        type=float,
+        metavar="R",
+        help="the automatic guide's share of the sampled model's steps (default: sample.guide_ratio)",
+    )
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:

@@ -113,6 +113,9 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    guide_snapshots: int = 0
+    """Keep the EMA weights of this step and of every doubling of it (250, 500, 1000, ...) in RUN/guides,
+    the weak models of autoguidance (``sample.autoguidance``); 0: none."""
     sample_every: int = 500
     compile: bool = False
     """torch.compile the model (a speed-up on GPUs; compile time dominates short CPU runs)."""
@@ -144,8 +147,11 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_minutes < 0:
             raise ValueError("max_minutes must be >= 0")
-        if min(self.warmup_steps, self.weight_decay, self.grad_clip, self.ema_grown_hold_steps) < 0:
-            raise ValueError("warmup_steps, weight_decay, grad_clip and ema_grown_hold_steps must be >= 0")
+        non_negative = (self.warmup_steps, self.weight_decay, self.grad_clip, self.ema_grown_hold_steps)
+        if min(*non_negative, self.guide_snapshots) < 0:
+            raise ValueError(
+                "warmup_steps, weight_decay, grad_clip, ema_grown_hold_steps and guide_snapshots must be >= 0"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
         if not 0 <= self.cond_drop_prob <= 1:
@@ -173,7 +179,17 @@ class TextConfig:
             raise ValueError("max_length must be >= 1")
 
 
-SAMPLER_OPTIONS = ("spacing", "eta", "threshold", "threshold_percentile", "threshold_max", "guidance_interval")
+SAMPLER_OPTIONS = (
+    "spacing",
+    "eta",
+    "threshold",
+    "threshold_percentile",
+    "threshold_max",
+    "guidance_interval",
+    "autoguidance",
+    "guide",
+    "guide_ratio",
+)
 """The ``SampleConfig`` fields that `mdm sample` and `mdm eval` take as flags, beyond sampler, steps and guidance."""
 
 
@@ -205,6 +221,15 @@ class SampleConfig:
     """Cap on s in the dynamic modes (default: none for dynamic, 1.5 for dynamic_if; ml-mdm's DYNAMIC: 100)."""
     guidance_interval: list[float] | None = None
     """[lo, hi]: guide only the steps with lo <= t/T <= hi (Kynkaanniemi et al. 2024); None: every step."""
+    autoguidance: float = 1.0
+    """Autoguidance weight w (Karras et al. 2024): every prediction becomes weak + w (strong - weak), the
+    weak model being ``guide``; 1: off. Unlike ``guidance`` it needs no condition."""
+    guide: str | None = None
+    """Autoguidance's weak model: a step of the run's guide snapshots (RUN/guides, see
+    ``train.guide_snapshots``), a snapshot file, or a checkpoint or run directory of a model with the
+    same diffusion settings; None: the run's snapshot nearest to ``guide_ratio`` times the sampled step."""
+    guide_ratio: float = 0.4
+    """With ``guide`` None: the weak model's share of the sampled model's training steps."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num < 1:
@@ -217,6 +242,10 @@ class SampleConfig:
         interval = self.guidance_interval
         if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
             raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {interval}")
+        if not (math.isfinite(self.autoguidance) and self.autoguidance >= 0):
+            raise ValueError(f"autoguidance must be a finite number >= 0 (1 = off), got {self.autoguidance}")
+        if not 0 < self.guide_ratio < 1:
+            raise ValueError(f"guide_ratio must be in (0, 1), got {self.guide_ratio}")
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword arguments of the samplers (matryoshka.diffusion.samplers) for these settings."""

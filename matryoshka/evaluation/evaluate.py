@@ -265,7 +265,11 @@ def run_evaluation(
                 "levels": sizes,
                 **({"frames": frames} if layout else {}),
                 # Caches made before sampling options existed stay valid: no options, no key.
-                **{key: value for key, value in asdict(settings).items() if key != "options" or value},
+                **{
+                    key: value
+                    for key, value in asdict(settings).items()
+                    if key not in ("options", "autoguidance") or value
+                },
             },
         )
 
@@ -437,6 +441,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{sampling['guidance']:g}, "
         f"seed {sampling['seed']}, "
         + "".join(f"{name} {value}, " for name, value in sorted(sampling.get("options", {}).items()))
+        + (f"autoguidance {sampling['autoguidance']}, " if sampling.get("autoguidance") else "")
         + f"checkpoint step {report['step']}"
         + (f" ({report['train_minutes']:g} training minutes)" if report.get("train_minutes") is not None else "")
     )

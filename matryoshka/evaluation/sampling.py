@@ -36,12 +36,16 @@ class SampleSettings:
     """Text-to-image models: "<count> prompts sha256:<digest>"; sample i gets prompt i mod count."""
     options: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run's other ``sample`` settings (spacing, eta, threshold, ..., as `mdm sample` takes them)."""
+    autoguidance: str = ""
+    """The autoguidance in effect, "weight <w>, guide <path>" ("" for none)."""
 
 
 def options_tag(options: dict[str, Any]) -> str:
     """A file-name part naming sampling overrides, e.g. ``_threshold-dynamic_spacing-mlmdm`` ("" for none)."""
 
     def text(value: Any) -> str:
+        if isinstance(value, str) and any(sep in value for sep in "/\\"):  # a path (--guide) names no file
+            return "sha" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
         if isinstance(value, (list, tuple)):
             return "-".join(text(item) for item in value)
         return f"{value:g}" if isinstance(value, float) else str(value)
@@ -79,7 +83,8 @@ def resolve_settings(
             "(sampler, steps, guidance and seed are arguments of their own)"
         )
     try:
-        pipeline.sample_settings(sampler, **options)
+        effective = pipeline.sample_settings(sampler, **options)
+        guide = pipeline.guide_path(effective)
     except ValueError as error:
         raise EvaluationError(f"sampling settings: {error}") from None
     text_model = bool(getattr(pipeline.model.config, "text_dim", 0))
@@ -102,6 +107,7 @@ def resolve_settings(
         labels="cycle" if pipeline.model.config.num_classes else "none",
         prompts=prompts_digest(prompts),
         options=options,
+        autoguidance="" if guide is None else f"weight {effective.autoguidance:g}, guide {guide}",
     )
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoints import latest_checkpoint, save_checkpoint
 from ..config.run import RunConfig
+from ..guides import save_guide_snapshot
 from .metrics import MetricsLog
 from .state import all_finite
 
@@ -59,6 +60,19 @@ def write_checkpoint(
     except OSError as error:
         metrics.warn(f"could not write stages.json: {error}")
     return path, None
+
+
+def write_guide_snapshot(
+    run_dir: Path, step: int, ema: dict[str, torch.Tensor], levels: int, class_names: list[str], metrics: MetricsLog
+) -> None:
+    """Keep the EMA of ``step`` for autoguidance; a failure costs only this snapshot, never the run."""
+    if not all_finite(ema.values()):
+        metrics.warn(f"no guide snapshot at step {step}: the EMA weights are NaN/Inf")
+        return
+    try:
+        save_guide_snapshot(run_dir, step, ema, levels, class_names)
+    except OSError as error:
+        metrics.warn(f"could not write the guide snapshot of step {step}: {error}")
 
 
 def weights_not_finite(run_dir: Path, step: int, lr: float, weight_decay: float) -> TrainingStopped:

@@ -29,6 +29,7 @@ from ..config.run import RunConfig, StageConfig
 from ..data import build_dataset
 from ..data.loader import mix_seed
 from ..diffusion.process import MatryoshkaDiffusion
+from ..guides import GUIDES_DIR, is_guide_step
 from ..models import NestedUNet
 from ..pipeline import Pipeline, build_process, load_encoder
 from .batches import batch_conditioning, caption_embedder, sample_randomness, top_images
@@ -45,7 +46,7 @@ from .parallel import shard, wrap
 from .precision import use_bf16, use_channels_last
 from .previews import evaluate_run, save_sample_grids
 from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
-from .saving import TrainingStopped, weights_not_finite, write_checkpoint
+from .saving import TrainingStopped, weights_not_finite, write_checkpoint, write_guide_snapshot
 from .stages import StagePlan
 from .state import (
     all_finite,
@@ -324,6 +325,13 @@ class Trainer:
             )
         return path
 
+    def save_guide(self) -> None:
+        """Rank 0 keeps the EMA weights as a guide snapshot (gathering them is collective under FSDP)."""
+        ema = full_weights(self.ema.model, self.sharded)
+        if self.dist.is_main:
+            names = list(getattr(self.dataset, "class_names", None) or [])
+            write_guide_snapshot(self.run_dir, self.step, ema, self.num_levels, names, self.metrics)
+
     def _ema_pipeline(self) -> Pipeline | None:
         """The EMA model as a pipeline on rank 0 (unsharded there under FSDP); None elsewhere."""
         model = full_model_on_main(self.ema.model, self.sharded, self.dist.is_main, self.device)
@@ -336,6 +344,7 @@ class Trainer:
             step=self.step,
             text_encoder=self.text_encoder,
             train_seconds=self.train_seconds,
+            guides=self.run_dir / GUIDES_DIR,
         )
 
     def _samples_and_evaluation(self, sample: bool, evaluate: bool) -> None:
@@ -418,6 +427,8 @@ class Trainer:
                     averaged = self._log_step(loss, level_logs, grad_norm, lr, rate)
                     bar.set_postfix(step=self.step, loss=f"{averaged['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 healthy = not (diverged or stop_signal)
+                if healthy and is_guide_step(self.step, train.guide_snapshots):
+                    self.save_guide()
                 evaluate_every = self.config.eval.every
                 self._samples_and_evaluation(
                     sample=healthy and (self.step % train.sample_every == 0 or done or boundary),
