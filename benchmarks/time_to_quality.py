@@ -25,8 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+# Every recipe before session 17 sampled without autoguidance and kept no guide snapshots.
+UNGUIDED = ["sample.autoguidance=1", "train.guide_snapshots=0"]
 # The emoji64 recipe before issue 12, spelled out so it stays reproducible after the preset moves on.
 OLD_RECIPE = [
+    *UNGUIDED,
     "model.magnitude_preserving=false",
     "model.levels.0.res_blocks=[2,2,2]",
     "model.levels.0.attention_stages=[1,2]",
@@ -42,7 +45,7 @@ OLD_RECIPE = [
     "sample.spacing=mlmdm",
 ]
 # Sessions 14-15 (the twelfth round of issue 12): GroupNorm blocks at their rates.
-GROUPNORM_RECIPE = ["model.magnitude_preserving=false", "train.lr=1e-3", "stages.1.lr=3e-4"]
+GROUPNORM_RECIPE = [*UNGUIDED, "model.magnitude_preserving=false", "train.lr=1e-3", "stages.1.lr=3e-4"]
 # The first round of issue 12 (docs/benchmarks.md): no schedule shift, the nested stage at the run's lr.
 ROUND1_RECIPE = [
     *GROUPNORM_RECIPE,
@@ -58,6 +61,7 @@ ARMS: dict[str, list[str]] = {
     "round1": ROUND1_RECIPE,
     "round2": ROUND2_RECIPE,
     "groupnorm": GROUPNORM_RECIPE,
+    "magnitude": UNGUIDED,  # session 16's recipe: magnitude-preserving blocks, sampled without autoguidance
     "new": [],
 }
 

@@ -147,8 +147,12 @@ def test_cli_samples_and_evaluates_with_autoguidance(run, tmp_path, capsys):
     out = tmp_path / "samples"
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--autoguidance", "2", "--out", str(out)]) == 0
     assert (out / "grid_16px.png").is_file()
+    chosen = json.loads((out / "settings.json").read_text())["autoguidance"]
+    assert chosen == {"weight": 2.0, "guide": str(run / "guides" / "step_00000004.safetensors")}
+    before = sorted((run / "samples").iterdir())
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--autoguidance", "2", "--guide", "5"]) != 0
     assert "no guide snapshot of that step (it has: 2, 4, 8)" in capsys.readouterr().err
+    assert sorted((run / "samples").iterdir()) == before  # refused before any folder was made
     report = tmp_path / "report.json"
     guide = str(run / "guides" / "step_00000002.safetensors")
     code = main(

@@ -74,7 +74,7 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path, folder, sel
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_joint_image_and_video_batches_on_two_ranks_match_one_process(tmp_path, strategy):
     """Each rank's batch is an image pass and a clip pass: two ranks of 4 train as one process of 8."""
-    joint = ["data.image_source=emoji", "data.image_fraction=0.5", "train.steps=3", *COMMON]
+    joint = ["data.image_source=emoji", "data.image_fraction=0.5", "train.steps=3", "train.guide_snapshots=1", *COMMON]
     two = torchrun(
         f"run_dir={tmp_path / 'two'}", f"train.strategy={strategy}", "train.batch_size=4", *joint, preset="tiny-video"
     )
@@ -84,9 +84,10 @@ def test_joint_image_and_video_batches_on_two_ranks_match_one_process(tmp_path, 
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for key in ("loss", "loss/4x16x16", "loss/2x8x8"):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-4, err_msg=key)
-    one = load_file(tmp_path / "one/checkpoints/step_00000003/model.safetensors")
-    for key, value in load_file(tmp_path / "two/checkpoints/step_00000003/model.safetensors").items():
-        torch.testing.assert_close(value, one[key], rtol=1e-4, atol=1e-5)
+    for weights in ("checkpoints/step_00000003/model.safetensors", "guides/step_00000002.safetensors"):
+        one = load_file(tmp_path / "one" / weights)  # guide snapshots: the EMA, gathered from the shards
+        for key, value in load_file(tmp_path / "two" / weights).items():
+            torch.testing.assert_close(value, one[key], rtol=1e-4, atol=1e-5)
 
 
 def test_fsdp_trains_checkpoints_and_resumes_on_one_process(tmp_path, folder):

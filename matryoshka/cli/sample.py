@@ -136,8 +136,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--steps {steps}: the model's schedule has {pipe.process.schedule.num_steps} steps")
     if args.negative_prompt is not None and not pipe.model.config.text_dim:
         raise UserError("--negative-prompt needs a text-to-image model")
-    out = _output_folder(args.out, pipe)
     options = arguments.sampling_overrides(args)
+    try:  # a missing guide is refused before any folder is made
+        effective = pipe.sample_settings(sampler, **options)
+        guide = pipe.guide_path(effective)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    out = _output_folder(args.out, pipe)
     batches = range(0, total, args.batch_size)
     kept: list[list] = []
     with tqdm(total=steps * len(batches), desc="sampling", unit="step", dynamic_ncols=True) as bar:
@@ -188,6 +193,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "levels": [_level_label(level[0]) for level in kept],
         "fps": args.fps,
         **options,
+        "autoguidance": None if guide is None else {"weight": effective.autoguidance, "guide": str(guide)},
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     print(
