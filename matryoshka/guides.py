@@ -2,14 +2,13 @@
 
 A snapshot is one safetensors file, ``RUN/guides/step_XXXXXXXX.safetensors``, with the same
 metadata as a checkpoint's weights (step, levels, class names); its architecture is the run's
-model truncated to its levels. They are written at ``first`` and every doubling of it, so
-whatever step is sampled, one lies within a factor of sqrt(2) of any fraction of it.
+model truncated to its levels. They are written at ``first`` and every doubling of it: the
+first is the automatic guide, the later ones are there to be chosen by step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -60,13 +59,11 @@ def guide_snapshots(folder: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def choose_guide(folder: str | Path, step: int, ratio: float) -> Path | None:
-    """The snapshot from before ``step`` whose step is nearest to ``ratio * step`` on a log scale."""
-    earlier = {s: path for s, path in guide_snapshots(folder).items() if s < step}
-    if not earlier:
-        return None
-    target = math.log(ratio * step)
-    return earlier[min(earlier, key=lambda s: abs(math.log(s) - target))]
+def first_guide(folder: str | Path, step: int) -> Path | None:
+    """The run's first snapshot, if it is from before ``step`` (a model does not guide itself)."""
+    snapshots = guide_snapshots(folder)
+    first = next(iter(snapshots), None)
+    return None if first is None or first >= step else snapshots[first]
 
 
 def snapshot_levels(path: Path) -> int:

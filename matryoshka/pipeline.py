@@ -24,7 +24,7 @@ from .diffusion.autoguidance import Autoguided
 from .diffusion.process import MatryoshkaDiffusion
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import make_schedule
-from .guides import GUIDES_DIR, choose_guide, guide_snapshots, snapshot_levels
+from .guides import GUIDES_DIR, first_guide, guide_snapshots, snapshot_levels
 from .models import Conditioning, NestedUNet
 
 
@@ -223,7 +223,7 @@ class Pipeline:
             return None
         guide = settings.guide
         if guide is None:
-            return None if self.guides is None else choose_guide(self.guides, self.step, settings.guide_ratio)
+            return None if self.guides is None else first_guide(self.guides, self.step)
         if str(guide).isdigit():
             snapshots = guide_snapshots(self.guides) if self.guides is not None else {}
             if int(guide) not in snapshots:

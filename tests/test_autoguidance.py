@@ -15,7 +15,7 @@ from matryoshka.config.run import SampleConfig, StageConfig
 from matryoshka.data.config import DataConfig
 from matryoshka.diffusion.autoguidance import Autoguided
 from matryoshka.diffusion.samplers import sample_ddim
-from matryoshka.guides import choose_guide, guide_snapshots, is_guide_step, save_guide_snapshot, snapshot_levels
+from matryoshka.guides import first_guide, guide_snapshots, is_guide_step, save_guide_snapshot, snapshot_levels
 from matryoshka.models import NestedUNet
 from matryoshka.models.presets import tiny as tiny_model
 from matryoshka.pipeline import build_process, load_pipeline
@@ -55,7 +55,7 @@ def test_guided_outputs_are_weak_plus_weight_times_the_difference():
         Autoguided(Constant([1.0]), Constant([1.0, 2.0]), 2.0)
 
 
-def test_guide_steps_double_and_the_choice_is_nearest_on_a_log_scale(tmp_path):
+def test_guide_steps_double_and_the_first_is_the_automatic_guide(tmp_path):
     assert [s for s in range(1, 1100) if is_guide_step(s, 125)] == [125, 250, 500, 1000]
     assert not any(is_guide_step(s, 0) for s in range(5))
     weights = NestedUNet(tiny_model(1)).state_dict()
@@ -64,11 +64,9 @@ def test_guide_steps_double_and_the_choice_is_nearest_on_a_log_scale(tmp_path):
     folder = tmp_path / "guides"
     assert list(guide_snapshots(folder)) == [125, 250, 500, 1000]
     assert snapshot_levels(folder / "step_00000500.safetensors") == 1
-    assert choose_guide(folder, 1200, 0.4).name == "step_00000500.safetensors"  # 480
-    assert choose_guide(folder, 1000, 0.4).name == "step_00000500.safetensors"  # 400: ln 500 - ln 400 < ln 400 - ln 250
-    assert choose_guide(folder, 600, 0.4).name == "step_00000250.safetensors"  # 240
-    assert choose_guide(folder, 5000, 0.4).name == "step_00001000.safetensors"  # only earlier snapshots count
-    assert choose_guide(folder, 125, 0.4) is None and choose_guide(tmp_path / "none", 900, 0.4) is None
+    assert first_guide(folder, 5000).name == first_guide(folder, 126).name == "step_00000125.safetensors"
+    assert first_guide(folder, 125) is None  # a model does not guide itself
+    assert first_guide(tmp_path / "none", 900) is None
     (folder / "step_00002000.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="cannot read the guide snapshot"):
         snapshot_levels(folder / "step_00002000.safetensors")
@@ -79,8 +77,6 @@ def test_settings_refuse_bad_autoguidance():
         SampleConfig(autoguidance=-1.0)
     with pytest.raises(ValueError, match="autoguidance must be"):
         SampleConfig(autoguidance=math.nan)
-    with pytest.raises(ValueError, match="guide_ratio"):
-        SampleConfig(guide_ratio=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +121,8 @@ def test_autoguided_samples_match_their_closed_forms(run):
     by_weight_zero = sample_ddim(Autoguided(pipe.model, weak, 0.0), noise, pipe.process, 3)
     alone = sample_ddim(weak, noise[1:], build_process(pipe.config, num_levels=1), 3)
     torch.testing.assert_close(by_weight_zero[1], alone[0])
-    # Automatic choice: 0.4 x 8 = 3.2 is nearest to 4; the outer level then follows the guided inner one.
-    assert pipe.guide_path(pipe.sample_settings(autoguidance=2.0)).name == "step_00000004.safetensors"
+    # Automatic choice: the first snapshot; the outer level then follows the guided inner one.
+    assert pipe.guide_path(pipe.sample_settings(autoguidance=2.0)).name == "step_00000002.safetensors"
     guided = pipe.generate(num=2, steps=3, seed=1, autoguidance=2.0)
     assert not torch.allclose(guided[1], plain[1])
 
@@ -148,7 +144,7 @@ def test_cli_samples_and_evaluates_with_autoguidance(run, tmp_path, capsys):
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--autoguidance", "2", "--out", str(out)]) == 0
     assert (out / "grid_16px.png").is_file()
     chosen = json.loads((out / "settings.json").read_text())["autoguidance"]
-    assert chosen == {"weight": 2.0, "guide": str(run / "guides" / "step_00000004.safetensors")}
+    assert chosen == {"weight": 2.0, "guide": str(run / "guides" / "step_00000002.safetensors")}
     before = sorted((run / "samples").iterdir())
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--autoguidance", "2", "--guide", "5"]) != 0
     assert "no guide snapshot of that step (it has: 2, 4, 8)" in capsys.readouterr().err

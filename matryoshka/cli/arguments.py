@@ -104,14 +104,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guide",
         help="autoguidance's weak model: a step of the run's guide snapshots, a snapshot file, or a "
-        "checkpoint or run directory (default: the snapshot nearest to --guide-ratio times the step)",
-    )
-    parser.add_argument(
-        "--guide-ratio",
-        dest="guide_ratio",
-        type=float,
-        metavar="R",
-        help="the automatic guide's share of the sampled model's steps (default: sample.guide_ratio)",
+        "checkpoint or run directory (default: sample.guide, else the run's first snapshot)",
     )
 
 

@@ -188,7 +188,6 @@ SAMPLER_OPTIONS = (
     "guidance_interval",
     "autoguidance",
     "guide",
-    "guide_ratio",
 )
 """The ``SampleConfig`` fields that `mdm sample` and `mdm eval` take as flags, beyond sampler, steps and guidance."""
 
@@ -227,9 +226,8 @@ class SampleConfig:
     guide: str | None = None
     """Autoguidance's weak model: a step of the run's guide snapshots (RUN/guides, see
     ``train.guide_snapshots``), a snapshot file, or a checkpoint or run directory of a model with the
-    same diffusion settings; None: the run's snapshot nearest to ``guide_ratio`` times the sampled step."""
-    guide_ratio: float = 0.4
-    """With ``guide`` None: the weak model's share of the sampled model's training steps."""
+    same diffusion settings; None: the run's first snapshot (the weakest; on emoji64 the best guide at 10,
+    30 and 60 minutes, docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num < 1:
@@ -244,8 +242,6 @@ class SampleConfig:
             raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {interval}")
         if not (math.isfinite(self.autoguidance) and self.autoguidance >= 0):
             raise ValueError(f"autoguidance must be a finite number >= 0 (1 = off), got {self.autoguidance}")
-        if not 0 < self.guide_ratio < 1:
-            raise ValueError(f"guide_ratio must be in (0, 1), got {self.guide_ratio}")
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword arguments of the samplers (matryoshka.diffusion.samplers) for these settings."""
