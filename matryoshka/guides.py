@@ -9,6 +9,7 @@ first is the automatic guide, the later ones are there to be chosen by step.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -36,13 +37,18 @@ def save_guide_snapshot(
     folder = Path(run_dir) / GUIDES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.safetensors"
+    partial = folder / f".tmp-{path.name}-{os.getpid()}"
     metadata = {
         "format": "matryoshka",
         "step": str(step),
         "num_levels": str(num_levels),
         "class_names": json.dumps(list(class_names)),
     }
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, path, metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, partial, metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

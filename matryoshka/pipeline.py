@@ -260,7 +260,10 @@ class Pipeline:
                 raise ValueError(f"guide {path} has {levels} levels, more than the model it guides")
             weak = NestedUNet(self.config.model.truncated(levels))
             load_into(weak, load_tensors(path), path)
-            return weak.to(self.device).eval()
+            weak = weak.to(self.device).eval()
+            if self.config.train.channels_last is not False:  # as load_pipeline lays out the model it guides
+                weak.to(memory_format=torch.channels_last)
+            return weak
         other = load_pipeline(path, device=self.device)
         mine, theirs = self.model.config, other.model.config
         outer = mine.num_levels - theirs.num_levels

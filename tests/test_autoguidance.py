@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from matryoshka.guides import first_guide, guide_snapshots, is_guide_step, save_
 from matryoshka.models import NestedUNet
 from matryoshka.models.presets import tiny as tiny_model
 from matryoshka.pipeline import build_process, load_pipeline
+from matryoshka.training.saving import write_guide_snapshot
 from matryoshka.training.trainer import Trainer
 
 from .test_cli import make_image_folder
@@ -159,3 +161,41 @@ def test_cli_samples_and_evaluates_with_autoguidance(run, tmp_path, capsys):
     sampling = json.loads(report.read_text())["sampling"]
     assert sampling["autoguidance"] == f"weight 2, guide {guide}"
     assert "/" not in Path(json.loads(report.read_text())["cache"]).name
+
+
+def test_a_checkpoint_guides_only_a_model_with_the_same_diffusion(run, tmp_path):
+    pipe = load_pipeline(run)
+    by_snapshot = pipe.generate(num=2, steps=2, seed=1, autoguidance=2.0, guide="8")
+    checkpoint = run / "checkpoints" / "step_00000008"
+    by_checkpoint = pipe.generate(num=2, steps=2, seed=1, autoguidance=2.0, guide=str(checkpoint))
+    for a, b in zip(by_snapshot, by_checkpoint):
+        torch.testing.assert_close(a, b)
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    text = (other / "config.yaml").read_text()
+    assert "  schedule: squaredcos\n" in text
+    (other / "config.yaml").write_text(text.replace("  schedule: squaredcos\n", "  schedule: linear\n"))
+    with pytest.raises(ValueError, match="cannot guide this model: its diffusion settings differ"):
+        pipe.generate(num=2, steps=2, autoguidance=2.0, guide=str(other))
+
+
+class Warnings:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def test_a_snapshot_that_cannot_be_written_costs_only_itself(tmp_path):
+    weights = NestedUNet(tiny_model(1)).state_dict()
+    log = Warnings()
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the run folder should be")
+    write_guide_snapshot(blocker, 125, weights, 1, [], log)
+    assert "could not write the guide snapshot of step 125" in log.messages[0]
+    broken = {name: torch.full_like(value, math.nan) for name, value in weights.items()}
+    write_guide_snapshot(tmp_path, 250, broken, 1, [], log)
+    assert "no guide snapshot at step 250" in log.messages[1] and not (tmp_path / "guides").exists()
+    write_guide_snapshot(tmp_path, 500, weights, 1, [], log)
+    assert [path.name for path in (tmp_path / "guides").iterdir()] == ["step_00000500.safetensors"]  # no leftovers

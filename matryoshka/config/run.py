@@ -114,8 +114,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     guide_snapshots: int = 0
-    """Keep the EMA weights of this step and of every doubling of it (250, 500, 1000, ...) in RUN/guides,
-    the weak models of autoguidance (``sample.autoguidance``); 0: none."""
+    """Keep the EMA weights of this step and of every doubling of it (125: steps 125, 250, 500, ...) in
+    RUN/guides, the weak models of autoguidance (``sample.autoguidance``); 0: none."""
     sample_every: int = 500
     compile: bool = False
     """torch.compile the model (a speed-up on GPUs; compile time dominates short CPU runs)."""
