@@ -211,8 +211,9 @@ def _check_report_path(out: str | None) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import format_table, parse_metrics, run_evaluation
+    from ..evaluation.evaluate import parse_metrics, run_evaluation
     from ..evaluation.sampling import default_cache_dir, resolve_settings
+    from ..evaluation.table import format_table
     from ..pipeline import load_pipeline
 
     metrics = parse_metrics(args.metrics or DEFAULT_METRICS)

@@ -6,7 +6,6 @@ from .evaluate import (
     NEEDS_FEATURES,
     EvaluationError,
     evaluate_pipeline,
-    format_table,
     parse_metrics,
     run_evaluation,
 )
@@ -14,6 +13,7 @@ from .features import FEATURE_NETWORKS, FeatureExtractor, build_feature_extracto
 from .reference import LevelStats, ReferenceStats, compute_reference_stats, pool_levels
 from .sampling import SampleCache, SampleSettings
 from .stats import FeatureStats, frechet_distance, kernel_distance, precision_recall
+from .table import format_table
 
 __all__ = [
     "FEATURE_NETWORKS",

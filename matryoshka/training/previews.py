@@ -8,6 +8,7 @@ from ..diffusion.spacetime import level_name
 from ..pipeline import Pipeline
 from ..utils.images import save_grid
 from ..utils.video import save_clip_grid
+from .metrics import MetricsLog
 
 
 def save_sample_grids(pipeline: Pipeline, dataset, folder: Path) -> list[Path]:
@@ -50,3 +51,16 @@ def evaluate_run(pipeline: Pipeline) -> dict[str, float]:
         prompts=sample.prompts or None,
         max_reference_images=settings.max_reference,
     )
+
+
+def write_previews(
+    pipeline: Pipeline, dataset, run_dir: Path, metrics: MetricsLog, sample: bool, evaluate: bool
+) -> None:
+    """Rank 0's share of a preview: sample grids (a failed write only warns) and/or a logged evaluation."""
+    if sample:
+        try:
+            save_sample_grids(pipeline, dataset, run_dir / "samples")
+        except OSError as error:
+            metrics.warn(f"could not write samples: {error}")
+    if evaluate:
+        metrics.write({"step": pipeline.step, **evaluate_run(pipeline)})

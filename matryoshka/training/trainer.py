@@ -44,7 +44,7 @@ from .memory import check_model_fits
 from .metrics import MetricsLog, progress_bar
 from .parallel import shard, wrap
 from .precision import use_bf16, use_channels_last
-from .previews import evaluate_run, save_sample_grids
+from .previews import write_previews
 from .rundir import check_run_paths, find_checkpoint, set_aside_checkpoints
 from .saving import TrainingStopped, weights_not_finite, write_checkpoint, write_guide_snapshot
 from .stages import StagePlan
@@ -226,9 +226,13 @@ class Trainer:
             "stage": self.stage_index,
             "stage_history": self.plan.history,
             "train_seconds": self.train_seconds,
-            "class_names": list(getattr(self.dataset, "class_names", None) or []),
+            "class_names": self.class_names,
             "data": self.loaders.state_dict(),
         }
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(getattr(self.dataset, "class_names", None) or [])
 
     def global_batch(self) -> int:
         return self.stage.batch_size * self.config.train.grad_accum * self.dist.world_size
@@ -329,8 +333,7 @@ class Trainer:
         """Rank 0 keeps the EMA weights as a guide snapshot (gathering them is collective under FSDP)."""
         ema = full_weights(self.ema.model, self.sharded)
         if self.dist.is_main:
-            names = list(getattr(self.dataset, "class_names", None) or [])
-            write_guide_snapshot(self.run_dir, self.step, ema, self.num_levels, names, self.metrics)
+            write_guide_snapshot(self.run_dir, self.step, ema, self.num_levels, self.class_names, self.metrics)
 
     def _ema_pipeline(self) -> Pipeline | None:
         """The EMA model as a pipeline on rank 0 (unsharded there under FSDP); None elsewhere."""
@@ -352,17 +355,8 @@ class Trainer:
         if not (sample or evaluate):
             return
         pipeline = self._ema_pipeline()
-
-        def work() -> None:
-            if sample:
-                try:
-                    save_sample_grids(pipeline, self.dataset, self.run_dir / "samples")
-                except OSError as error:
-                    self.metrics.warn(f"could not write samples: {error}")
-            if evaluate:
-                self.metrics.write({"step": self.step, **evaluate_run(pipeline)})
-
-        self.dist.run_on_main(work)
+        run_dir, metrics = self.run_dir, self.metrics
+        self.dist.run_on_main(lambda: write_previews(pipeline, self.dataset, run_dir, metrics, sample, evaluate))
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
