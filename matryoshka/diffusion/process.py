@@ -304,12 +304,6 @@ class MatryoshkaDiffusion:
             tmin = float(os.environ.get("MDM_OUTER_TMIN", "-1"))
             gate = ((t[:k] <= tmax) & (t[:k] >= tmin)).float().view(-1, *[1] * (preds[level].dim() - 1))
             preds[level] = preds[level].float() * gate + shift
-            if os.environ.get("MDM_PROJECT") and not torch.is_grad_enabled():
-                x0 = convert_prediction(preds[level], self.prediction, "x0", top_z, alpha, sigma)
-                target = low_x0[:k].clamp(-1, 1)
-                for _ in range(int(os.environ["MDM_PROJECT"])):
-                    x0 = x0 + upsample(target - downsample(x0, self.factor), self.factor, mode=self.residual_upsampling)
-                preds[level] = convert_prediction(x0, "x0", self.prediction, top_z, alpha, sigma)
         return preds
 
     def x0_estimates(self, preds: Sequence[Tensor], z: Sequence[Tensor], t: Tensor) -> list[Tensor]:
