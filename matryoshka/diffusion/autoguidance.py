@@ -38,13 +38,7 @@ class Autoguided(nn.Module):
         outer = len(z) - self.weak.config.num_levels
         inner_extra = {key: list(value)[outer:] for key, value in extra.items() if value is not None}
         weak = self.weak(list(z)[outer:], t, cond, **inner_extra)
-        import os
-        lo, hi = float(os.environ.get("MDM_AG_TMIN", "-10")), float(os.environ.get("MDM_AG_TMAX", "1e9"))
-        inside = ((t >= lo) & (t <= hi)).float()
-        weight = 1 + (self.weight - 1) * inside
-        return strong[:outer] + [
-            w + weight.view(-1, *[1] * (s.dim() - 1))[: len(s)] * (s - w) for s, w in zip(strong[outer:], weak)
-        ]
+        return strong[:outer] + [w + self.weight * (s - w) for s, w in zip(strong[outer:], weak)]
 
 
 class OuterGuided(nn.Module):
