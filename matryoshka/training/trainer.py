@@ -162,18 +162,8 @@ class Trainer:
             shard(self.ema.model, bf16_params)
         # One fused pass over all tensors (CPU: 6 ms a step against 21 for 7.6M weights); not for FSDP2's shards.
         fused = not self.sharded and self.device.type in ("cpu", "cuda")
-        import os
-        scale = float(os.environ.get("MDM_OUTER_LR_SCALE", "1"))
-        named = list(self.model.named_parameters())
-        if levels > 1 and scale != 1:
-            groups = [
-                {"params": [p for n, p in named if n.startswith("inner_unet.")], "lr_scale": 1.0},
-                {"params": [p for n, p in named if not n.startswith("inner_unet.")], "lr_scale": scale},
-            ]
-        else:
-            groups = [{"params": [p for _, p in named], "lr_scale": 1.0}]
         self.optimizer = torch.optim.AdamW(
-            groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, fused=fused
+            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, fused=fused
         )
         self._configure_stage()
 
@@ -253,7 +243,7 @@ class Trainer:
         steps_in_stage, progress = self.step - self.plan.start(self.step), self._stage_progress()
         lr = stage.lr * lr_factor(steps_in_stage, train.warmup_steps, progress, train.lr_schedule, train.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         self.network.train()
         total, level_logs = 0.0, {}
         for micro in range(train.grad_accum):
