@@ -202,13 +202,6 @@ class Pipeline:
         self.model.eval()
         weak = self.guide_model(settings)
         model = self.model if weak is None else Autoguided(self.model, weak, settings.autoguidance)
-        import os
-        if os.environ.get("MDM_GUIDE2"):
-            from .diffusion.autoguidance import OuterGuided
-            key2 = Path(os.environ["MDM_GUIDE2"])
-            if key2 not in self._loaded_guides:
-                self._loaded_guides[key2] = self._load_guide(key2)
-            model = OuterGuided(model, self._loaded_guides[key2], float(os.environ.get("MDM_W2", settings.autoguidance)))
         levels = get_sampler(settings.sampler)(
             model,
             noise,

@@ -39,18 +39,3 @@ class Autoguided(nn.Module):
         inner_extra = {key: list(value)[outer:] for key, value in extra.items() if value is not None}
         weak = self.weak(list(z)[outer:], t, cond, **inner_extra)
         return strong[:outer] + [w + self.weight * (s - w) for s, w in zip(strong[outer:], weak)]
-
-
-class OuterGuided(nn.Module):
-    def __init__(self, base, weak, weight):
-        super().__init__()
-        self.base, self.weak, self.weight = base, weak, weight
-
-    @property
-    def config(self):
-        return self.base.config
-
-    def forward(self, z, t, cond=None, **extra):
-        out = list(self.base(z, t, cond, **extra))
-        weak = self.weak(list(z), t, cond, **extra)
-        return [weak[0] + self.weight * (out[0] - weak[0])] + out[1:]
