@@ -299,11 +299,7 @@ class MatryoshkaDiffusion:
             top_z = z[level].float()
             alpha, sigma = self.coefficients(level, t[:k], top_z)
             shift = convert_prediction(base.clamp(-1, 1), "x0", self.prediction, top_z, alpha, sigma)
-            import os
-            tmax = float(os.environ.get("MDM_OUTER_TMAX", "1e9"))
-            tmin = float(os.environ.get("MDM_OUTER_TMIN", "-1"))
-            gate = ((t[:k] <= tmax) & (t[:k] >= tmin)).float().view(-1, *[1] * (preds[level].dim() - 1))
-            preds[level] = preds[level].float() * gate + shift
+            preds[level] = preds[level].float() + shift
         return preds
 
     def x0_estimates(self, preds: Sequence[Tensor], z: Sequence[Tensor], t: Tensor) -> list[Tensor]:
