@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# Every recipe before session 18 trained the grown level at the nested stage's rate.
+ONE_RATE = ["stages.1.grown_lr=null"]
 # Every recipe before session 17 sampled without autoguidance and kept no guide snapshots.
-UNGUIDED = ["sample.autoguidance=1", "train.guide_snapshots=0"]
+UNGUIDED = [*ONE_RATE, "sample.autoguidance=1", "train.guide_snapshots=0"]
 # The emoji64 recipe before issue 12, spelled out so it stays reproducible after the preset moves on.
 OLD_RECIPE = [
     *UNGUIDED,
@@ -62,6 +64,7 @@ ARMS: dict[str, list[str]] = {
     "round2": ROUND2_RECIPE,
     "groupnorm": GROUPNORM_RECIPE,
     "magnitude": UNGUIDED,  # session 16's recipe: magnitude-preserving blocks, sampled without autoguidance
+    "autoguided": ONE_RATE,  # session 17's recipe: autoguided, the grown level at the nested stage's rate
     "new": [],
 }
 

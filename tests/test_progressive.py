@@ -183,3 +183,61 @@ def test_init_from_loads_a_smaller_model_and_rejects_an_incompatible_one(tmp_pat
     wrong.model.levels[0] = replace(wrong.model.levels[0], channels=[16, 48])
     with pytest.raises(CheckpointError, match=r"wrong shape.*down_blocks\.1"):
         Trainer(wrong, quiet=True)
+
+
+def test_a_grown_level_trains_at_its_own_rate(tmp_path, folder):
+    config = progressive_config(tmp_path / "run", folder)
+    config = replace(
+        config,
+        train=replace(config.train, warmup_steps=0),
+        stages=[StageConfig(levels=1, steps=3, batch_size=4), StageConfig(levels=2, steps=3, lr=2e-4, grown_lr=6e-4)],
+    )
+    trainer = Trainer(config, quiet=True)
+    assert len(trainer.optimizer.param_groups) == 1
+    for _ in range(3):
+        trainer._ensure_stage()
+        trainer._train_step()
+        trainer.step += 1
+    trainer._ensure_stage()
+    inner, grown = trainer.optimizer.param_groups
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(names[id(p)].startswith("inner_unet.") for p in inner["params"])
+    assert grown["params"] and not any(names[id(p)].startswith("inner_unet.") for p in grown["params"])
+
+    before = [p.detach().clone() for p in grown["params"]]
+    trainer._train_step()
+    assert (inner["lr"], grown["lr"]) == (2e-4, 6e-4)
+    # Adam's first step moves a weight by at most the rate (after the decay), by the rate itself where the
+    # gradient is far above eps (the grown level's fresh weights; those behind its zero output layer get none).
+    decay = 1 - 6e-4 * grown["weight_decay"]
+    moved = torch.cat([(p.detach() - old * decay).abs().flatten() for old, p in zip(before, grown["params"])])
+    moved = moved[moved > 1e-6]
+    assert len(moved) > 100 and moved.max() <= 6e-4 * 1.001 and moved.median() == pytest.approx(6e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("grown_lr_before, grown_lr_after", [(None, 6e-4), (6e-4, None)])
+def test_a_run_resumes_when_grown_lr_is_set_or_unset(tmp_path, folder, grown_lr_before, grown_lr_after):
+    def config(grown_lr):
+        base = progressive_config(tmp_path / "run", folder)
+        stages = [StageConfig(levels=1, steps=3, batch_size=4), StageConfig(levels=2, steps=3, grown_lr=grown_lr)]
+        return replace(base, stages=stages, train=replace(base.train, checkpoint_every=4))
+
+    Trainer(config(grown_lr_before), quiet=True).train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000006")
+    (checkpoints / "latest").write_text("step_00000004\n")
+    trainer = Trainer(config(grown_lr_after), quiet=True)
+    assert trainer.step == 4 and len(trainer.optimizer.param_groups) == (1 if grown_lr_after is None else 2)
+    saved = torch.load(checkpoints / "step_00000004" / "state.pt", weights_only=True)["optimizer"]["state"]
+    for name, parameter in trainer.model.named_parameters():
+        torch.testing.assert_close(trainer.optimizer.state[parameter]["exp_avg"], saved[name]["exp_avg"])
+    trainer.train()
+    assert trainer.step == 6 and all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+
+
+def test_the_first_stage_has_no_grown_lr():
+    config = tiny_progressive()
+    with pytest.raises(ValueError, match="grown_lr"):
+        replace(config, stages=[replace(config.stages[0], grown_lr=1e-3), config.stages[1]])
+    with pytest.raises(ValueError, match="grown_lr must be in"):
+        StageConfig(levels=2, grown_lr=-1.0)

@@ -41,6 +41,7 @@ def emoji64() -> RunConfig:
     # diffusion's schedule shift: +2 ln 4 at the 16² level, none at the 64² one.
     # The grown 64² level's EMA holds its initial weights (the upsampled 16² image) for ~333 steps.
     # Samples are autoguided (weight 2) by the run's own EMA after 125 steps, its first guide snapshot.
+    # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.3 of it.
     return RunConfig(
         run_dir="runs/emoji64",
         model=replace(emoji64_model(2), magnitude_preserving=True),
@@ -65,15 +66,15 @@ def emoji64() -> RunConfig:
         ),
         stages=[
             StageConfig(levels=1, steps=2000, minutes=STAGE1_MINUTES),
-            StageConfig(levels=2, batch_size=16, lr=1.2e-2),
+            StageConfig(levels=2, batch_size=16, lr=1.2e-2, grown_lr=4e-2),
         ],
         sample=SampleConfig(autoguidance=2.0),
     )
 
 
 def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
-    """``run`` with the GroupNorm UNet blocks and the learning rates measured for them (1e-3, nested 3e-4),
-    sampled without autoguidance (session 15's recipe).
+    """``run`` with the GroupNorm UNet blocks and the learning rates measured for them (1e-3, nested 3e-4
+    at every level), sampled without autoguidance (session 15's recipe).
 
     ``emoji64``'s text and class presets keep these blocks: their results were measured with them, and
     the magnitude-preserving blocks have no cross-attention.
@@ -83,7 +84,7 @@ def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
         model=replace(run.model, magnitude_preserving=False),
         sample=replace(run.sample, autoguidance=1.0),
         train=replace(run.train, lr=1e-3, guide_snapshots=0),
-        stages=[stage if stage.lr is None else replace(stage, lr=3e-4) for stage in run.stages],
+        stages=[stage if stage.lr is None else replace(stage, lr=3e-4, grown_lr=None) for stage in run.stages],
     )
 
 

@@ -294,6 +294,9 @@ class StageConfig:
     """Per-process batch size of this stage (default: train.batch_size)."""
     lr: float | None = None
     """Learning rate of this stage (default: train.lr); warm-up restarts at each stage."""
+    grown_lr: float | None = None
+    """Learning rate of the levels this stage adds (default: ``lr``, which the levels of earlier
+    stages keep): a freshly grown level learns from nothing while the inner ones only adapt."""
     mixed_ratio: float | None = None
     """Mixed-resolution fraction for this stage's top level (default: diffusion.mixed_ratio)."""
     freeze_inner: bool = False
@@ -310,8 +313,10 @@ class StageConfig:
             raise ValueError("minutes must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if self.lr is not None and not 0 < self.lr <= MAX_LR:
-            raise ValueError(f"lr must be in (0, {MAX_LR}], got {self.lr}")
+        for name in ("lr", "grown_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= MAX_LR:
+                raise ValueError(f"{name} must be in (0, {MAX_LR}], got {value}")
         if self.mixed_ratio is not None and not 0 < self.mixed_ratio <= 1:
             raise ValueError("mixed_ratio must be in (0, 1]")
 
@@ -380,6 +385,8 @@ class RunConfig:
                     f"train.steps={self.train.steps} "
                     "for the last one: raise train.steps or give the last stage its own steps"
                 )
+            if self.stages[0].grown_lr is not None:
+                raise ValueError("stages.0.grown_lr: the first stage grows no level (set its lr instead)")
             counts = [stage.levels for stage in self.stages]
             if counts != sorted(set(counts)) or counts[-1] != levels:
                 raise ValueError(
@@ -398,6 +405,7 @@ class RunConfig:
                 steps=stage.steps or self.train.steps - earlier,
                 batch_size=stage.batch_size or self.train.batch_size,
                 lr=stage.lr or self.train.lr,
+                grown_lr=stage.grown_lr or stage.lr or self.train.lr,
                 mixed_ratio=stage.mixed_ratio if stage.mixed_ratio is not None else self.diffusion.mixed_ratio,
                 freeze_inner=stage.freeze_inner,
                 minutes=stage.minutes,

@@ -36,7 +36,7 @@ from .batches import batch_conditioning, caption_embedder, sample_randomness, to
 from .cores import watch_cores
 from .distributed import DistContext
 from .ema import EMA
-from .growth import carry_optimizer_state, inner_module, inner_prefix, load_inner
+from .growth import carry_optimizer_state, grown_parameter_groups, inner_module, inner_prefix, load_inner
 from .joint import ImageMix
 from .loaders import StageLoaders
 from .lr import lr_factor
@@ -162,9 +162,12 @@ class Trainer:
             shard(self.ema.model, bf16_params)
         # One fused pass over all tensors (CPU: 6 ms a step against 21 for 7.6M weights); not for FSDP2's shards.
         fused = not self.sharded and self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, fused=fused
-        )
+        # The levels this stage grew train at their own rate (stage.grown_lr) in a second group.
+        stage, index = self.stage, self.stage_index
+        two_rates = index > 0 and levels == stage.levels and stage.grown_lr != stage.lr
+        groups = grown_parameter_groups(self.model, levels, self.stages[index - 1].levels) if two_rates else None
+        params, betas, decay = groups or self.model.parameters(), tuple(train.betas), train.weight_decay
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, betas=betas, weight_decay=decay, fused=fused)
         self._configure_stage()
 
     def _configure_stage(self) -> None:
@@ -241,9 +244,10 @@ class Trainer:
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
         steps_in_stage, progress = self.step - self.plan.start(self.step), self._stage_progress()
-        lr = stage.lr * lr_factor(steps_in_stage, train.warmup_steps, progress, train.lr_schedule, train.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(steps_in_stage, train.warmup_steps, progress, train.lr_schedule, train.min_lr_ratio)
+        lr = stage.lr * factor
+        for group, rate in zip(self.optimizer.param_groups, (stage.lr, stage.grown_lr)):
+            group["lr"] = rate * factor
         self.network.train()
         total, level_logs = 0.0, {}
         for micro in range(train.grad_accum):
