@@ -10,7 +10,6 @@ optimizer moments into that prefix.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,15 +27,6 @@ def inner_module(model: nn.Module, total_levels: int, inner_levels: int) -> nn.M
     for _ in range(total_levels - inner_levels):
         model = model.inner_unet
     return model
-
-
-def grown_parameter_groups(model: nn.Module, total_levels: int, inner_levels: int) -> list[dict[str, Any]]:
-    """``model``'s parameters as two optimizer groups: its innermost ``inner_levels`` levels, then the rest."""
-    inner = {id(p) for p in inner_module(model, total_levels, inner_levels).parameters()}
-    return [
-        {"params": [p for p in model.parameters() if id(p) in inner]},
-        {"params": [p for p in model.parameters() if id(p) not in inner]},
-    ]
 
 
 def load_inner(
