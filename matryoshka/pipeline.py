@@ -258,12 +258,7 @@ class Pipeline:
             levels = snapshot_levels(path)
             if levels > self.model.config.num_levels:
                 raise ValueError(f"guide {path} has {levels} levels, more than the model it guides")
-            weak = NestedUNet(self.config.model.truncated(levels))
-            load_into(weak, load_tensors(path), path)
-            weak = weak.to(self.device).eval()
-            if self.config.train.channels_last is not False:  # as load_pipeline lays out the model it guides
-                weak.to(memory_format=torch.channels_last)
-            return weak
+            return load_model(self.config, levels, path, self.device)
         other = load_pipeline(path, device=self.device)
         mine, theirs = self.model.config, other.model.config
         outer = mine.num_levels - theirs.num_levels
@@ -309,18 +304,24 @@ class Pipeline:
         return replace(self.config.sample, **overrides), options
 
 
+def load_model(config: RunConfig, num_levels: int, weights: Path, device: torch.device) -> NestedUNet:
+    """The run's model truncated to ``num_levels`` levels with ``weights``, on ``device``, ready to sample."""
+    model = NestedUNet(config.model.truncated(num_levels))
+    load_into(model, load_tensors(weights), weights)
+    model = model.to(device).eval()
+    if config.train.channels_last is not False:  # sampling runs in fp32, where channels-last never costs
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def load_pipeline(path: str | Path, use_ema: bool = True, device: str | torch.device = "auto") -> Pipeline:
     """Load a run directory (its latest checkpoint) or one checkpoint directory for sampling."""
     checkpoint = resolve_checkpoint(path)
     config = load_run_config(checkpoint / "config.yaml")
     info = checkpoint_info(checkpoint)
     num_levels = int(info["num_levels"] or config.model.num_levels)
-    model = NestedUNet(config.model.truncated(num_levels))
     weights = checkpoint / ("ema.safetensors" if use_ema else "model.safetensors")
-    load_into(model, load_tensors(weights), weights)
-    model = model.to(pick_device(device) if isinstance(device, str) else device).eval()
-    if config.train.channels_last is not False:  # sampling runs in fp32, where channels-last never costs
-        model.to(memory_format=torch.channels_last)
+    model = load_model(config, num_levels, weights, pick_device(device) if isinstance(device, str) else device)
     process = build_process(config, num_levels)
     in_run = checkpoint.parent.name == "checkpoints"
     return Pipeline(
