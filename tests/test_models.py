@@ -1,8 +1,10 @@
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from matryoshka.interop.mlmdm import from_mlmdm_key, to_mlmdm_key
 from matryoshka.models import Conditioning, LevelConfig, ModelConfig, NestedUNet, model_preset
@@ -223,3 +225,42 @@ def test_bad_configs_are_rejected():
     model = NestedUNet(tiny(2))
     with pytest.raises(ValueError, match="2 levels"):
         model([torch.randn(1, 3, 16, 16)], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("magnitude_preserving", [False, True])
+def test_patched_level_is_the_unpatched_network_on_pixel_patches(magnitude_preserving):
+    """patch_size=2 is exactly a UNet with 4x the channels run on pixel_unshuffle(x), shuffled back."""
+    level = LevelConfig(channels=[8, 16], res_blocks=[1], attention_stages=[1], norm_groups=4, attention_heads=4)
+    patched = ModelConfig(levels=[replace(level, patch_size=2)], magnitude_preserving=magnitude_preserving)
+    unpatched = ModelConfig(levels=[level], in_channels=12, out_channels=12, magnitude_preserving=magnitude_preserving)
+    model = randomize(NestedUNet(patched)).eval()
+    reference = NestedUNet(unpatched).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([40.0, 800.0])
+    with torch.no_grad():
+        got = model(x, t)[0]
+        expected = F.pixel_shuffle(reference(F.pixel_unshuffle(x, 2), t)[0], 2)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_patched_outer_level_nests_at_its_bottleneck():
+    config = tiny(2)
+    config.levels[1] = LevelConfig(channels=[16], res_blocks=[2], norm_groups=4, mid_attention=False, patch_size=2)
+    assert config.level_sides(32) == [32, 16]
+    model = randomize(NestedUNet(config))
+    z = pyramid(config, 2, 32)
+    out = model(z, torch.tensor([5.0, 600.0]))
+    assert [tuple(o.shape) for o in out] == [tuple(level.shape) for level in z]
+    sum(o.square().mean() for o in out).backward()
+    silent = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert silent == []
+
+
+def test_only_the_outermost_level_may_be_patched():
+    inner, outer = tiny(2).levels
+    with pytest.raises(ValueError, match="only the outermost level"):
+        ModelConfig(levels=[replace(inner, patch_size=2), outer])
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        replace(outer, patch_size=0)

@@ -87,7 +87,8 @@ class NestedUNet(nn.Module):
             magnitude_preserving=mp,
         )
         width = level.channels[0]
-        inputs = config.in_channels * (2 if config.self_condition else 1)
+        patch_area = level.patch_size**2
+        inputs = config.in_channels * (2 if config.self_condition else 1) * patch_area
         # EDM2 appends a constant channel: the bias-free first convolution then still sees the border.
         self.conv_in = MPConv(inputs + 1, width, 3) if mp else nn.Conv2d(inputs, width, 3, padding=1)
         skip_widths = [width]
@@ -141,10 +142,10 @@ class NestedUNet(nn.Module):
             )
         if mp:
             self.norm_out = None
-            self.conv_out = MPConv(width, config.out_channels, 3, zero_gain=True)
+            self.conv_out = MPConv(width, config.out_channels * patch_area, 3, zero_gain=True)
         else:
             self.norm_out = nn.GroupNorm(level.norm_groups, width)
-            self.conv_out = zero_init(nn.Conv2d(width, config.out_channels, 3, padding=1))
+            self.conv_out = zero_init(nn.Conv2d(width, config.out_channels * patch_area, 3, padding=1))
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -279,6 +280,8 @@ class NestedUNet(nn.Module):
         if self.level.normalize_input:  # per image, so per frame for clips, by the noisy channels' std
             std = top[:, : self.config.in_channels].flatten(1).std(dim=1)
             top = top / std.reshape(-1, *([1] * (top.dim() - 1)))
+        if self.level.patch_size > 1:
+            top = F.pixel_unshuffle(top, self.level.patch_size)
         if self.config.magnitude_preserving:
             top = torch.cat([top, torch.ones_like(top[:, :1])], dim=1)
         x = self.conv_in(top)
@@ -318,4 +321,6 @@ class NestedUNet(nn.Module):
             del skips[-count:]
 
         out = self.conv_out(x if self.norm_out is None else F.silu(self.norm_out(x)))
+        if self.level.patch_size > 1:
+            out = F.pixel_shuffle(out, self.level.patch_size)
         return [unfold_frames(out, frames) if video else out, *lower], x
