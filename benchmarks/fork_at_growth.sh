@@ -17,7 +17,9 @@ dst=$out/$name
 mkdir -p "$out"
 [[ -f "$ref" ]] || mdm eval-stats emoji --resolution 64 --levels 64,16 --feature effnet-lite0 --out "$ref"
 rm -rf "$dst" && cp -r "$src" "$dst" && rm -rf "$dst/eval" "$dst/checkpoints/latest"
-boundary=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))[0].get('end_step', ''))" "$dst/stages.json")
+# The first stage ended where the second began (end_step is recorded only when minutes ended it).
+boundary=$(python -c "import json, sys; s = json.load(open(sys.argv[1])); print(s[1]['start_step'] if len(s) > 1 else '')" \
+  "$dst/stages.json")
 if [[ -z "$boundary" ]]; then  # still in its first stage: end that stage at its newest checkpoint, grow now
   newest=$(ls -d "$dst"/checkpoints/step_* | sort | tail -1)
   boundary=$((10#${newest##*step_}))
