@@ -1,11 +1,16 @@
 """The run config: one level order (innermost first) and configs saved by earlier versions."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import yaml
 
 from matryoshka.config import ConfigError, dump_yaml
 from matryoshka.config.presets import load_run_config
 from matryoshka.pipeline import build_process
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_level_loss_weights_are_innermost_first_like_model_levels():
@@ -48,3 +53,24 @@ def test_logit_normal_training_times_reach_the_process_and_bad_ones_are_refused(
     for bad in ("[1.0]", "[0.0, -1.0]"):
         with pytest.raises(ConfigError, match="time_logit_normal"):
             load_run_config("tiny", [f"diffusion.time_logit_normal={bad}"])
+
+
+def test_emoji64_outer_level_sees_patches_and_the_groupnorm_presets_keep_pixels():
+    patched = load_run_config("emoji64").model.levels[1]
+    assert (patched.patch_size, patched.channels) == (2, [32, 64])
+    for preset in ("emoji64-text", "emoji64-class", "emoji64-progressive"):
+        outer = load_run_config(preset).model.levels[1]
+        assert (outer.patch_size, outer.channels) == (1, [16, 32, 64]), preset
+    # both nest the 64² level around the same 16² one
+    assert load_run_config("emoji64").model.level_sides(64) == load_run_config("emoji64-text").model.level_sides(64)
+
+
+def test_time_to_quality_arms_are_valid_recipes():
+    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipes = {name: load_run_config("emoji64", overrides) for name, overrides in module.ARMS.items()}
+    outers = {name: (run.model.levels[1].patch_size, run.model.levels[1].channels) for name, run in recipes.items()}
+    assert outers["new"] == (2, [32, 64])
+    assert outers["grown-rate"] == (1, [16, 32, 64]) and outers["old"] == (1, [32, 64, 64])
+    assert recipes["grown-rate"].stages[1].grown_lr == 4e-2 and recipes["autoguided"].stages[1].grown_lr is None

@@ -41,7 +41,8 @@ def emoji64() -> RunConfig:
     # diffusion's schedule shift: +2 ln 4 at the 16² level, none at the 64² one.
     # The grown 64² level's EMA holds its initial weights (the upsampled 16² image) for ~333 steps.
     # Samples are autoguided (weight 2) by the run's own EMA after 125 steps, its first guide snapshot.
-    # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.3 of it.
+    # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.3 of it;
+    # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round).
     return RunConfig(
         run_dir="runs/emoji64",
         model=replace(emoji64_model(2), magnitude_preserving=True),
@@ -73,15 +74,16 @@ def emoji64() -> RunConfig:
 
 
 def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
-    """``run`` with the GroupNorm UNet blocks and the learning rates measured for them (1e-3, nested 3e-4
-    at every level), sampled without autoguidance (session 15's recipe).
+    """``run`` with the GroupNorm UNet blocks, the 64² level on pixels and the learning rates measured for them
+    (1e-3, nested 3e-4 at every level), sampled without autoguidance (session 15's recipe).
 
     ``emoji64``'s text and class presets keep these blocks: their results were measured with them, and
     the magnitude-preserving blocks have no cross-attention.
     """
+    pixel_levels = emoji64_model(run.model.num_levels, patch_size=1).levels
     return replace(
         run,
-        model=replace(run.model, magnitude_preserving=False),
+        model=replace(run.model, magnitude_preserving=False, levels=[*run.model.levels[:1], *pixel_levels[1:]]),
         sample=replace(run.sample, autoguidance=1.0),
         train=replace(run.train, lr=1e-3, guide_snapshots=0),
         stages=[stage if stage.lr is None else replace(stage, lr=3e-4, grown_lr=None) for stage in run.stages],
