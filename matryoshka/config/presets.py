@@ -16,7 +16,7 @@ from .loader import load_config
 from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConfig, TrainConfig, upgrade_run_data
 
 STAGE1_MINUTES = 8.0
-"""How long ``emoji64`` trains its 16² UNet alone before growing (or 2000 steps, if sooner)."""
+"""How long ``emoji64`` trains its 16² UNet alone before growing (or 1250 steps, if sooner)."""
 VIDEO_STAGE1_MINUTES = 36.0
 """How long ``emoji-video`` trains its 4-frame 8² level alone before growing (or 9000 steps, if sooner)."""
 
@@ -66,7 +66,7 @@ def emoji64() -> RunConfig:
             guide_snapshots=125,
         ),
         stages=[
-            StageConfig(levels=1, steps=2000, minutes=STAGE1_MINUTES),
+            StageConfig(levels=1, steps=1250, minutes=STAGE1_MINUTES),
             StageConfig(levels=2, batch_size=16, lr=1.2e-2, grown_lr=4e-2),
         ],
         sample=SampleConfig(autoguidance=2.0),
