@@ -25,15 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-# Every recipe before session 19 ran the 64² level on pixels, not 2x2 patches.
-UNPATCHED = [
+# Every recipe before session 19 ran the 64² level on pixels, not 2x2 patches, and grew after up to 2,000 steps.
+BEFORE_PATCHES = [
+    "stages.0.steps=2000",
     "model.levels.1.patch_size=1",
     "model.levels.1.channels=[16,32,64]",
     "model.levels.1.res_blocks=[1]",
     "model.levels.1.attention_layers=[1]",
 ]
 # Every recipe before session 18 trained the grown level at the nested stage's rate.
-ONE_RATE = [*UNPATCHED, "stages.1.grown_lr=null"]
+ONE_RATE = [*BEFORE_PATCHES, "stages.1.grown_lr=null"]
 # Every recipe before session 17 sampled without autoguidance and kept no guide snapshots.
 UNGUIDED = [*ONE_RATE, "sample.autoguidance=1", "train.guide_snapshots=0"]
 # The emoji64 recipe before issue 12, spelled out so it stays reproducible after the preset moves on.
@@ -72,7 +73,7 @@ ARMS: dict[str, list[str]] = {
     "groupnorm": GROUPNORM_RECIPE,
     "magnitude": UNGUIDED,  # session 16's recipe: magnitude-preserving blocks, sampled without autoguidance
     "autoguided": ONE_RATE,  # session 17's recipe: autoguided, the grown level at the nested stage's rate
-    "grown-rate": UNPATCHED,  # session 18's recipe: the grown level at its own rate, on pixels
+    "grown-rate": BEFORE_PATCHES,  # session 18's recipe: the grown level at its own rate, on pixels
     "new": [],
 }
 

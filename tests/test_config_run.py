@@ -61,6 +61,8 @@ def test_emoji64_outer_level_sees_patches_and_the_groupnorm_presets_keep_pixels(
     for preset in ("emoji64-text", "emoji64-class", "emoji64-progressive"):
         outer = load_run_config(preset).model.levels[1]
         assert (outer.patch_size, outer.channels) == (1, [16, 32, 64]), preset
+    assert load_run_config("emoji64").stages[0].steps == 1250
+    assert load_run_config("emoji64-text").stages[0].steps == 2000
     # both nest the 64² level around the same 16² one
     assert load_run_config("emoji64").model.level_sides(64) == load_run_config("emoji64-text").model.level_sides(64)
 
@@ -73,4 +75,5 @@ def test_time_to_quality_arms_are_valid_recipes():
     outers = {name: (run.model.levels[1].patch_size, run.model.levels[1].channels) for name, run in recipes.items()}
     assert outers["new"] == (2, [32, 64])
     assert outers["grown-rate"] == (1, [16, 32, 64]) and outers["old"] == (1, [32, 64, 64])
+    assert recipes["grown-rate"].stages[0].steps == 2000 and recipes["new"].stages[0].steps == 1250
     assert recipes["grown-rate"].stages[1].grown_lr == 4e-2 and recipes["autoguided"].stages[1].grown_lr is None

@@ -17,6 +17,8 @@ from .run import DiffusionConfig, RunConfig, SampleConfig, StageConfig, TextConf
 
 STAGE1_MINUTES = 8.0
 """How long ``emoji64`` trains its 16² UNet alone before growing (or 1250 steps, if sooner)."""
+SESSION15_STAGE1_STEPS = 2000
+"""The first stage's step cap of the GroupNorm recipe (``with_groupnorm_blocks``), as its results were measured."""
 VIDEO_STAGE1_MINUTES = 36.0
 """How long ``emoji-video`` trains its 4-frame 8² level alone before growing (or 9000 steps, if sooner)."""
 
@@ -74,8 +76,9 @@ def emoji64() -> RunConfig:
 
 
 def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
-    """``run`` with the GroupNorm UNet blocks, the 64² level on pixels and the learning rates measured for them
-    (1e-3, nested 3e-4 at every level), sampled without autoguidance (session 15's recipe).
+    """``run`` with the GroupNorm UNet blocks, the 64² level on pixels, the first stage of up to 2,000 steps
+    and the learning rates measured for them (1e-3, nested 3e-4 at every level), sampled without
+    autoguidance (session 15's recipe).
 
     ``emoji64``'s text and class presets keep these blocks: their results were measured with them, and
     the magnitude-preserving blocks have no cross-attention.
@@ -86,7 +89,10 @@ def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
         model=replace(run.model, magnitude_preserving=False, levels=[*run.model.levels[:1], *pixel_levels[1:]]),
         sample=replace(run.sample, autoguidance=1.0),
         train=replace(run.train, lr=1e-3, guide_snapshots=0),
-        stages=[stage if stage.lr is None else replace(stage, lr=3e-4, grown_lr=None) for stage in run.stages],
+        stages=[
+            replace(stage, steps=SESSION15_STAGE1_STEPS) if stage.lr is None else replace(stage, lr=3e-4, grown_lr=None)
+            for stage in run.stages
+        ],
     )
 
 
