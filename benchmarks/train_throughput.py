@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="model config overrides, e.g. levels.1.channels=[32,64,64]",
