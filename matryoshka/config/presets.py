@@ -84,14 +84,15 @@ def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
     the magnitude-preserving blocks have no cross-attention.
     """
     pixel_levels = emoji64_model(run.model.num_levels, patch_size=1).levels
+    first, *nested = run.stages
     return replace(
         run,
         model=replace(run.model, magnitude_preserving=False, levels=[*run.model.levels[:1], *pixel_levels[1:]]),
         sample=replace(run.sample, autoguidance=1.0),
         train=replace(run.train, lr=1e-3, guide_snapshots=0),
         stages=[
-            replace(stage, steps=SESSION15_STAGE1_STEPS) if stage.lr is None else replace(stage, lr=3e-4, grown_lr=None)
-            for stage in run.stages
+            replace(first, steps=SESSION15_STAGE1_STEPS),
+            *(stage if stage.lr is None else replace(stage, lr=3e-4, grown_lr=None) for stage in nested),
         ],
     )
 

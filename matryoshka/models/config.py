@@ -40,7 +40,7 @@ class LevelConfig:
     """Space-time level (video): a temporal convolution and temporal self-attention after every
     ResNet block (``temporal.py``); False keeps the level spatial-only (frames are independent)."""
     patch_size: int = 1
-    """Side of the pixel patches this level's first convolution sees (pixel-unshuffle in, shuffle out):
+    """Outermost level only: side of the pixel patches its first convolution sees (pixel-unshuffle in, shuffle out):
     2 runs a 64² level's stages from 32², with p² more input channels (simple diffusion's patching).
     On a CPU, wide convolutions at a lower resolution do more per second than thin ones at full side."""
     frame_embedding: bool = False
