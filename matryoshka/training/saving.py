@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,23 @@ class TrainingStopped(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.exit_code = exit_code
+
+    @classmethod
+    def diverged(cls, steps_in_a_row: int, checkpoint: Path | None) -> TrainingStopped:
+        return cls(
+            f"stopped: {steps_in_a_row} non-finite steps in a row (weights were not updated by "
+            "them); the checkpoint holds the last finite weights. Lower train.lr or check the data.",
+            checkpoint,
+            exit_code=3,
+        )
+
+    @classmethod
+    def by_signal(cls, signum: int, step: int, checkpoint: Path | None) -> TrainingStopped:
+        return cls(
+            f"{signal.Signals(signum).name} received: saved step {step}; run the same command to resume",
+            checkpoint,
+            exit_code=128 + signum,
+        )
 
 
 def write_checkpoint(

@@ -432,20 +432,9 @@ class Trainer:
                     # Skipped steps never updated the weights, so this holds the last finite ones.
                     checkpoint = self.save()
                 if diverged:
-                    raise TrainingStopped(
-                        f"stopped: {self.nonfinite_in_a_row} non-finite steps in a row (weights were not updated by "
-                        "them); the checkpoint holds the last finite weights. Lower train.lr or check the data.",
-                        checkpoint,
-                        exit_code=3,
-                    )
+                    raise TrainingStopped.diverged(self.nonfinite_in_a_row, checkpoint)
                 if stop_signal:
-                    signum = self._stop_signal or signal.SIGTERM
-                    raise TrainingStopped(
-                        f"{signal.Signals(signum).name} received: saved step {self.step}; run the "
-                        f"same command to resume",
-                        checkpoint,
-                        exit_code=128 + signum,
-                    )
+                    raise TrainingStopped.by_signal(self._stop_signal or signal.SIGTERM, self.step, checkpoint)
         finally:
             bar.close()
             for sig, handler in previous.items():
