@@ -90,7 +90,8 @@ def test_the_grown_levels_ema_hold_reaches_the_average(tmp_path, folder):
         replace(config.train, ema_grown_hold_steps=-1)
 
 
-def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
+@pytest.mark.parametrize("freeze_inner", [False, True])
+def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder, freeze_inner):
     common = [
         "train.log_every=1",
         "train.sample_every=100",
@@ -101,6 +102,7 @@ def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
         "data.source=imagefolder",
         f"data.path={folder}",
         "stages=[{levels: 1, steps: 3, batch_size: 4}, {levels: 2, steps: 3, mixed_ratio: 0.5}]",
+        f"stages.1.freeze_inner={str(freeze_inner).lower()}",
     ]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(["train", "tiny-progressive", f"run_dir={straight}", *common]) == 0
@@ -117,6 +119,9 @@ def test_progressive_run_resumes_exactly_at_stage_boundary(tmp_path, folder):
         torch.testing.assert_close(load_file(stopped / "checkpoints/step_00000006/ema.safetensors")[key], value)
     history = json.loads((stopped / "stages.json").read_text())
     assert [(h["stage"], h["levels"], h["start_step"]) for h in history] == [(0, 1, 0), (1, 2, 3)]
+    grown = load_file(stopped / "checkpoints/step_00000006/model.safetensors")
+    for key, value in load_file(stopped / "checkpoints/step_00000003/model.safetensors").items():
+        assert torch.equal(grown["inner_unet." + key], value) == freeze_inner, key
 
     # Each stage's checkpoint samples the levels that stage had.
     out = tmp_path / "out"

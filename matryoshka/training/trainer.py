@@ -176,7 +176,10 @@ class Trainer:
             self.images.configure(levels, self.process.mixed_ratio)
         if levels > stage.levels:
             raise ValueError(f"checkpoint has {levels} levels but stage {self.stage_index} trains {stage.levels}")
-        frozen_levels = self.stages[self.stage_index - 1].levels if stage.freeze_inner and self.stage_index else 0
+        # A model resumed at a stage's boundary has not grown yet: it is the previous stage's, trained in full.
+        growing = levels < stage.levels
+        frozen = stage.freeze_inner and self.stage_index > 0 and not growing
+        frozen_levels = self.stages[self.stage_index - 1].levels if frozen else 0
         for parameter in self.model.parameters():
             parameter.requires_grad_(True)
         if frozen_levels:
