@@ -25,8 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+# Every recipe before session 20 trained the 16² level at 1.2e-2 once nested.
+PATCHED = ["stages.1.lr=1.2e-2"]
 # Every recipe before session 19 ran the 64² level on pixels, not 2x2 patches, and grew after up to 2,000 steps.
 BEFORE_PATCHES = [
+    *PATCHED,
     "stages.0.steps=2000",
     "model.levels.1.patch_size=1",
     "model.levels.1.channels=[16,32,64]",
@@ -74,6 +77,7 @@ ARMS: dict[str, list[str]] = {
     "magnitude": UNGUIDED,  # session 16's recipe: magnitude-preserving blocks, sampled without autoguidance
     "autoguided": ONE_RATE,  # session 17's recipe: autoguided, the grown level at the nested stage's rate
     "grown-rate": BEFORE_PATCHES,  # session 18's recipe: the grown level at its own rate, on pixels
+    "patched": PATCHED,  # session 19's recipe: the 64² level on 2x2 patches, growing after 1,250 steps
     "new": [],
 }
 

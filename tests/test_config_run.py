@@ -77,3 +77,6 @@ def test_time_to_quality_arms_are_valid_recipes():
     assert outers["grown-rate"] == (1, [16, 32, 64]) and outers["old"] == (1, [32, 64, 64])
     assert recipes["grown-rate"].stages[0].steps == 2000 and recipes["new"].stages[0].steps == 1250
     assert recipes["grown-rate"].stages[1].grown_lr == 4e-2 and recipes["autoguided"].stages[1].grown_lr is None
+    # Session 20 lowered the nested 16² level's rate; every earlier arm keeps the 1.2e-2 it was measured with.
+    assert outers["patched"] == (2, [32, 64]) and recipes["new"].stages[1].lr == 6e-3
+    assert all(recipes[name].stages[1].lr == 1.2e-2 for name in ("patched", "grown-rate", "autoguided", "magnitude"))
