@@ -21,12 +21,17 @@ def grown_parameter_groups(model: nn.Module, total_levels: int, inner_levels: in
     ]
 
 
+def earlier_levels(stages: list[StageConfig], index: int, levels: int) -> int | None:
+    """The earlier stage's levels once a ``levels``-level model has grown into stage ``index``; None in the
+    first stage, and for a model resumed at the stage's boundary that has not grown yet."""
+    return stages[index - 1].levels if index > 0 and levels == stages[index].levels else None
+
+
 def grown_from(stages: list[StageConfig], index: int, levels: int) -> int | None:
     """The earlier stage's levels if stage ``index``, with a ``levels``-level model, trains the levels it
     grew at a rate of their own (the optimizer's first group); None: one group."""
     stage = stages[index]
-    two_rates = index > 0 and levels == stage.levels and stage.grown_lr != stage.lr
-    return stages[index - 1].levels if two_rates else None
+    return earlier_levels(stages, index, levels) if stage.grown_lr != stage.lr else None
 
 
 def build_optimizer(

@@ -42,7 +42,7 @@ from .loaders import StageLoaders
 from .lr import lr_factor
 from .memory import check_model_fits
 from .metrics import MetricsLog, progress_bar
-from .optimizer import build_optimizer, grown_from, set_learning_rates
+from .optimizer import build_optimizer, earlier_levels, grown_from, set_learning_rates
 from .parallel import shard, wrap
 from .precision import use_bf16, use_channels_last
 from .previews import write_previews
@@ -176,10 +176,7 @@ class Trainer:
             self.images.configure(levels, self.process.mixed_ratio)
         if levels > stage.levels:
             raise ValueError(f"checkpoint has {levels} levels but stage {self.stage_index} trains {stage.levels}")
-        # A model resumed at a stage's boundary has not grown yet: it is the previous stage's, trained in full.
-        growing = levels < stage.levels
-        frozen = stage.freeze_inner and self.stage_index > 0 and not growing
-        frozen_levels = self.stages[self.stage_index - 1].levels if frozen else 0
+        frozen_levels = (earlier_levels(self.stages, self.stage_index, levels) or 0) if stage.freeze_inner else 0
         for parameter in self.model.parameters():
             parameter.requires_grad_(True)
         if frozen_levels:
