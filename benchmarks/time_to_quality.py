@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# Every recipe before session 21 sampled in 25 steps (its training-time grids; --steps sets the evaluation's).
+INNER_RATE = ["sample.steps=25"]
 # Every recipe before session 20 trained the 16² level at 1.2e-2 once nested.
-PATCHED = ["stages.1.lr=1.2e-2"]
+PATCHED = [*INNER_RATE, "stages.1.lr=1.2e-2"]
 # Every recipe before session 19 ran the 64² level on pixels, not 2x2 patches, and grew after up to 2,000 steps.
 BEFORE_PATCHES = [
     *PATCHED,
@@ -78,6 +80,7 @@ ARMS: dict[str, list[str]] = {
     "autoguided": ONE_RATE,  # session 17's recipe: autoguided, the grown level at the nested stage's rate
     "grown-rate": BEFORE_PATCHES,  # session 18's recipe: the grown level at its own rate, on pixels
     "patched": PATCHED,  # session 19's recipe: the 64² level on 2x2 patches, growing after 1,250 steps
+    "inner-rate": INNER_RATE,  # session 20's recipe: the nested 16² level at 6e-3
     "new": [],
 }
 

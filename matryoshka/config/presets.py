@@ -45,7 +45,8 @@ def emoji64() -> RunConfig:
     # Samples are autoguided (weight 2) by the run's own EMA after 125 steps, its first guide snapshot.
     # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.15 of it
     # (a higher rate sets it back for its first hundreds of nested steps: seventeenth round);
-    # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round).
+    # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round). Samples take 50 DPM++(2M) steps:
+    # the 64² level's detail needs them (25 steps: about 8 FD worse at 64²; eighteenth round).
     return RunConfig(
         run_dir="runs/emoji64",
         model=replace(emoji64_model(2), magnitude_preserving=True),
@@ -72,14 +73,14 @@ def emoji64() -> RunConfig:
             StageConfig(levels=1, steps=1250, minutes=STAGE1_MINUTES),
             StageConfig(levels=2, batch_size=16, lr=6e-3, grown_lr=4e-2),
         ],
-        sample=SampleConfig(autoguidance=2.0),
+        sample=SampleConfig(autoguidance=2.0, steps=50),
     )
 
 
 def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
     """``run`` with the GroupNorm UNet blocks, the 64² level on pixels, the first stage of up to 2,000 steps
     and the learning rates measured for them (1e-3, nested 3e-4 at every level), sampled without
-    autoguidance (session 15's recipe).
+    autoguidance in 25 steps (session 15's recipe).
 
     ``emoji64``'s text and class presets keep these blocks: their results were measured with them, and
     the magnitude-preserving blocks have no cross-attention.
@@ -89,7 +90,7 @@ def with_groupnorm_blocks(run: RunConfig) -> RunConfig:
     return replace(
         run,
         model=replace(run.model, magnitude_preserving=False, levels=[*run.model.levels[:1], *pixel_levels[1:]]),
-        sample=replace(run.sample, autoguidance=1.0),
+        sample=replace(run.sample, autoguidance=1.0, steps=25),
         train=replace(run.train, lr=1e-3, guide_snapshots=0),
         stages=[
             replace(first, steps=SESSION15_STAGE1_STEPS),
