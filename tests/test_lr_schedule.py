@@ -23,6 +23,11 @@ def test_warmup_then_each_decay_in_closed_form():
         assert lr_factor(20, 10, progress, "cosine", 0.1) == pytest.approx(cosine)
         assert lr_factor(20, 10, progress, "linear", 0.0) == pytest.approx(1 - progress)
     assert lr_factor(20, 10, 3.0, "linear", 0.2) == pytest.approx(0.2)  # past the budget: the floor
+    # cooldown: constant through the first 1 - c of the budget, then linear to the floor over the last c
+    for progress, factor in ((0.0, 1.0), (0.7, 1.0), (0.75, 1.0), (0.8, 0.8), (0.95, 0.2), (1.0, 0.0)):
+        assert lr_factor(20, 10, progress, "cooldown", 0.0, 0.25) == pytest.approx(factor)
+    assert lr_factor(20, 10, 0.9, "cooldown", 0.5, 0.2) == pytest.approx(0.75)
+    assert lr_factor(20, 10, 1.0, "cooldown", 0.1, 0.0) == 1.0  # no cooldown share: constant
     with pytest.raises(ValueError, match="unknown lr schedule"):
         lr_factor(20, 10, 0.5, "step")
 

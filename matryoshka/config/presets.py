@@ -45,8 +45,9 @@ def emoji64() -> RunConfig:
     # Samples are autoguided (weight 2) by the run's own EMA after 125 steps, its first guide snapshot.
     # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.15 of it
     # (a higher rate sets it back for its first hundreds of nested steps: seventeenth round);
-    # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round). Samples take 50 DPM++(2M) steps:
-    # the 64² level's detail needs them (25 steps: about 8 FD worse at 64²; eighteenth round).
+    # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round). Samples take 100 DPM++(2M) steps:
+    # the 64² level's detail needs them (25 steps: about 12 FD worse at 64², 50: 2-7; eighteenth and
+    # nineteenth rounds).
     return RunConfig(
         run_dir="runs/emoji64",
         model=replace(emoji64_model(2), magnitude_preserving=True),
@@ -73,7 +74,7 @@ def emoji64() -> RunConfig:
             StageConfig(levels=1, steps=1250, minutes=STAGE1_MINUTES),
             StageConfig(levels=2, batch_size=16, lr=6e-3, grown_lr=4e-2),
         ],
-        sample=SampleConfig(autoguidance=2.0, steps=50),
+        sample=SampleConfig(autoguidance=2.0, steps=100),
     )
 
 

@@ -82,12 +82,14 @@ class TrainConfig:
     """Per-process batch size; the global batch is batch_size x processes x grad_accum."""
     grad_accum: int = 1
     lr: float = 3e-4
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "linear", "cooldown"] = "constant"
     """After warm-up: constant, or a decay to min_lr_ratio over each stage's steps or, in a time-limited
-    stage or run, over its minutes if they run out first."""
+    stage or run, over its minutes if they run out first ("cooldown": over their last cooldown_fraction)."""
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1
-    """Floor of the cosine and linear decays as a fraction of lr."""
+    """Floor of the decays as a fraction of lr."""
+    cooldown_fraction: float = 0.2
+    """The share of each stage's budget over which the "cooldown" schedule decays."""
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
@@ -141,6 +143,8 @@ class TrainConfig:
             raise ValueError(
                 f"lr must be in (0, {MAX_LR}], got {self.lr} (AdamW learning rates are about 1e-5 to 1e-2)"
             )
+        if not 0 <= self.cooldown_fraction <= 1:
+            raise ValueError(f"cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.seed < 0:

@@ -241,7 +241,9 @@ class Trainer:
     def _train_step(self) -> tuple[float, dict[str, float], float, float]:
         train, stage = self.config.train, self.stage
         steps_in_stage, progress = self.step - self.plan.start(self.step), self._stage_progress()
-        factor = lr_factor(steps_in_stage, train.warmup_steps, progress, train.lr_schedule, train.min_lr_ratio)
+        factor = lr_factor(
+            steps_in_stage, train.warmup_steps, progress, train.lr_schedule, train.min_lr_ratio, train.cooldown_fraction
+        )
         lr = stage.lr * factor
         set_learning_rates(self.optimizer, stage, factor)
         self.network.train()
