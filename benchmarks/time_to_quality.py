@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--preset", default="emoji64")
     parser.add_argument("--num", type=int, default=128, help="samples per evaluation")
     parser.add_argument(
-        "--steps", type=int, default=25, help="DPM++(2M) steps of every arm's evaluation (emoji64 itself samples in 100)"
+        "--steps", type=int, default=25, help="DPM++(2M) steps of every arm's evaluation (emoji64 samples in 100)"
     )
     parser.add_argument("--reference", type=Path, help="emoji statistics from mdm eval-stats (made when missing)")
     parser.add_argument("--parallel", action="store_true", help="run the arms side by side, one thread each")
