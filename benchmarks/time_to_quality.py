@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-# Every recipe before session 21 sampled in 25 steps (its training-time grids; --steps sets the evaluation's).
-INNER_RATE = ["sample.steps=25"]
+# Every recipe before session 21 sampled in 25 deterministic DPM++(2M) steps (its training-time grids; the
+# evaluation always samples with DPM++(2M) in --steps).
+INNER_RATE = ["sample.sampler=dpm++2m", "sample.eta=0", "sample.steps=25"]
 # Every recipe before session 20 trained the 16² level at 1.2e-2 once nested.
 PATCHED = [*INNER_RATE, "stages.1.lr=1.2e-2"]
 # Every recipe before session 19 ran the 64² level on pixels, not 2x2 patches, and grew after up to 2,000 steps.
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--preset", default="emoji64")
     parser.add_argument("--num", type=int, default=128, help="samples per evaluation")
     parser.add_argument(
-        "--steps", type=int, default=25, help="DPM++(2M) steps of every arm's evaluation (emoji64 samples in 100)"
+        "--steps", type=int, default=25, help="DPM++(2M) steps of every arm's evaluation (emoji64 samples otherwise)"
     )
     parser.add_argument("--reference", type=Path, help="emoji statistics from mdm eval-stats (made when missing)")
     parser.add_argument("--parallel", action="store_true", help="run the arms side by side, one thread each")

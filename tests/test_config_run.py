@@ -63,9 +63,13 @@ def test_emoji64_outer_level_sees_patches_and_the_groupnorm_presets_keep_pixels(
         assert (outer.patch_size, outer.channels) == (1, [16, 32, 64]), preset
     assert load_run_config("emoji64").stages[0].steps == 1250
     assert load_run_config("emoji64-text").stages[0].steps == 2000
-    # emoji64's 64² detail needs 100 sampling steps; the GroupNorm presets keep the 25 they were measured with
-    assert load_run_config("emoji64").sample.steps == 100
-    assert all(load_run_config(p).sample.steps == 25 for p in ("emoji64-text", "emoji64-class", "emoji64-progressive"))
+    # emoji64 samples in 100 stochastic DDIM steps; the GroupNorm presets keep the 25 DPM++(2M) steps they were
+    # measured with
+    sample = load_run_config("emoji64").sample
+    assert (sample.sampler, sample.eta, sample.steps, sample.autoguidance) == ("ddim", 1.5, 100, 2.0)
+    for preset in ("emoji64-text", "emoji64-class", "emoji64-progressive"):
+        sample = load_run_config(preset).sample
+        assert (sample.sampler, sample.eta, sample.steps) == ("dpm++2m", 0.0, 25), preset
     # both nest the 64² level around the same 16² one
     assert load_run_config("emoji64").model.level_sides(64) == load_run_config("emoji64-text").model.level_sides(64)
 
@@ -83,6 +87,10 @@ def test_time_to_quality_arms_are_valid_recipes():
     # Session 20 lowered the nested 16² level's rate; every earlier arm keeps the 1.2e-2 it was measured with.
     assert outers["patched"] == (2, [32, 64]) and recipes["new"].stages[1].lr == 6e-3
     assert all(recipes[name].stages[1].lr == 1.2e-2 for name in ("patched", "grown-rate", "autoguided", "magnitude"))
-    # Session 22 samples emoji64 in 100 steps; the earlier arms keep the 25 they were sampled with.
-    assert recipes["new"].sample.steps == 100 and recipes["inner-rate"].stages[1].lr == 6e-3
-    assert all(recipes[name].sample.steps == 25 for name in ("inner-rate", "patched", "grown-rate", "old"))
+    # Session 22 samples emoji64 in 100 stochastic DDIM steps; the earlier arms keep the 25 DPM++(2M) ones.
+    assert (recipes["new"].sample.sampler, recipes["new"].sample.steps) == ("ddim", 100)
+    assert recipes["inner-rate"].stages[1].lr == 6e-3
+    assert all(
+        (recipes[name].sample.sampler, recipes[name].sample.steps) == ("dpm++2m", 25)
+        for name in ("inner-rate", "patched", "grown-rate", "old")
+    )

@@ -213,7 +213,8 @@ class SampleConfig:
     """Text of guidance's unconditional branch (text models; "" is ml-mdm's empty prompt, encoded);
     None: the empty, fully masked condition that training with caption dropout learns."""
     eta: float = 0.0
-    """DDIM stochasticity (Song et al. 2021, Eq. 16): 0 is deterministic, 1 the DDPM posterior variance."""
+    """DDIM stochasticity (Song et al. 2021, Eq. 16): 0 is deterministic, 1 the DDPM posterior variance, above 1
+    more fresh noise per step (at most a full renoising of the x0 estimate)."""
     threshold: Literal["none", "clip", "dynamic", "dynamic_if"] = "clip"
     """What each step's x0 estimate goes through: nothing; clipping to [-1, 1]; dynamic thresholding
     as Imagen (Saharia et al. 2022, §2.3: s = 99.5th percentile of |x0|, at least 1) or as

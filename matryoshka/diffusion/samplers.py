@@ -269,9 +269,11 @@ def sample_ddim(
 ) -> list[Tensor]:
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta; eta = 0 is deterministic.
 
-    eps_hat = (z_t - sqrt(g_t) x0)/sqrt(1-g_t), var = eta^2 (1 - g_t/g_s)(1-g_s)/(1-g_t),
+    eps_hat = (z_t - sqrt(g_t) x0)/sqrt(1-g_t), var = min(eta^2 (1 - g_t/g_s)(1-g_s)/(1-g_t), 1 - g_s),
     z_s = sqrt(g_s) x0 + sqrt(1 - g_s - var) eps_hat + sqrt(var) n.
-    eta = 1 gives the same update as ``sample_ddpm``.
+    eta = 1 gives the same update as ``sample_ddpm``. Above 1 each step replaces more of eps_hat by fresh
+    noise (as EDM's churn does), at most all of it (the cap keeps z_s at its marginal variance): an
+    undertrained model's errors are then not carried along (emoji64: docs/benchmarks.md, nineteenth round).
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -283,7 +285,7 @@ def sample_ddim(
         out = []
         for zi, xi, g_t, g_s in zip(z, x0, _gammas(process, t), _gammas(process, s)):
             eps = (zi - math.sqrt(g_t) * xi) / math.sqrt(1 - g_t)
-            var = eta**2 * _posterior_variance(g_t, g_s)
+            var = min(eta**2 * _posterior_variance(g_t, g_s), 1 - g_s)
             zs = math.sqrt(g_s) * xi + math.sqrt(max(1 - g_s - var, 0.0)) * eps
             out.append(zs + math.sqrt(var) * _randn_like(zi, generator) if var > 0 else zs)
         return out
