@@ -53,7 +53,9 @@ def _output_folder(out: str | None, pipe) -> Path:
     return folder
 
 
-def _command_line(args: argparse.Namespace, steps: int, sampler: str, guidance: float, prompts: list[str]) -> str:
+def _command_line(
+    args: argparse.Namespace, steps: int, sampler: str, guidance: float, prompts: list[str], options: dict
+) -> str:
     """The ``mdm sample`` call that makes these images again."""
     parts = [
         "mdm",
@@ -77,7 +79,7 @@ def _command_line(args: argparse.Namespace, steps: int, sampler: str, guidance: 
         parts.append(f"--negative-prompt={args.negative_prompt}")
     if args.class_label is not None:
         parts += ["--class", args.class_label]
-    for name, value in arguments.sampling_overrides(args).items():
+    for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         parts += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
     if not args.ema:
@@ -142,6 +144,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guide = pipe.guide_path(effective)
     except ValueError as error:
         raise UserError(str(error)) from None
+    if sampler == "ddim":  # the record names the noise the images were made with, whoever set it
+        options = {**options, "eta": effective.eta}
     out = _output_folder(args.out, pipe)
     batches = range(0, total, args.batch_size)
     kept: list[list] = []
@@ -176,7 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if prompts:
         (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     settings = {
-        "command": _command_line(args, steps, sampler, guidance, prompts),
+        "command": _command_line(args, steps, sampler, guidance, prompts, options),
         "checkpoint": str(pipe.checkpoint),
         "step": pipe.step,
         "ema": args.ema,
