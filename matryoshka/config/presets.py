@@ -46,7 +46,7 @@ def emoji64() -> RunConfig:
     # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.15 of it
     # (a higher rate sets it back for its first hundreds of nested steps: seventeenth round);
     # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round). Samples take 100 stochastic DDIM
-    # steps with 1.5x the posterior's noise (at most a full renoising): 12-20 FD better at 64² than
+    # steps with 1.5x the posterior's noise (at most a full renoising): 17-27 FD better at 64² than
     # deterministic DPM++(2M) in 100 steps, which was 2-7 better than in 50 (nineteenth round).
     return RunConfig(
         run_dir="runs/emoji64",

@@ -286,7 +286,7 @@ def sample_ddim(
         for zi, xi, g_t, g_s in zip(z, x0, _gammas(process, t), _gammas(process, s)):
             eps = (zi - math.sqrt(g_t) * xi) / math.sqrt(1 - g_t)
             var = min(eta**2 * _posterior_variance(g_t, g_s), 1 - g_s)
-            zs = math.sqrt(g_s) * xi + math.sqrt(max(1 - g_s - var, 0.0)) * eps
+            zs = math.sqrt(g_s) * xi + math.sqrt(1 - g_s - var) * eps
             out.append(zs + math.sqrt(var) * _randn_like(zi, generator) if var > 0 else zs)
         return out
 
