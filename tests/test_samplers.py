@@ -99,7 +99,7 @@ def recursion(schedule, mu, var, name, steps, eta=0.0, spacing="mlmdm"):
             P, Q = r * P + cx * dP, r * Q + cx * dQ
         else:
             v = min(eta**2 * (gs - gt) / gs * (1 - gs) / (1 - gt), 1 - gs)  # at most a full renoising
-            ce = math.sqrt(max(1 - gs - v, 0.0)) / st  # coefficient of (z - at x0)
+            ce = math.sqrt(1 - gs - v) / st  # coefficient of (z - at x0)
             cx = math.sqrt(gs) - ce * at
             P, Q, Nv = cx * xP + ce * P, cx * xQ + ce * Q, (cx * k + ce) ** 2 * Nv + v
     return P, Q, Nv
