@@ -66,7 +66,8 @@ def test_emoji64_outer_level_sees_patches_and_the_groupnorm_presets_keep_pixels(
     # emoji64 samples in 100 stochastic DDIM steps; the GroupNorm presets keep the 25 DPM++(2M) steps they were
     # measured with
     sample = load_run_config("emoji64").sample
-    assert (sample.sampler, sample.eta, sample.steps, sample.autoguidance) == ("ddim", 1.5, 100, 2.0)
+    assert (sample.sampler, sample.eta, sample.steps, sample.autoguidance) == ("ddim", [0.5, 2.0], 100, 2.0)
+    assert sample.sampler_options()["eta"] == [2.0, 0.5]  # innermost first in the config, as the pyramid for samplers
     for preset in ("emoji64-text", "emoji64-class", "emoji64-progressive"):
         sample = load_run_config(preset).sample
         assert (sample.sampler, sample.eta, sample.steps) == ("dpm++2m", 0.0, 25), preset

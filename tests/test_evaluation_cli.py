@@ -234,6 +234,25 @@ def test_eval_measures_what_mdm_sample_makes_with_the_same_sampler_flags(setup, 
     assert "eta applies to the ddim sampler only" in capsys.readouterr().err
 
 
+def test_a_ddim_evaluation_names_its_eta_whoever_set_it(setup, capsys):
+    """The report and the sample cache say the DDIM noise, per level, also when it is the run's default."""
+    _root, folder, run = setup
+    common = ["--reference", folder, "--num", 4, "--steps", 2, "--batch-size", 4, "--metrics", "fd", "--quiet"]
+    for flags, eta, tag in (
+        (["--eta", "1,0.5"], [1.0, 0.5], "eta-1-0.5"),
+        ([], 0.0, "eta-0"),  # the run's sample.eta
+    ):
+        assert mdm("eval", run, *common, "--feature", "effnet-lite0", "--sampler", "ddim", *flags) == 0
+        [report_path] = (run / "eval").glob(f"step_00000007_ddim2_g1_seed0_{tag}_n4_*_fd.json")
+        report = json.loads(report_path.read_text())
+        assert report["sampling"]["options"] == {"eta": eta}
+        assert Path(report["cache"]).name == f"step_00000007_ema_ddim2_g1_seed0_b4_{tag}"
+    with pytest.raises(SystemExit) as refused:
+        mdm("eval", run, *common, "--sampler", "ddim", "--eta", "1,-2", "--no-cache")
+    assert refused.value.code == 2
+    assert "--eta: must be a number >= 0" in capsys.readouterr().err
+
+
 def test_evaluate_pipeline_for_periodic_evaluation_in_training(setup):
     _root, _folder, run = setup
     loaded = load_pipeline(run, device="cpu")

@@ -92,17 +92,18 @@ def test_batches_are_streamed_and_the_settings_reproduce_the_images(run, tmp_pat
     assert np.array_equal(pngs(again / "16px"), pngs(out / "16px"))
 
 
-def test_the_settings_name_the_noise_of_a_stochastic_run(tmp_path):
+@pytest.mark.parametrize("eta,recorded,flag", [("1.5", 1.5, "1.5"), ("[1.5,0.5]", [1.5, 0.5], "1.5,0.5")])
+def test_the_settings_name_the_noise_of_a_stochastic_run(tmp_path, eta, recorded, flag):
     """A run that samples with DDIM noise by default (as emoji64) records it, and its command makes the same images."""
     run = tmp_path / "run"
-    stochastic = ("train.steps=1", "sample.sampler=ddim", "sample.eta=1.5")
+    stochastic = ("train.steps=1", "sample.sampler=ddim", f"sample.eta={eta}")
     assert train(run, make_image_folder(tmp_path / "images"), *stochastic) == 0
     out = tmp_path / "out"
     assert main(["sample", str(run), "--num", "2", "--steps", "3", "--out", str(out)]) == 0
     settings = json.loads((out / "settings.json").read_text())
-    assert (settings["sampler"], settings["eta"]) == ("ddim", 1.5)
+    assert (settings["sampler"], settings["eta"]) == ("ddim", recorded)
     command = shlex.split(settings["command"])
-    assert command[command.index("--eta") + 1] == "1.5"
+    assert command[command.index("--eta") + 1] == flag
     again = tmp_path / "again"
     assert main([*command[1:], "--out", str(again)]) == 0
     assert np.array_equal(pngs(again / "16px"), pngs(out / "16px"))

@@ -16,6 +16,7 @@ from matryoshka.diffusion.process import MatryoshkaDiffusion
 from matryoshka.diffusion.samplers import (
     SAMPLERS,
     get_sampler,
+    level_etas,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -125,21 +126,24 @@ def test_reproduces_data_moments(levels, name, steps, opts):
 
 @pytest.mark.parametrize("spacing", ["mlmdm", "trailing"])
 # eta 3 in 10 steps: the variance cap (a full renoising at most) binds in most steps.
-@pytest.mark.parametrize("name,steps,opts", [*CONFIGS, ("ddim", 10, {"eta": 3.0})])
+# [3, 0]: the 8² level stochastic and the 4² one deterministic in the same run, each eta its own level's.
+@pytest.mark.parametrize("name,steps,opts", [*CONFIGS, ("ddim", 10, {"eta": 3.0}), ("ddim", 10, {"eta": [3.0, 0.0]})])
 def test_matches_exact_finite_step_recursion(name, steps, opts, spacing):
     process, model, means, variances, side = gaussian_setup(2)
     out, noise = run(name, process, model, side, steps, opts, spacing=spacing)
     for level in range(2):
+        eta = opts.get("eta", 0.0)
+        eta = eta[level] if isinstance(eta, list) else eta
         P, Q, Nv = recursion(
             process.schedule_for_level(level),
             means[level].double(),
             variances[level].double(),
             name,
             steps,
-            opts.get("eta", 0.0),
+            eta,
             spacing,
         )
-        if name == "dpm++2m" or opts.get("eta") == 0.0:
+        if name == "dpm++2m" or (name == "ddim" and eta == 0.0):
             # Deterministic: the output is exactly P * noise + Q, sample by sample.
             torch.testing.assert_close(out[level], (P * noise[level] + Q).float(), atol=2e-4, rtol=1e-4)
         else:
@@ -149,6 +153,16 @@ def test_matches_exact_finite_step_recursion(name, steps, opts, spacing):
             assert z_mean < 1 + 5 / math.sqrt(n_pix)  # RMS of standardized mean errors ~ 1
             ratio = (out[level].var(0) / var).mean().item()
             assert abs(ratio - 1) < 5 * math.sqrt(2 / N) / math.sqrt(n_pix) + 0.005
+
+
+def test_level_etas():
+    assert level_etas(1.5, 2) == [1.5, 1.5]
+    assert level_etas([2.0, 0.5], 2) == [2.0, 0.5]
+    assert level_etas([2.0, 0.5], 1) == [0.5]  # an earlier stage's model has only the inner level
+    with pytest.raises(ValueError, match="one eta per level"):
+        level_etas([2.0], 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        level_etas([2.0, -1.0], 2)
 
 
 def test_ddpm_equals_ddim_eta_one():

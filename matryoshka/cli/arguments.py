@@ -38,6 +38,17 @@ def guidance(text: str) -> float:
     return value
 
 
+def eta(text: str) -> float | list[float]:
+    """One DDIM eta, or one per level separated by commas (innermost level first, as ``sample.eta``)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, or one per level as 0.5,2, got {text}")
+    return values[0] if len(values) == 1 else values
+
+
 def fps(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or not 0 < value <= 240:
@@ -76,7 +87,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         metavar=("LO", "HI"),
         help="guide only the steps with LO <= t/T <= HI (default: the run's sample.guidance_interval)",
     )
-    parser.add_argument("--eta", type=float, help="DDIM stochasticity, 0 (deterministic) to 1 (default: sample.eta)")
+    parser.add_argument(
+        "--eta",
+        type=eta,
+        help="DDIM stochasticity: 0 deterministic, 1 the DDPM posterior's noise, more above; one per level as "
+        "0.5,2 (innermost level first; default: sample.eta)",
+    )
     parser.add_argument(
         "--threshold",
         choices=["none", "clip", "dynamic", "dynamic_if"],

@@ -81,6 +81,8 @@ def _command_line(
         parts += ["--class", args.class_label]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
+        if name == "eta" and isinstance(value, (list, tuple)):  # one flag value: per-level etas, comma-separated
+            value = ",".join(f"{v:g}" for v in value)
         parts += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
     if not args.ema:
         parts.append("--no-ema")

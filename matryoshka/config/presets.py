@@ -46,8 +46,9 @@ def emoji64() -> RunConfig:
     # The grown 64² level learns at the first stage's rate, the 16² level inside it at 0.15 of it
     # (a higher rate sets it back for its first hundreds of nested steps: seventeenth round);
     # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round). Samples take 100 stochastic DDIM
-    # steps with 1.5x the posterior's noise (at most a full renoising): 17-27 FD better at 64² than
-    # deterministic DPM++(2M) in 100 steps, which was 2-7 better than in 50 (nineteenth round).
+    # steps (17-27 FD better at 64² than deterministic DPM++(2M) in 100 steps: nineteenth round) with twice
+    # the posterior's noise at 64² (at most a full renoising) and half of it at 16²: 6-11 FD better at
+    # 64² after 30 minutes, and 2-5 at 16², than 1.5x at both (twentieth round).
     return RunConfig(
         run_dir="runs/emoji64",
         model=replace(emoji64_model(2), magnitude_preserving=True),
@@ -74,7 +75,7 @@ def emoji64() -> RunConfig:
             StageConfig(levels=1, steps=1250, minutes=STAGE1_MINUTES),
             StageConfig(levels=2, batch_size=16, lr=6e-3, grown_lr=4e-2),
         ],
-        sample=SampleConfig(sampler="ddim", eta=1.5, steps=100, autoguidance=2.0),
+        sample=SampleConfig(sampler="ddim", eta=[0.5, 2.0], steps=100, autoguidance=2.0),
     )
 
 

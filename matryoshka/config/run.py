@@ -212,9 +212,10 @@ class SampleConfig:
     negative_prompt: str | None = None
     """Text of guidance's unconditional branch (text models; "" is ml-mdm's empty prompt, encoded);
     None: the empty, fully masked condition that training with caption dropout learns."""
-    eta: float = 0.0
+    eta: float | list[float] = 0.0
     """DDIM stochasticity (Song et al. 2021, Eq. 16): 0 is deterministic, 1 the DDPM posterior variance, above 1
-    more fresh noise per step (at most a full renoising of the x0 estimate)."""
+    more fresh noise per step (at most a full renoising of the x0 estimate). A list gives one per level,
+    innermost first as ``model.levels``; the model of an earlier stage takes its first entries."""
     threshold: Literal["none", "clip", "dynamic", "dynamic_if"] = "clip"
     """What each step's x0 estimate goes through: nothing; clipping to [-1, 1]; dynamic thresholding
     as Imagen (Saharia et al. 2022, §2.3: s = 99.5th percentile of |x0|, at least 1) or as
@@ -237,9 +238,10 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.num < 1:
             raise ValueError("steps and num must be >= 1")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.eta and self.sampler != "ddim":
+        etas = self.eta if isinstance(self.eta, list) else [self.eta]
+        if not etas or any(not (math.isfinite(e) and e >= 0) for e in etas):
+            raise ValueError(f"eta must be a number >= 0 or a non-empty list of them (one per level), got {self.eta}")
+        if any(etas) and self.sampler != "ddim":
             raise ValueError(f"eta applies to the ddim sampler only (sampler is {self.sampler!r})")
         threshold_options(self.threshold, self.threshold_percentile, self.threshold_max)
         interval = self.guidance_interval
@@ -255,8 +257,8 @@ class SampleConfig:
             **threshold_options(self.threshold, self.threshold_percentile, self.threshold_max),
             "guidance_interval": None if self.guidance_interval is None else tuple(self.guidance_interval),
         }
-        if self.sampler == "ddim":
-            options["eta"] = self.eta
+        if self.sampler == "ddim":  # the samplers list levels highest resolution first
+            options["eta"] = self.eta[::-1] if isinstance(self.eta, list) else self.eta
         return options
 
 

@@ -207,6 +207,20 @@ def _posterior_variance(g_t: float, g_s: float) -> float:
     return (g_s - g_t) / g_s * (1.0 - g_s) / (1.0 - g_t)
 
 
+def level_etas(eta: float | Sequence[float], num_levels: int) -> list[float]:
+    """One DDIM eta per level (highest resolution first) from one value or a per-level sequence.
+
+    A sequence longer than ``num_levels`` gives its innermost (last) entries, so a run's setting also
+    fits the model of an earlier stage, which has only the inner levels.
+    """
+    etas = [float(e) for e in eta] if isinstance(eta, Sequence) else [float(eta)] * num_levels
+    if len(etas) < num_levels:
+        raise ValueError(f"need one eta per level ({num_levels}), got {len(etas)}")
+    if any(not (math.isfinite(e) and e >= 0) for e in etas):
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return etas[len(etas) - num_levels :]
+
+
 @torch.no_grad()
 def sample_ddpm(
     model: PyramidModel,
@@ -265,7 +279,7 @@ def sample_ddim(
     dynamic_threshold: float | None = None,
     dynamic_max: float | None = None,
     spacing: str = "mlmdm",
-    eta: float = 0.0,
+    eta: float | Sequence[float] = 0.0,
 ) -> list[Tensor]:
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta; eta = 0 is deterministic.
 
@@ -274,18 +288,19 @@ def sample_ddim(
     eta = 1 gives the same update as ``sample_ddpm``. Above 1 each step replaces more of eps_hat by fresh
     noise (as EDM's churn does), at most all of it (the cap keeps z_s at its marginal variance): an
     undertrained model's errors are then not carried along (emoji64: docs/benchmarks.md, nineteenth round).
+    A sequence gives each level its own eta, highest resolution first as the pyramid; of a longer one a
+    model with fewer levels (an earlier stage) takes the innermost entries.
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    etas = level_etas(eta, process.num_levels)
     denoise = _Denoiser(
         model, process, cond, uncond, guidance, guidance_interval, clip_x0, dynamic_threshold, dynamic_max
     )
 
     def update(i: int, t: int, s: int, z: list[Tensor], x0: list[Tensor]) -> list[Tensor]:
         out = []
-        for zi, xi, g_t, g_s in zip(z, x0, _gammas(process, t), _gammas(process, s)):
+        for zi, xi, g_t, g_s, eta_i in zip(z, x0, _gammas(process, t), _gammas(process, s), etas):
             eps = (zi - math.sqrt(g_t) * xi) / math.sqrt(1 - g_t)
-            var = min(eta**2 * _posterior_variance(g_t, g_s), 1 - g_s)
+            var = min(eta_i**2 * _posterior_variance(g_t, g_s), 1 - g_s)
             zs = math.sqrt(g_s) * xi + math.sqrt(1 - g_s - var) * eps
             out.append(zs + math.sqrt(var) * _randn_like(zi, generator) if var > 0 else zs)
         return out
