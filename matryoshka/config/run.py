@@ -372,6 +372,8 @@ class RunConfig:
             )
         if self.diffusion.level_loss_weights and len(self.diffusion.level_loss_weights) != levels:
             raise ValueError(f"diffusion.level_loss_weights needs {levels} values (one per level, innermost first)")
+        if isinstance(self.sample.eta, list) and len(self.sample.eta) != levels:
+            raise ValueError(f"sample.eta needs one number or {levels} (one per level, innermost first)")
         if self.data.label != "none" and not self.model.num_classes:
             raise ValueError(f"data.label={self.data.label!r} gives class labels: set model.num_classes")
         if (self.text.encoder != "none") != bool(self.model.text_dim):
