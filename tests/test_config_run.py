@@ -68,7 +68,7 @@ def test_emoji64_outer_level_sees_patches_and_the_groupnorm_presets_keep_pixels(
     sample = load_run_config("emoji64").sample
     assert (sample.sampler, sample.eta, sample.steps, sample.autoguidance) == ("ddim", [0.5, 2.0], 100, 2.0)
     assert sample.sampler_options()["eta"] == [2.0, 0.5]  # innermost first in the config, as the pyramid for samplers
-    with pytest.raises(ConfigError, match="sample.eta needs one number or 2"):
+    with pytest.raises(ConfigError, match="sample\\.eta needs one number or 2"):
         load_run_config("emoji64", ["sample.eta=[0.5,1,2]"])
     for preset in ("emoji64-text", "emoji64-class", "emoji64-progressive"):
         sample = load_run_config(preset).sample

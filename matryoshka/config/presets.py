@@ -47,8 +47,8 @@ def emoji64() -> RunConfig:
     # (a higher rate sets it back for its first hundreds of nested steps: seventeenth round);
     # it runs on 2x2 pixel patches (docs/benchmarks.md, sixteenth round). Samples take 100 stochastic DDIM
     # steps (17-27 FD better at 64² than deterministic DPM++(2M) in 100 steps: nineteenth round) with twice
-    # the posterior's noise at 64² (at most a full renoising) and half of it at 16²: 6-11 FD better at
-    # 64² after 30 minutes, and 2-5 at 16², than 1.5x at both (twentieth round).
+    # the posterior's noise at 64² (at most a full renoising) and half of it at 16²: 1-11 FD (6.5 on average)
+    # better at 64² after 30 minutes, and 2-9 at 16², than 1.5x at both (twentieth round).
     return RunConfig(
         run_dir="runs/emoji64",
         model=replace(emoji64_model(2), magnitude_preserving=True),
