@@ -156,3 +156,5 @@ def test_stop_cancels_a_long_generation(page):
     set_number(page, "#steps", "2")
     page.click("#generate")
     wait_for_status(page, "Done")
+    page.click("#stop")  # a finished generation left nothing behind to stop
+    wait_for_status(page, "Nothing to stop")

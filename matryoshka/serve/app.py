@@ -243,10 +243,16 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
                 raise gr.Error(str(error), title="Check the settings") from None
             session = request.session_hash if request is not None else None
             signal = stops[session] = threading.Event()
+            closed = False
             try:
                 yield from _run(settings, signal)
+            except GeneratorExit:
+                # Stop's `cancels` may close this job before request_stop runs: the signal stays for it to find.
+                closed = True
+                signal.set()
+                raise
             finally:
-                if stops.get(session) is signal:
+                if not closed and stops.get(session) is signal:
                     del stops[session]
 
         def _run(settings: Settings, signal: threading.Event):
@@ -321,7 +327,7 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
         )
 
         def request_stop(request: gr.Request):
-            signal = stops.get(request.session_hash) if request is not None else None
+            signal = stops.pop(request.session_hash, None) if request is not None else None
             if signal is None:
                 return "Nothing to stop."
             signal.set()
