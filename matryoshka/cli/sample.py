@@ -146,8 +146,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guide = pipe.guide_path(effective)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if sampler == "ddim":  # the record names the noise the images were made with, whoever set it
-        options = {**options, "eta": effective.eta}
+    options = effective.recorded_options(options)
     out = _output_folder(args.out, pipe)
     batches = range(0, total, args.batch_size)
     kept: list[list] = []

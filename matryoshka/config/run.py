@@ -261,6 +261,10 @@ class SampleConfig:
             options["eta"] = self.eta[::-1] if isinstance(self.eta, list) else self.eta
         return options
 
+    def recorded_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``overrides`` and what a record of samples names even when the run's config set it: DDIM's eta."""
+        return {**overrides, "eta": self.eta} if self.sampler == "ddim" else dict(overrides)
+
 
 @dataclass
 class EvalConfig:

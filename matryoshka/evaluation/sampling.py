@@ -87,8 +87,7 @@ def resolve_settings(
         guide = pipeline.guide_path(effective)
     except ValueError as error:
         raise EvaluationError(f"sampling settings: {error}") from None
-    if effective.sampler == "ddim":  # the cache's name and the report say the noise, whoever set it
-        options = {**options, "eta": effective.eta}
+    options = effective.recorded_options(options)  # they name the cache and the report
     text_model = bool(getattr(pipeline.model.config, "text_dim", 0))
     if text_model and not prompts:
         raise EvaluationError(

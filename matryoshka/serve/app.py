@@ -247,7 +247,8 @@ def build_app(models: dict[str, ServedModel]) -> gr.Blocks:
             try:
                 yield from _run(settings, signal)
             except GeneratorExit:
-                # Stop's `cancels` may close this job before request_stop runs: the signal stays for it to find.
+                # Stop's `cancels` may close this job before request_stop runs: the signal stays for it to find
+                # (a flag, not signal.is_set(): stream() sets the signal whenever it ends).
                 closed = True
                 signal.set()
                 raise
