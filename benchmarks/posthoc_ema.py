@@ -9,8 +9,9 @@ The trainer's EMA takes decay (1 + n) / (span + n) after n updates (span 10, cap
 whole run evenly, larger spans the recent steps only. This replays that average over the run's
 raw weights (``model.safetensors`` of every checkpoint), holding each saved tensor for the steps
 until the next one, so every span is judged on the same training run (as in EDM2's post-hoc EMA,
-Karras et al. 2024). Each span becomes a copy of the last checkpoint with those averaged weights
-as its EMA, ready for ``mdm sample`` and ``mdm eval``.
+Karras et al. 2024). Each span becomes a run folder holding a copy of the last checkpoint with those averaged
+weights as its EMA, and a link to the run's autoguidance snapshots, ready for ``mdm sample`` and
+``mdm eval``.
 
 ``--grown`` replays only the level(s) that a progressive run grew last, whose average the trainer
 restarted at growth (``ema_started`` in ``state.pt``): from their initial weights, rebuilt as the
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from matryoshka.checkpoints import list_checkpoints, load_train_state
 from matryoshka.config.presets import load_run_config
 from matryoshka.data.loader import mix_seed
+from matryoshka.guides import GUIDES_DIR
 from matryoshka.models import NestedUNet
 from matryoshka.training.ema import warmup_decay
 
@@ -106,14 +108,17 @@ def main() -> None:
         span = None if name == "none" else float(name)
         if span is not None and span <= 1:
             raise SystemExit(f"span must be > 1 or none, got {name}")
-        target = args.out / (f"span_{name}" + (f"_hold{args.hold_steps}" if args.hold_steps else ""))
+        folder = args.out / (f"span_{name}" + (f"_hold{args.hold_steps}" if args.hold_steps else ""))
+        target = folder / "checkpoints" / checkpoints[-1].name
         shutil.copytree(checkpoints[-1], target)
+        if (args.run / GUIDES_DIR).is_dir():  # a run-shaped folder, so that mdm eval autoguides it as the run
+            (folder / GUIDES_DIR).symlink_to((args.run / GUIDES_DIR).resolve(), target_is_directory=True)
         floor = 1 - 1 / args.hold_steps if args.hold_steps else 0.0
         averaged = replay(checkpoints, span, args.cap, start, since, floor)
         if start is not None:  # the inner levels keep the run's own average
             averaged = {**load_file(checkpoints[-1] / "ema.safetensors"), **averaged}
         save_file(averaged, target / "ema.safetensors")
-        print(f"span {name}: {target} ({sum(step_of(c) > since for c in checkpoints)} checkpoints)")
+        print(f"span {name}: {folder} ({sum(step_of(c) > since for c in checkpoints)} checkpoints)")
 
 
 if __name__ == "__main__":
