@@ -9,9 +9,9 @@ The trainer's EMA takes decay (1 + n) / (span + n) after n updates (span 10, cap
 whole run evenly, larger spans the recent steps only. This replays that average over the run's
 raw weights (``model.safetensors`` of every checkpoint), holding each saved tensor for the steps
 until the next one, so every span is judged on the same training run (as in EDM2's post-hoc EMA,
-Karras et al. 2024). Each span becomes a run folder holding a copy of the last checkpoint with those averaged
-weights as its EMA, and a link to the run's autoguidance snapshots, ready for ``mdm sample`` and
-``mdm eval``.
+Karras et al. 2024). Each span becomes a run folder: a copy of the last checkpoint with those
+averaged weights as its EMA, and a link to the run's autoguidance snapshots (``RUN/guides``), so
+that ``mdm sample`` and ``mdm eval`` guide it as they guide the run.
 
 ``--grown`` replays only the level(s) that a progressive run grew last, whose average the trainer
 restarted at growth (``ema_started`` in ``state.pt``): from their initial weights, rebuilt as the
