@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from matryoshka.models import Conditioning, NestedUNet
-from matryoshka.models.mp_layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum
+from matryoshka.models.mp_layers import MPConv, MPFourier, MPResNet, mp_cat, mp_silu, mp_sum, normalize
 from matryoshka.models.presets import tiny
 from matryoshka.pipeline import load_pipeline
 from matryoshka.training.trainer import Trainer
@@ -50,6 +50,56 @@ def test_conv_keeps_unit_variance_and_forces_unit_norm_weights():
     # Forced weight normalisation: the stored weights are rewritten to unit root-mean-square.
     rms = conv.weight.flatten(1).square().mean(1).sqrt()
     torch.testing.assert_close(rms, torch.ones(64), atol=1e-3, rtol=0)
+
+
+def reference_conv(conv: MPConv, x: torch.Tensor) -> torch.Tensor:
+    """EDM2's convolution written out: normalised weights over sqrt(fan-in), times the gain, by autograd."""
+    w = normalize(conv.weight) / math.sqrt(conv.weight[0].numel())
+    w = w * (1.0 if conv.gain is None else conv.gain)
+    return x @ w.t() if w.dim() == 2 else torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+@pytest.mark.parametrize("kernel", [0, 1, 3])
+def test_conv_gradient_is_autograd_through_the_normalisation(kernel):
+    torch.manual_seed(0)
+    conv = MPConv(6, 5, kernel, zero_gain=True).double()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(5, *[1] * (conv.weight.dim() - 1), dtype=torch.double) * 3)
+        conv.weight[2].zero_()  # a dead row: no direction to remove, and no 0/0
+        conv.gain.fill_(0.7)
+    x = torch.randn(4, 6, dtype=torch.double) if kernel == 0 else torch.randn(4, 6, 5, 5, dtype=torch.double)
+    reference = copy.deepcopy(conv)
+    with torch.no_grad():
+        reference.weight.copy_(normalize(reference.weight))  # the forced normalisation the layer does first
+    expected = reference_conv(reference, x) * 1.5
+    expected.square().sum().backward()
+    got = conv.train()(x, scale=1.5)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv.weight, reference.weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(conv.gain.grad, reference.gain.grad, rtol=1e-10, atol=1e-12)
+    assert conv.weight.grad[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("encoder", [True, False])
+def test_resnet_block_is_edm2s_block(encoder):
+    """The constants folded into the convolutions leave EDM2's block: conv, scale by the embedding, conv,
+    then mp_sum(input, branch, 0.3)."""
+    torch.manual_seed(0)
+    block = MPResNet(8, 12, 16, encoder=encoder, dropout=0.0).double().eval()
+    with torch.no_grad():
+        block.emb_linear.gain.fill_(0.5)
+    x, emb = torch.randn(3, 8, 6, 6, dtype=torch.double), torch.randn(3, 16, dtype=torch.double)
+    skip = x
+    if encoder:
+        skip = normalize(reference_conv(block.conv_skip, x), dim=1)
+    y = reference_conv(block.conv_res0, mp_silu(skip))
+    y = mp_silu(y * (reference_conv(block.emb_linear, emb) + 1)[:, :, None, None])
+    y = reference_conv(block.conv_res1, y)
+    if not encoder:
+        skip = reference_conv(block.conv_skip, x)
+    torch.testing.assert_close(block(x, emb), mp_sum(skip, y, 0.3), rtol=1e-12, atol=1e-12)
 
 
 def test_a_fresh_model_predicts_zero_and_every_parameter_learns():

@@ -5,7 +5,8 @@ Every layer keeps unit-variance activations at unit variance: convolution weight
 to unit norm per output channel, re-normalised in place at each training step ("forced weight
 normalisation", so Adam's steps change their direction, not their size), and scaled by
 1/sqrt(fan-in); additions and concatenations are weighted so their sum keeps unit variance;
-SiLU is divided by its output's standard deviation under a unit Gaussian. No GroupNorm, no biases.
+SiLU is divided by its output's standard deviation under a unit Gaussian. No GroupNorm, no biases,
+and no clipping of block outputs (EDM2's guards float16, which this project does not train in).
 """
 
 from __future__ import annotations
@@ -18,23 +19,41 @@ from torch import nn
 
 SILU_STD = 0.596
 """Standard deviation of SiLU(x) for x ~ N(0, 1)."""
+NORM_EPS = 1e-4
+"""Added to a norm before dividing by it (EDM2's)."""
 
 
-def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
-    """``x`` scaled to unit root-mean-square over ``dim`` (all but the first by default)."""
+def norm(x: torch.Tensor, dim: int | list[int] | None = None) -> torch.Tensor:
+    """The L2 norm over ``dim`` (all but the first by default), kept for broadcasting, in at least float32."""
     dims = list(range(1, x.dim())) if dim is None else dim
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
-    norm = eps + norm * math.sqrt(norm.numel() / x.numel())
-    return x / norm.to(x.dtype)
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = NORM_EPS) -> torch.Tensor:
+    """``x`` scaled to unit root-mean-square over ``dim`` (all but the first by default)."""
+    length = norm(x, dim)
+    length = eps + length * math.sqrt(length.numel() / x.numel())
+    return x / length.to(x.dtype)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) / SILU_STD
 
 
+def mp_sum_weights(t: float) -> tuple[float, float]:
+    """The weights of a and b in ``mp_sum(a, b, t)``; a layer that makes b takes its weight into its own."""
+    total = math.sqrt((1 - t) ** 2 + t**2)
+    return (1 - t) / total, t / total
+
+
+SKIP_WEIGHT, BRANCH_WEIGHT = mp_sum_weights(0.3)
+"""A residual block's output: mp_sum(input, branch, 0.3), EDM2's residual balance."""
+
+
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """(1 - t) a + t b, rescaled to unit variance for independent unit-variance a and b."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    wa, wb = mp_sum_weights(t)
+    return torch.add(a * wa, b, alpha=wb)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
@@ -44,11 +63,40 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     return torch.cat([a * (scale * (1 - t) / math.sqrt(na)), b * (scale * t / math.sqrt(nb))], dim=1)
 
 
+class _Normalised(torch.autograd.Function):
+    """normalize(w) * scale and its exact gradient, given w's row norms (the forced normalisation knows them).
+
+    Autograd through ``normalize`` twice (once to force, once for the gradient) made the weights' normalisation
+    about a sixth of a CPU training step of ``emoji64``'s 16² UNet: every weight is read several times per
+    step. Here it is one pass forward and three backward (docs/benchmarks.md, twenty-second round).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, length: torch.Tensor, scale: float) -> torch.Tensor:
+        fan_in = weight[0].numel()
+        denominator = NORM_EPS + length / math.sqrt(fan_in)
+        ctx.save_for_backward(weight, length, denominator)
+        ctx.scale = scale
+        return weight * (scale / denominator)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight, length, denominator = ctx.saved_tensors
+        fan_in = weight[0].numel()
+        # d(w/n)/dw for n = eps + |w|/sqrt(fan_in): the gradient over n, less its component along w.
+        dims = list(range(1, weight.dim()))
+        # (A zero row has no direction to remove: its norm is clamped to keep 0/0 out.)
+        along = (grad * weight).sum(dim=dims, keepdim=True) / (denominator * length.clamp_min(1e-30) * math.sqrt(fan_in))
+        return (grad - weight * along) * (ctx.scale / denominator), None, None
+
+
 class MPConv(nn.Module):
     """A bias-free convolution (or linear layer, ``kernel=0``) with normalised weights.
 
     ``zero_gain``: the output is scaled by a learned gain that starts at 0, so a layer that ends a
     branch starts as the identity of what it is added to (EDM2's output and embedding gains).
+    ``forward``'s ``scale`` multiplies the output: a constant that follows a linear layer (the
+    weight of a magnitude-preserving sum, SiLU's 1/0.596) costs nothing on its weights.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, zero_gain: bool = False) -> None:
@@ -57,13 +105,20 @@ class MPConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(shape))
         self.gain = nn.Parameter(torch.zeros([])) if zero_gain else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gain = 1.0 if self.gain is None else self.gain
-        w = self.weight.float()
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        scale /= math.sqrt(self.weight[0].numel())
         if self.training:
             with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
+                # Forced weight normalisation, then the norm of the weights it leaves, in closed form.
+                root_fan_in = math.sqrt(self.weight[0].numel())
+                length = norm(self.weight)
+                self.weight.div_(NORM_EPS + length / root_fan_in)
+                length = length / (NORM_EPS + length / root_fan_in)
+            w = _Normalised.apply(self.weight, length, scale)
+        else:
+            w = normalize(self.weight) * scale
+        if self.gain is not None:
+            w = w * self.gain
         w = w.to(x.dtype)
         if w.dim() == 2:
             return x @ w.t()
@@ -120,13 +175,14 @@ class MPResNet(nn.Module):
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)
-        y = self.conv_res0(mp_silu(x))
+        # SiLU's 1/0.596 and the branch's weight in the sum are folded into the convolutions after them.
+        y = self.conv_res0(F.silu(x), scale=1 / SILU_STD)
         scale = self.emb_linear(emb) + 1
-        y = mp_silu(y * scale[:, :, None, None].to(y.dtype))
-        y = self.conv_res1(self.dropout(y))
+        y = F.silu(y * scale[:, :, None, None].to(y.dtype))
+        y = self.conv_res1(self.dropout(y), scale=BRANCH_WEIGHT / SILU_STD)
         if not self.encoder and self.conv_skip is not None:
             x = self.conv_skip(x)
-        return mp_sum(x, y, 0.3).clamp(-256, 256)
+        return torch.add(y, x, alpha=SKIP_WEIGHT)
 
 
 class MPAttention(nn.Module):
@@ -143,5 +199,5 @@ class MPAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, self.heads, channels // self.heads, 3, height * width)
         q, k, v = normalize(qkv, dim=2).unbind(3)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        y = self.proj_out(h.transpose(-1, -2).reshape(batch, channels, height, width))
-        return mp_sum(x, y, 0.3).clamp(-256, 256)
+        y = self.proj_out(h.transpose(-1, -2).reshape(batch, channels, height, width), scale=BRANCH_WEIGHT)
+        return torch.add(y, x, alpha=SKIP_WEIGHT)
