@@ -85,8 +85,9 @@ class _Normalised(torch.autograd.Function):
         fan_in = weight[0].numel()
         # d(w/n)/dw for n = eps + |w|/sqrt(fan_in): the gradient over n, less its component along w.
         dims = list(range(1, weight.dim()))
-        # (A zero row has no direction to remove: its norm is clamped to keep 0/0 out.)
-        along = (grad * weight).sum(dim=dims, keepdim=True) / (denominator * length.clamp_min(1e-30) * math.sqrt(fan_in))
+        # (A zero row has no direction to remove: its length is clamped to keep 0/0 out.)
+        radial = denominator * length.clamp_min(1e-30) * math.sqrt(fan_in)
+        along = (grad * weight).sum(dim=dims, keepdim=True) / radial
         return (grad - weight * along) * (ctx.scale / denominator), None, None
 
 
