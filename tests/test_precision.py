@@ -9,6 +9,7 @@ import torch
 
 from matryoshka.config.presets import tiny
 from matryoshka.data import DataConfig
+from matryoshka.models.mp_layers import MPConv
 from matryoshka.training import precision
 from matryoshka.training.distributed import DistContext
 from matryoshka.training.trainer import Trainer
@@ -63,13 +64,14 @@ def test_probe_needs_a_real_speed_up(monkeypatch, bf16_seconds, expected):
         precision.cpu_bf16_pays.cache_clear()
 
 
-def test_channels_last_auto_skips_bf16_on_cpus_only():
+def test_channels_last_auto_skips_bf16_groupnorm_blocks_on_cpus_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert precision.use_channels_last(None, cpu, bf16=True) is False
-    assert precision.use_channels_last(None, cpu, bf16=False) is True
-    assert precision.use_channels_last(None, cuda, bf16=True) is True
-    assert precision.use_channels_last(True, cpu, bf16=True) is True
-    assert precision.use_channels_last(False, cuda, bf16=False) is False
+    assert precision.use_channels_last(None, cpu, bf16=True, magnitude_preserving=False) is False
+    assert precision.use_channels_last(None, cpu, bf16=True, magnitude_preserving=True) is True
+    assert precision.use_channels_last(None, cpu, bf16=False, magnitude_preserving=False) is True
+    assert precision.use_channels_last(None, cuda, bf16=True, magnitude_preserving=False) is True
+    assert precision.use_channels_last(True, cpu, bf16=True, magnitude_preserving=False) is True
+    assert precision.use_channels_last(False, cuda, bf16=False, magnitude_preserving=True) is False
 
 
 class RankZeroSays(DistContext):
@@ -83,10 +85,16 @@ class RankZeroSays(DistContext):
         return self.bf16 if isinstance(value, bool) else value
 
 
-@pytest.mark.parametrize("train_precision,channels_last", [("fp32", True), ("bf16", False)])
-def test_trainer_lays_out_weights_as_resolved(tmp_path: Path, train_precision, channels_last):
-    trainer = Trainer(tiny_config(tmp_path, train_precision), quiet=True)
-    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+@pytest.mark.parametrize(
+    "train_precision,magnitude_preserving,channels_last",
+    [("fp32", False, True), ("bf16", False, False), ("bf16", True, True)],
+)
+def test_trainer_lays_out_weights_as_resolved(tmp_path: Path, train_precision, magnitude_preserving, channels_last):
+    config = tiny_config(tmp_path, train_precision)
+    config = replace(config, model=replace(config.model, magnitude_preserving=magnitude_preserving))
+    trainer = Trainer(config, quiet=True)
+    convs = (m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d | MPConv))
+    conv = next(m for m in convs if m.weight.dim() == 4 and m.weight.shape[-1] == 3)
     assert trainer.channels_last is channels_last
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     assert conv.weight.is_contiguous() is not channels_last

@@ -86,7 +86,9 @@ class Trainer:
         # DDP needs one weight layout (channels_last follows bf16) on every rank.
         self.bf16 = self.dist.from_main(use_bf16(config.train.precision, self.device))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        self.channels_last = use_channels_last(config.train.channels_last, self.device, self.bf16)
+        self.channels_last = use_channels_last(
+            config.train.channels_last, self.device, self.bf16, config.model.magnitude_preserving
+        )
 
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
