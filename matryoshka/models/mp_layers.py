@@ -68,7 +68,7 @@ class _Normalised(torch.autograd.Function):
 
     Autograd through ``normalize`` twice (once to force, once for the gradient) made the weights' normalisation
     about a sixth of a CPU training step of ``emoji64``'s 16² UNet: every weight is read several times per
-    step. Here it is one pass forward and three backward (docs/benchmarks.md, twenty-second round).
+    step. Here it is one pass over the weights forward and four backward (docs/benchmarks.md, twenty-second round).
     """
 
     @staticmethod
