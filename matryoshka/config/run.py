@@ -107,7 +107,7 @@ class TrainConfig:
     channels_last: bool | None = None
     """Keep convolution weights (and so activations) in channels-last layout. None (auto): on, except
     under bf16 autocast on a CPU with GroupNorm blocks, where its steps measured 15-18% slower (fp32: +7%
-    to none; magnitude-preserving blocks under bf16: 3-18% faster; docs/benchmarks.md). Ignored under
+    to none; magnitude-preserving blocks under bf16: faster, docs/benchmarks.md's twenty-second round). Ignored under
     train.strategy=fsdp, which shards contiguous parameters only."""
     max_nonfinite_steps: int = 20
     """Stop (keeping the last good checkpoint) after this many non-finite steps in a row."""

@@ -66,9 +66,9 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
 class _Normalised(torch.autograd.Function):
     """normalize(w) * scale and its exact gradient, given w's row norms (the forced normalisation knows them).
 
-    Autograd through ``normalize`` twice (once to force, once for the gradient) made the weights' normalisation
-    about a sixth of a CPU training step of ``emoji64``'s 16² UNet: every weight is read several times per
-    step. Here it is one pass over the weights forward and four backward (docs/benchmarks.md, twenty-second round).
+    Autograd through ``normalize`` twice (once to force, once for the gradient) read every weight many
+    times per step, a visible share of a CPU step; here it is one pass forward and four backward
+    (docs/benchmarks.md, twenty-second round).
     """
 
     @staticmethod
@@ -107,14 +107,15 @@ class MPConv(nn.Module):
         self.gain = nn.Parameter(torch.zeros([])) if zero_gain else None
 
     def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        scale /= math.sqrt(self.weight[0].numel())
+        root_fan_in = math.sqrt(self.weight[0].numel())
+        scale /= root_fan_in
         if self.training:
             with torch.no_grad():
                 # Forced weight normalisation, then the norm of the weights it leaves, in closed form.
-                root_fan_in = math.sqrt(self.weight[0].numel())
                 length = norm(self.weight)
-                self.weight.div_(NORM_EPS + length / root_fan_in)
-                length = length / (NORM_EPS + length / root_fan_in)
+                denominator = NORM_EPS + length / root_fan_in
+                self.weight.div_(denominator)
+                length = length / denominator
             w = _Normalised.apply(self.weight, length, scale)
         else:
             w = normalize(self.weight) * scale

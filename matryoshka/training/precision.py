@@ -77,7 +77,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def use_channels_last(setting: bool | None, device: torch.device, bf16: bool, magnitude_preserving: bool) -> bool:
     """Resolve ``train.channels_last``: an explicit value wins; auto skips it for bf16 on a CPU with
     GroupNorm blocks, whose channels-last bf16 steps ran 15-18% slower than contiguous ones (the
-    magnitude-preserving blocks', which have no GroupNorm, ran 3-18% faster)."""
+    magnitude-preserving blocks', which have no GroupNorm, ran faster: twenty-second round)."""
     if setting is not None:
         return setting
     return not (device.type == "cpu" and bf16 and not magnitude_preserving)
